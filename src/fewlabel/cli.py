@@ -1,0 +1,204 @@
+"""The ``fewlabel`` command line.
+
+Subcommands dispatch on the experiment's ``task`` (from the config, or from the
+checkpoint's metadata) to :mod:`fewlabel.pipelines`. User errors print one clear
+message and exit with status 2; nothing half-written is left looking complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fewlabel import __version__
+from fewlabel.errors import FewLabelError
+
+log = logging.getLogger("fewlabel")
+
+EXIT_USER_ERROR = 2
+
+
+def _pipeline(task: str):
+    if task == "classification":
+        from fewlabel.pipelines import classification as module
+    elif task == "segmentation":
+        from fewlabel.pipelines import segmentation as module
+    else:  # pragma: no cover - the config schema rejects other tasks
+        raise FewLabelError(f"unknown task {task!r}")
+    return module
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fewlabel.config import dump_config, load_config
+    from fewlabel.runs import create_run_dir, open_run_dir, track_run
+
+    if args.resume:
+        if args.config or args.set:
+            raise FewLabelError("--resume continues a run with its saved config; do not pass a config or --set")
+        run = open_run_dir(args.resume)
+        cfg = load_config(run.config_file)
+        resume = True
+    else:
+        if not args.config:
+            raise FewLabelError("train needs a config file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.set)
+        if args.output_dir:
+            cfg.run.output_dir = args.output_dir
+        run = create_run_dir(cfg.run.output_dir, cfg.run.name, Path(args.config).stem, args.overwrite)
+        dump_config(cfg, run.config_file)
+        resume = False
+    print(f"run folder: {run.path}", flush=True)
+    with track_run(run):
+        result = _pipeline(cfg.task).train(cfg, run, resume=resume)
+    report = result.get("report") if isinstance(result, dict) else None
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.pred or args.gt:
+        if not (args.pred and args.gt):
+            raise FewLabelError("evaluate --pred DIR needs --gt DIR too (and the reverse)")
+        from fewlabel.pipelines import segmentation
+
+        result = segmentation.evaluate_masks(
+            Path(args.pred), Path(args.gt), Path(args.output), classes=args.classes, overwrite=args.overwrite
+        )
+    else:
+        if not args.checkpoint:
+            raise FewLabelError("evaluate needs --checkpoint CKPT (or --pred DIR --gt DIR)")
+        from fewlabel.engines.checkpoint import load_checkpoint
+
+        task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
+        result = _pipeline(task).evaluate(
+            Path(args.checkpoint), args.data, Path(args.output), split=args.split, overwrite=args.overwrite
+        )
+    print(f"report: {result['report']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fewlabel.engines.checkpoint import load_checkpoint
+
+    task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
+    out = _pipeline(task).predict(
+        Path(args.checkpoint), [Path(p) for p in args.inputs], Path(args.output), overwrite=args.overwrite
+    )
+    print(f"predictions: {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fewlabel.pipelines.demo import run_demo
+
+    reports = run_demo(Path(args.output), segmentation=not args.skip_segmentation, overwrite=args.overwrite)
+    for name, path in reports.items():
+        print(f"{name} report: {path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fewlabel.data.readers import convert_dicom_to_nifti
+
+    out = convert_dicom_to_nifti(Path(args.dicom_dir), Path(args.output), series_uid=args.series, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fewlabel.engines.checkpoint import export_safetensors, load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if "model" not in ckpt:
+        raise FewLabelError(f"{args.checkpoint}: holds no model weights")
+    out = Path(args.output)
+    if out.with_suffix(".safetensors").exists() and not args.overwrite:
+        raise FewLabelError(f"{out.with_suffix('.safetensors')}: exists already; pass --overwrite to replace it")
+    path = export_safetensors(ckpt["model"], ckpt.get("meta", {}), out)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser.
+
+    Returns:
+        The parser with every subcommand.
+    """
+    parser = argparse.ArgumentParser(prog="fewlabel", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fewlabel {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", nargs="?", help="experiment YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_epochs=3")
+    p.add_argument("--output-dir", help="parent folder of the run folder (overrides run.output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained model, or masks on disk")
+    p.add_argument("--checkpoint", help="model checkpoint (best.pt in a run folder)")
+    p.add_argument("--data", help="dataset to evaluate on (default: the checkpoint's test split)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="which split of --data")
+    p.add_argument("--pred", help="folder of predicted masks (NIfTI/PNG) to score without a model")
+    p.add_argument("--gt", help="folder of ground-truth masks matching --pred by file name")
+    p.add_argument("--classes", nargs="+", help="class names for --pred/--gt, index = label value")
+    p.add_argument("--output", required=True, help="folder for metrics and report")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="apply a trained model to new images or studies")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint")
+    p.add_argument("inputs", nargs="+", help="images, folders of images, a .txt list, or studies")
+    p.add_argument("--output", required=True, help="CSV file (classification) or folder (segmentation)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="run every pipeline end to end on synthetic data")
+    p.add_argument("--output", default="fewlabel-demo", help="demo folder")
+    p.add_argument("--skip-segmentation", action="store_true", help="run only the classification demo")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a DICOM series folder to NIfTI")
+    p.add_argument("dicom_dir")
+    p.add_argument("output", help="destination .nii.gz")
+    p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="export a checkpoint's weights as safetensors + JSON metadata")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True, help="destination (.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fewlabel`` console script.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status.
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except FewLabelError as err:
+        print(f"fewlabel: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Config sections shared by every pipeline."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunConfig(StrictModel):
+    """Where a run writes and how it behaves.
+
+    Attributes:
+        output_dir: parent folder of run folders.
+        name: run folder name; ``None`` derives ``<config stem>-<timestamp>``.
+        seed: seed for splits, initialisation and augmentation.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        deterministic: force deterministic kernels (bitwise reproducible on CPU).
+        num_threads: torch CPU threads; 0 keeps torch's default.
+    """
+
+    output_dir: str = "runs"
+    name: str | None = None
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    deterministic: bool = False
+    num_threads: int = Field(0, ge=0)
+
+
+class CheckpointConfig(StrictModel):
+    """Crash-safe checkpointing.
+
+    Attributes:
+        every_n_iterations: also checkpoint every N iterations (0: only at epoch ends).
+        keep_last: how many resumable checkpoints to keep.
+    """
+
+    every_n_iterations: int = Field(0, ge=0)
+    keep_last: int = Field(1, ge=1)
+
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+SchedulerName = Literal["none", "cosine", "step"]

@@ -1,0 +1,1 @@
+"""Ignite/MONAI engines: trainers, evaluators and the handlers they share."""

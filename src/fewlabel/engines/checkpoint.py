@@ -1,0 +1,120 @@
+"""Checkpoint files: written atomically, loaded without executing code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts. It is written
+to a temporary file and renamed into place, and it is read with
+``torch.load(weights_only=True)``, which refuses any pickled object that would run code
+on load. Exported models use safetensors plus a JSON sidecar of metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewlabel.errors import CheckpointError
+from fewlabel.utils.files import atomic_write, atomic_write_text
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Atomically save a checkpoint dict.
+
+    Args:
+        payload: state dicts and metadata; only tensors and plain Python containers/scalars,
+            so that it can be loaded with ``weights_only=True``.
+        path: destination file.
+
+    Returns:
+        The destination path.
+    """
+    return atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely.
+
+    Args:
+        path: a file written by :func:`save_checkpoint` (or any ``weights_only``-safe torch file).
+        map_location: where to put the tensors.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: if the file is missing, truncated, or would execute code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains pickled Python objects that could execute "
+            f"code when loaded (only tensors and plain values are accepted). Re-export it from a "
+            f"trusted source. Details: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
+    return obj
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load bare model weights from ``.safetensors`` or a ``weights_only``-safe torch file.
+
+    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        A state dict of tensors.
+
+    Raises:
+        CheckpointError: if the file is missing, unsafe, or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
+    obj = load_checkpoint(path)
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def export_safetensors(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path) -> Path:
+    """Export weights for sharing: ``<path>.safetensors`` plus ``<path>.json`` metadata.
+
+    Args:
+        state_dict: model weights.
+        metadata: JSON-serialisable description (class names, input size, normalisation, config).
+        path: destination, with or without the ``.safetensors`` suffix.
+
+    Returns:
+        The path of the safetensors file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2, default=str))
+    return path

@@ -1,0 +1,139 @@
+"""Run folders: one folder holds everything a run made.
+
+A run folder carries ``status.json`` whose ``state`` is ``running``, ``failed`` (with the
+error) or ``completed``. Only a completed run looks complete; a crashed or killed run stays
+``running`` (or ``failed``) and can be resumed with ``fewlabel train --resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fewlabel.errors import FewLabelError, RunDirError
+from fewlabel.utils.files import atomic_write_text
+
+STATUS_FILE = "status.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunDir:
+    """A run folder and its conventional sub-paths."""
+
+    path: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS_FILE
+
+    def read_status(self) -> dict:
+        """Return the parsed ``status.json`` (empty dict when absent)."""
+        if not self.status_file.is_file():
+            return {}
+        return json.loads(self.status_file.read_text(encoding="utf-8"))
+
+    def write_status(self, state: str, **extra) -> None:
+        """Atomically record the run's state.
+
+        Args:
+            state: ``running``, ``failed`` or ``completed``.
+            **extra: more JSON-serialisable fields (error message, report path...).
+        """
+        status = self.read_status()
+        status.update(extra)
+        status["state"] = state
+        status["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(self.status_file, json.dumps(status, indent=2))
+
+
+def create_run_dir(
+    output_dir: str | Path, name: str | None, stem: str = "run", overwrite: bool = False
+) -> RunDir:
+    """Create a fresh run folder.
+
+    Args:
+        output_dir: parent folder.
+        name: folder name; ``None`` makes ``<stem>-<YYYYmmdd-HHMMSS>``.
+        stem: prefix of generated names.
+        overwrite: allow reusing an existing folder (its old files are removed).
+
+    Returns:
+        The new run folder.
+
+    Raises:
+        RunDirError: if the folder exists and ``overwrite`` is false.
+    """
+    output_dir = Path(output_dir)
+    if name is None:
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = output_dir / name
+    if path.exists():
+        if not overwrite:
+            raise RunDirError(
+                f"{path}: run folder exists already; choose another run.name, resume it with "
+                f"--resume {path}, or pass --overwrite to replace it"
+            )
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return RunDir(path)
+
+
+def open_run_dir(path: str | Path) -> RunDir:
+    """Open an existing run folder for resuming.
+
+    Args:
+        path: the run folder.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        RunDirError: if it is missing or has no resolved config.
+    """
+    run = RunDir(Path(path))
+    if not run.path.is_dir():
+        raise RunDirError(f"{run.path}: run folder not found")
+    if not run.config_file.is_file():
+        raise RunDirError(f"{run.path}: not a fewlabel run folder (no {CONFIG_FILE})")
+    return run
+
+
+@contextmanager
+def track_run(run: RunDir):
+    """Mark a run ``running`` while the body executes, then ``completed`` or ``failed``.
+
+    Args:
+        run: the run folder.
+
+    Yields:
+        The run folder.
+    """
+    run.write_status("running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.write_status("failed", error="interrupted by the user")
+        raise
+    except FewLabelError as err:
+        run.write_status("failed", error=str(err))
+        raise
+    except Exception as err:
+        run.write_status("failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        raise
+    run.write_status("completed")

@@ -1,0 +1,105 @@
+"""Device selection, seeding and determinism."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Pick the device to train on.
+
+    Args:
+        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ValueError: if CUDA is requested but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch, optionally forcing deterministic kernels.
+
+    Args:
+        seed: the seed.
+        deterministic: also ask torch for deterministic algorithms (slower on GPU; on CPU the
+            results are then bitwise reproducible for a fixed thread count).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic matmuls.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def rng_state() -> dict:
+    """Capture the Python, NumPy and torch RNG states in a ``weights_only``-loadable form.
+
+    Returns:
+        A dict of plain containers and tensors (no pickled objects).
+    """
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_plain(random.getstate()),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore states captured by :func:`rng_state`.
+
+    Args:
+        state: the dict returned by :func:`rng_state`.
+    """
+    random.setstate(_to_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(obj):
+    if isinstance(obj, tuple):
+        return [_to_plain(o) for o in obj]
+    return obj
+
+
+def _to_tuple(obj):
+    if isinstance(obj, list):
+        return tuple(_to_tuple(o) for o in obj)
+    return obj
