@@ -18,7 +18,7 @@ from fewlabel.config.segmentation import SegmentationExperiment
 from fewlabel.errors import ConfigError
 
 ExperimentConfig = Annotated[
-    Union[ClassificationExperiment, SegmentationExperiment],
+    ClassificationExperiment | SegmentationExperiment,
     Field(discriminator="task"),
 ]
 _ADAPTER: TypeAdapter = TypeAdapter(ExperimentConfig)

@@ -1,44 +1,172 @@
-"""Schema of a segmentation experiment (supervised or TCSM semi-supervised)."""
+"""Schema of a segmentation experiment: supervised, or semi-supervised with TCSM."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fewlabel.config.common import CheckpointConfig, OptimizerName, RunConfig, SchedulerName, StrictModel
 
 
 class SegmentationData(StrictModel):
-    """Where the studies are.
+    """Where the studies are and which of them keep their labels.
 
     Attributes:
-        format: ``msd`` (``dataset.json`` + ``imagesTr/labelsTr/imagesTs``), ``csv``
-            (``image,label,patient_id``), ``slices2d`` (``images/`` + ``masks/`` folders of 2D
-            images), or ``auto``.
+        format: ``msd`` (``dataset.json`` + ``imagesTr/ labelsTr/ imagesTs/``, optional
+            ``unlabeled`` list), ``csv`` (``image,label,patient_id``; empty label = unlabelled),
+            ``slices2d`` (``images/`` + ``masks/`` folders of 2D PNG/JPG slices), or ``auto``.
         path: dataset folder or CSV file.
-        classes: class names, index = label value (``0`` is background).
+        image_root: folder that relative CSV paths are relative to (default: the CSV's folder).
+        unlabeled_path: extra folder of unlabelled images/studies (e.g. ``covid_semiseg/unlabeled``).
+        test_path: a separate labelled test set in the same format as ``path``.
+        classes: class names, index = label value (0 is background); ``None`` takes the
+            ``labels`` map of ``dataset.json`` or ``[background, lesion]``.
+        val_fraction: share of labelled training patients held out for validation.
+        test_fraction: share of labelled patients held out for testing (when no ``test_path``).
+        labeled_fraction: share of the remaining training patients that keep their labels;
+            the others become unlabelled (for TCSM). Chosen by patient, seeded.
+        labeled_count: number of training cases that keep labels (overrides ``labeled_fraction``).
+        num_workers: data-loading worker processes.
+        cache: cache preprocessed volumes in memory (MONAI ``CacheDataset``).
     """
 
     format: Literal["auto", "msd", "csv", "slices2d"] = "auto"
     path: str
-    classes: list[str] = ["background", "lesion"]
+    image_root: str | None = None
+    unlabeled_path: str | None = None
+    test_path: str | None = None
+    classes: list[str] | None = None
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    labeled_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    labeled_count: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SegmentationData:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave cases for training (< 1)")
+        if self.classes is not None and len(self.classes) < 2:
+            raise ValueError("classes needs at least background and one foreground class")
+        return self
+
+
+class Preprocess(StrictModel):
+    """Intensity and geometry preprocessing (MONAI transforms).
+
+    Attributes:
+        modality: ``ct`` (window in Hounsfield units), ``mr`` (z-score per volume) or ``image``
+            (8-bit images, scaled to [0, 1]).
+        window: CT window ``[low, high]`` in HU mapped to [0, 1] (clipped), e.g. lung ``[-1000, 400]``.
+        orientation: reorient volumes to these axis codes (e.g. ``RAS``); ``None`` keeps the source's.
+        spacing: resample to this voxel spacing in mm; ``None`` keeps the native spacing.
+        crop_foreground: crop to the body (non-background intensities) before training.
+        slice_size: 2D/2.5D training slices are resized to ``[H, W]``; ``None`` keeps their size
+            (then a batch needs slices of one size).
+    """
+
+    modality: Literal["ct", "mr", "image"] = "ct"
+    window: tuple[float, float] = (-1000.0, 400.0)
+    orientation: str | None = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    crop_foreground: bool = False
+    slice_size: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> Preprocess:
+        if self.window[0] >= self.window[1]:
+            raise ValueError("window must be [low, high] with low < high")
+        if self.spacing is not None and min(self.spacing) <= 0:
+            raise ValueError("spacing values must be positive")
+        return self
+
+
+class InputConfig(StrictModel):
+    """How volumes are fed to the network.
+
+    Attributes:
+        mode: ``2d`` (one slice), ``2.5d`` (``slab`` adjacent slices as channels) or ``3d`` (patches).
+        slab: number of adjacent slices in 2.5D (odd); edge slices repeat the border slice.
+        axis: slicing axis of the (reoriented) volume for 2D/2.5D; 2 is axial for RAS.
+        patch_size: 3D training patch size.
+        patches_per_volume: 3D patches drawn from each volume per visit.
+        foreground_ratio: share of 3D patches/2D slices centred on foreground.
+    """
+
+    mode: Literal["2d", "2.5d", "3d"] = "2d"
+    slab: int = Field(5, ge=1)
+    axis: int = Field(2, ge=0, le=2)
+    patch_size: tuple[int, int, int] = (64, 64, 16)
+    patches_per_volume: int = Field(4, ge=1)
+    foreground_ratio: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _slab(self) -> InputConfig:
+        if self.slab % 2 == 0:
+            raise ValueError("slab must be odd so that the centre slice is the one predicted")
+        return self
 
 
 class SegmentationModel(StrictModel):
-    """Segmentation network (picked from MONAI)."""
+    """Segmentation network, picked from MONAI.
+
+    Attributes:
+        name: ``basicunet`` (MONAI ``BasicUNet``) or ``unet`` (MONAI ``UNet`` with residual units).
+        features: channels per level (BasicUNet: six numbers; UNet: one per level).
+        dropout: dropout probability.
+    """
 
     name: Literal["unet", "basicunet"] = "basicunet"
-    features: list[int] = [32, 32, 64, 128, 256, 32]
+    features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class SegmentationLoss(StrictModel):
+    """Supervised loss: continuous Dice, optionally plus cross-entropy.
+
+    Attributes:
+        include_background: count the background class in the Dice term.
+        ce_weight: weight of the cross-entropy term (0 disables it).
+    """
+
+    include_background: bool = False
+    ce_weight: float = Field(0.0, ge=0.0)
+
+
+class SegmentationAugment(StrictModel):
+    """Training augmentation of labelled (and unlabelled) samples.
+
+    Attributes:
+        rotate90: random in-plane rotation by k·90 degrees.
+        flip: random in-plane flips.
+        intensity: small random intensity scale/shift.
+    """
+
+    rotate90: bool = True
+    flip: bool = True
+    intensity: bool = False
 
 
 class SegmentationTrain(StrictModel):
-    """Optimisation."""
+    """Optimisation (an iteration budget, so runs with different label counts compare).
+
+    Attributes:
+        max_epochs: epochs.
+        iterations_per_epoch: iterations in one epoch; ``None`` is one pass over the labelled set.
+        batch_size: labelled samples per iteration.
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        lr: learning rate.
+        weight_decay: L2 penalty.
+        scheduler: ``cosine``, ``step`` or ``none``.
+        amp: mixed precision on CUDA (ignored on CPU).
+        val_every: validate every N epochs.
+        checkpoint: crash-safe checkpointing.
+    """
 
     max_epochs: int = Field(50, ge=1)
+    iterations_per_epoch: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: OptimizerName = "adam"
     lr: float = Field(1e-3, gt=0.0)
@@ -49,11 +177,66 @@ class SegmentationTrain(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
 
+class TCSMConfig(StrictModel):
+    """Transformation-consistent self-ensembling (mean teacher).
+
+    Attributes:
+        enabled: train with TCSM; off means plain supervised training.
+        unlabeled_batch_size: unlabelled samples per iteration.
+        ema_decay: teacher = decay·teacher + (1 − decay)·student after each step.
+        ema_warmup_iterations: the decay ramps from 0 to ``ema_decay`` over these iterations, so
+            the teacher follows the student closely at first.
+        consistency_weight: maximum weight of the consistency loss.
+        rampup_iterations: the weight ramps as exp(−5(1 − t)²), t = iteration / this.
+        consistency_loss: ``mse`` between softmax maps, or ``kl``.
+        rotate90: draw T from in-plane rotations by k·90 degrees.
+        flip: and from flips.
+        scale: maximum relative zoom of T (0 disables scaling).
+        apply_to_labeled: also apply the consistency loss to labelled samples.
+        validate_teacher: validate the teacher too and keep the better model.
+    """
+
+    enabled: bool = False
+    unlabeled_batch_size: int = Field(8, ge=1)
+    ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+    ema_warmup_iterations: int = Field(0, ge=0)
+    consistency_weight: float = Field(1.0, ge=0.0)
+    rampup_iterations: int = Field(1000, ge=0)
+    consistency_loss: Literal["mse", "kl"] = "mse"
+    rotate90: bool = True
+    flip: bool = True
+    scale: float = Field(0.0, ge=0.0, lt=1.0)
+    apply_to_labeled: bool = True
+    validate_teacher: bool = True
+
+
+class SegmentationEval(StrictModel):
+    """Evaluation and prediction options.
+
+    Attributes:
+        overlays: cases shown as overlays in the report (best, median, worst...).
+        save_probabilities: also write per-class probability maps.
+        sw_batch_size: sliding-window batch size (3D).
+        sw_overlap: sliding-window overlap (3D).
+    """
+
+    overlays: int = Field(3, ge=0)
+    save_probabilities: bool = False
+    sw_batch_size: int = Field(4, ge=1)
+    sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+
+
 class SegmentationExperiment(StrictModel):
     """A whole segmentation experiment."""
 
     task: Literal["segmentation"]
     run: RunConfig = RunConfig()
     data: SegmentationData
+    preprocess: Preprocess = Preprocess()
+    input: InputConfig = InputConfig()
     model: SegmentationModel = SegmentationModel()
+    loss: SegmentationLoss = SegmentationLoss()
+    augment: SegmentationAugment = SegmentationAugment()
     train: SegmentationTrain = SegmentationTrain()
+    tcsm: TCSMConfig = TCSMConfig()
+    eval: SegmentationEval = SegmentationEval()
