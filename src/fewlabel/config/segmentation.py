@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fewlabel.config.common import CheckpointConfig, OptimizerName, RunConfig, SchedulerName, StrictModel
 
@@ -74,13 +74,19 @@ class Preprocess(StrictModel):
     crop_foreground: bool = False
     slice_size: tuple[int, int] | None = None
 
-    @model_validator(mode="after")
-    def _window(self) -> Preprocess:
-        if self.window[0] >= self.window[1]:
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] >= value[1]:
             raise ValueError("window must be [low, high] with low < high")
-        if self.spacing is not None and min(self.spacing) <= 0:
+        return value
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and min(value) <= 0:
             raise ValueError("spacing values must be positive")
-        return self
+        return value
 
 
 class InputConfig(StrictModel):
@@ -102,11 +108,12 @@ class InputConfig(StrictModel):
     patches_per_volume: int = Field(4, ge=1)
     foreground_ratio: float = Field(0.5, ge=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _slab(self) -> InputConfig:
-        if self.slab % 2 == 0:
+    @field_validator("slab")
+    @classmethod
+    def _slab(cls, value: int) -> int:
+        if value % 2 == 0:
             raise ValueError("slab must be odd so that the centre slice is the one predicted")
-        return self
+        return value
 
 
 class SegmentationModel(StrictModel):

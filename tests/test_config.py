@@ -1,0 +1,107 @@
+"""Config loading: YAML, dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fewlabel.config import apply_overrides, dump_config, load_config, parse_config
+from fewlabel.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_minimal_classification_config_gets_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, {"task": "classification", "data": {"path": "x"}}))
+    assert cfg.model.weights == "imagenet"
+    assert cfg.model.freeze == "conv3"
+    assert cfg.augment.rotate90 is True
+    assert cfg.train.lr_backbone < cfg.train.lr_head
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
+    cfg = load_config(path, ["train.max_epochs=3", "train.lr_head=0.5", "data.classes=[a, b]", "model.weights=none"])
+    assert cfg.train.max_epochs == 3
+    assert cfg.train.lr_head == 0.5
+    assert cfg.data.classes == ["a", "b"]
+    assert cfg.model.weights == "none"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("train.max_epoch=3", "train.max_epoch", "unknown key"),
+        ("train.max_epochs=three", "train.max_epochs", "integer"),
+        ("train.lr_head=-0.1", "train.lr_head", "greater than 0"),
+        ("data.val_fraction=1.5", "data.val_fraction", "less than 1"),
+        ("model.freeze=conv9", "model.freeze", "conv3"),
+        ("bogus=1", "bogus", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, key, fragment):
+    path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    message = str(err.value)
+    assert f"{key}:" in message
+    assert fragment in message
+    assert str(path) in message
+
+
+def test_missing_task_and_unknown_task():
+    with pytest.raises(ConfigError, match="task"):
+        parse_config({"data": {"path": "x"}})
+    with pytest.raises(ConfigError, match="task"):
+        parse_config({"task": "detection", "data": {"path": "x"}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.max_epochs"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"train": 3}, ["train.max_epochs=2"])
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"train": {"max_epochs": 1}}
+    out = apply_overrides(raw, ["train.max_epochs=2"])
+    assert raw["train"]["max_epochs"] == 1
+    assert out["train"]["max_epochs"] == 2
+
+
+def test_segmentation_cross_field_validation():
+    with pytest.raises(ConfigError, match="input.slab"):
+        parse_config({"task": "segmentation", "data": {"path": "x"}, "input": {"slab": 4}})
+    with pytest.raises(ConfigError, match="preprocess.window"):
+        parse_config({"task": "segmentation", "data": {"path": "x"}, "preprocess": {"window": [400, -1000]}})
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse_config({"task": "segmentation", "data": {"path": "x"}, "tcsm": {"enabled": True}})
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.task in ("classification", "segmentation")

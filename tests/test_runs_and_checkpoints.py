@@ -1,0 +1,105 @@
+"""Run folders and checkpoint files: no overwrite, status tracking, atomic and safe I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from fewlabel.engines.checkpoint import (
+    export_safetensors,
+    load_checkpoint,
+    load_state_dict_file,
+    save_checkpoint,
+)
+from fewlabel.errors import CheckpointError, DataError, RunDirError
+from fewlabel.runs import create_run_dir, open_run_dir, track_run
+from fewlabel.utils.runtime import rng_state, set_rng_state
+
+
+def test_run_dir_is_never_overwritten_silently(tmp_path):
+    run = create_run_dir(tmp_path, "exp")
+    (run.path / "keep.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        create_run_dir(tmp_path, "exp")
+    assert (run.path / "keep.txt").read_text() == "precious"
+    again = create_run_dir(tmp_path, "exp", overwrite=True)
+    assert not (again.path / "keep.txt").exists()
+
+
+def test_failed_run_is_marked_failed(tmp_path):
+    run = create_run_dir(tmp_path, "exp")
+    with pytest.raises(DataError), track_run(run):
+        raise DataError(tmp_path / "img.png", "truncated image")
+    status = json.loads(run.status_file.read_text())
+    assert status["state"] == "failed"
+    assert "img.png" in status["error"]
+
+
+def test_completed_run_is_marked_completed(tmp_path):
+    run = create_run_dir(tmp_path, "exp")
+    with track_run(run):
+        pass
+    assert run.read_status()["state"] == "completed"
+
+
+def test_open_run_dir_requires_a_run(tmp_path):
+    with pytest.raises(RunDirError, match="not found"):
+        open_run_dir(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RunDirError, match="not a fewlabel run"):
+        open_run_dir(tmp_path / "plain")
+
+
+def test_checkpoint_round_trip_and_no_temp_files(tmp_path):
+    payload = {"model": {"w": torch.arange(4.0)}, "meta": {"classes": ["a", "b"], "epoch": 3}}
+    path = save_checkpoint(payload, tmp_path / "ckpt" / "last.pt")
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+    assert loaded["meta"] == payload["meta"]
+    assert os.listdir(path.parent) == ["last.pt"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_that_would_execute_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": _Exploit()}, fh)
+    with pytest.raises(CheckpointError, match="execute code"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = save_checkpoint({"model": {"w": torch.randn(100)}}, tmp_path / "c.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="c.pt"):
+        load_checkpoint(path)
+
+
+def test_safetensors_export_and_reload(tmp_path):
+    sd = {"layer.weight": torch.randn(3, 2), "layer.bias": torch.zeros(3)}
+    out = export_safetensors(sd, {"classes": ["x", "y", "z"]}, tmp_path / "model")
+    assert out.suffix == ".safetensors"
+    assert json.loads(out.with_suffix(".json").read_text())["classes"] == ["x", "y", "z"]
+    again = load_state_dict_file(out)
+    assert torch.equal(again["layer.weight"], sd["layer.weight"])
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    path = save_checkpoint({"rng": state}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
