@@ -1,0 +1,158 @@
+"""Reproducible train/validation/test splits, stratified by label and grouped by patient.
+
+Images of the same patient (two eyes, several slices or nodules) are strongly correlated, so
+a patient must never appear in two splits: otherwise validation and test scores measure
+memorisation. :func:`split_indices` therefore splits whole groups when group ids are given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fewlabel.errors import ConfigError
+
+__all__ = ["split_indices"]
+
+
+def split_indices(
+    labels: Sequence[int] | None,
+    groups: Sequence[str] | None,
+    fractions: dict[str, float],
+    seed: int,
+    n: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Split case indices into ``train`` and the named held-out splits.
+
+    Without groups the split is stratified by label with scikit-learn's ``train_test_split``,
+    falling back to an unstratified split when a class is too small to be stratified. With
+    groups (patient ids) whole groups are assigned, so no group is in two splits; groups are
+    balanced per label (the group's majority label) by a seeded greedy assignment, because
+    scikit-learn's group splitters only make equal-sized folds, not arbitrary fractions.
+
+    Args:
+        labels: class index of each case, or ``None`` for an unstratified split.
+        groups: group (patient) id of each case, or ``None`` when cases are independent.
+        fractions: share of cases for each held-out split, e.g. ``{"val": 0.15, "test": 0.15}``;
+            the rest is ``"train"``. A zero fraction gives an empty split; a positive fraction
+            gives at least one case (or group) when there are enough.
+        seed: the split is a pure function of the inputs and this seed.
+        n: number of cases; only needed when both ``labels`` and ``groups`` are ``None``.
+
+    Returns:
+        ``{"train": ..., **{name: ...}}``: sorted ``int64`` index arrays; every index in
+        ``range(n)`` is in exactly one of them.
+
+    Raises:
+        ConfigError: if a fraction is negative, they leave nothing for training, a split is
+            named ``train``, or the lengths of ``labels`` and ``groups`` differ.
+    """
+    n = _num_cases(labels, groups, n)
+    for name, frac in fractions.items():
+        if name == "train":
+            raise ConfigError("split fractions name the held-out splits; 'train' takes the rest")
+        if not 0.0 <= frac < 1.0:
+            raise ConfigError(f"split fraction {name}={frac} must be in [0, 1)")
+    if sum(fractions.values()) >= 1.0:
+        raise ConfigError(f"split fractions {fractions} must sum to less than 1 to leave cases for training")
+
+    label_arr = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    if groups is None:
+        parts = _split_cases(label_arr, labels is not None, fractions, seed)
+    else:
+        parts = _split_groups(label_arr, [str(g) for g in groups], fractions, seed)
+    out = {"train": parts.pop("train")}
+    out.update(parts)
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def _num_cases(labels: Sequence[int] | None, groups: Sequence[str] | None, n: int | None) -> int:
+    sizes = {len(x) for x in (labels, groups) if x is not None}
+    if len(sizes) > 1:
+        raise ConfigError(f"labels ({len(labels)}) and groups ({len(groups)}) differ in length")
+    if sizes:
+        size = sizes.pop()
+        if n is not None and n != size:
+            raise ConfigError(f"n={n} does not match the {size} labels/groups given")
+        return size
+    if n is None:
+        raise ConfigError("split_indices needs labels, groups or n")
+    return int(n)
+
+
+def _target_count(frac: float, total: int) -> int:
+    if frac <= 0.0:
+        return 0
+    return max(1, round(frac * total))
+
+
+def _split_cases(labels: np.ndarray, stratify: bool, fractions: dict[str, float], seed: int) -> dict:
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    remaining = np.arange(n)
+    parts: dict[str, np.ndarray] = {}
+    for name, frac in fractions.items():
+        k = _target_count(frac, n)
+        # Never take the last training case: a split with no training data is useless.
+        k = min(k, len(remaining) - 1)
+        if k <= 0:
+            parts[name] = np.empty(0, dtype=np.int64)
+            continue
+        state = int(rng.integers(2**31 - 1))
+        try:
+            strat = labels[remaining] if stratify else None
+            rest, taken = train_test_split(remaining, test_size=k, stratify=strat, random_state=state)
+        except ValueError:
+            # A class with a single member (or fewer held-out cases than classes) cannot be
+            # stratified; an unstratified split is the best that can be done.
+            rest, taken = train_test_split(remaining, test_size=k, random_state=state)
+        parts[name] = taken
+        remaining = rest
+    parts["train"] = remaining
+    return parts
+
+
+def _split_groups(labels: np.ndarray, groups: list[str], fractions: dict[str, float], seed: int) -> dict:
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    names = sorted(members)
+    # Majority label of each group; ties go to the smallest label so the result is deterministic.
+    group_label = {}
+    for g in names:
+        counts = Counter(labels[members[g]].tolist())
+        group_label[g] = min(counts, key=lambda lab: (-counts[lab], lab))
+
+    rng = np.random.default_rng(seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    # Largest groups first so that the small ones can even out the totals; the stable sort
+    # keeps the seeded order among groups of equal size.
+    order.sort(key=lambda g: -len(members[g]))
+
+    active = ["train", *[k for k, f in fractions.items() if f > 0.0]]
+    share = {"train": 1.0 - sum(fractions.values()), **{k: fractions[k] for k in active[1:]}}
+    label_total = Counter(labels.tolist())
+    assigned: dict[str, Counter] = {s: Counter() for s in active}
+    chosen: dict[str, list[str]] = {s: [] for s in active}
+    for g in order:
+        lab = group_label[g]
+        # Greedy: the split furthest below its target number of cases of this label.
+        best = max(active, key=lambda s: share[s] * label_total[lab] - assigned[s][lab])
+        assigned[best][lab] += len(members[g])
+        chosen[best].append(g)
+
+    # With very few groups a small held-out split can stay empty; give it the smallest group
+    # of the largest split as long as that split keeps at least one group.
+    for s in active[1:]:
+        if not chosen[s]:
+            donor = max(active, key=lambda t: len(chosen[t]))
+            if len(chosen[donor]) > 1:
+                chosen[s].append(chosen[donor].pop())
+
+    parts = {s: [i for g in chosen[s] for i in members[g]] for s in active}
+    for k in fractions:
+        parts.setdefault(k, [])
+    return parts
