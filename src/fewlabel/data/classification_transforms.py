@@ -1,0 +1,243 @@
+"""Preprocessing and augmentation for retinopathy grading, as MONAI dictionary transforms.
+
+The pipeline has a deterministic part (decode, scale to [0, 1], grey to RGB, resize), which
+:func:`make_dataset` can cache, and a per-sample part (random 90-degree rotations, optional
+flips, ImageNet normalisation). There is deliberately no colour, brightness or contrast
+augmentation: in fundus photographs the colour of lesions (red haemorrhages, yellow
+exudates) carries the diagnosis, and a rotation only moves pixels without changing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    RandFlipd,
+    RandRotate90d,
+    Resized,
+    ScaleIntensityRanged,
+    Transform,
+)
+
+from fewlabel.config.classification import ClassificationAugment
+from fewlabel.data.images import read_image
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ReadImaged",
+    "build_augment_transforms",
+    "build_classification_transforms",
+    "build_decode_transforms",
+    "make_dataset",
+    "normalization_for",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization_for(weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input normalisation that matches the network's weights.
+
+    Args:
+        weights: the ``model.weights`` setting: ``"imagenet"``, ``"none"`` or a file path.
+
+    Returns:
+        ``(mean, std)`` per RGB channel: ImageNet statistics for pretrained weights (the
+        network converts them internally, as torchvision does), ``0.5`` for a network
+        trained from scratch (inputs in [-1, 1]).
+    """
+    if weights == "none":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class ReadImaged(MapTransform):
+    """Decode an image path (or take an array) into a channel-first RGB ``uint8`` array.
+
+    MONAI's ``LoadImaged`` returns images transposed to (W, H) and does not accept in-memory
+    arrays (``.npz`` records), so this small reader uses :func:`fewlabel.data.images.read_image`.
+    Grey images are repeated to three channels because GoogLeNet takes RGB input.
+
+    Args:
+        keys: keys of the images to read.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Read the images of one record.
+
+        Args:
+            data: a record whose ``keys`` hold a path or an ``HxW``/``HxWxC`` ``uint8`` array.
+
+        Returns:
+            A copy of the record with ``3xHxW`` ``uint8`` arrays.
+
+        Raises:
+            DataError: if a path cannot be decoded.
+            ValueError: if an array has an unsupported shape.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            arr = read_image(value) if isinstance(value, (str, Path)) else np.asarray(value)
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+                raise ValueError(f"image {d.get('id', key)!r} has shape {arr.shape}; expected HxW or HxWxC")
+            arr = arr[..., :3]
+            if arr.shape[-1] == 1:
+                arr = np.repeat(arr, 3, axis=-1)
+            d[key] = np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return d
+
+
+class _CollatableMetad(Transform):
+    """Replace ``None`` metadata (e.g. a missing patient id) by ``""``: batches cannot collate ``None``."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        return {k: ("" if v is None else v) for k, v in data.items()}
+
+
+def build_decode_transforms(image_size: int) -> Compose:
+    """Deterministic part: decode, scale to [0, 1], grey to RGB, resize to a square.
+
+    Args:
+        image_size: output height and width in pixels.
+
+    Returns:
+        A ``Compose`` mapping a record to one whose ``image`` is a ``3 x S x S`` float tensor.
+    """
+    return Compose(
+        [
+            ReadImaged("image"),
+            ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+            # Anti-aliasing only acts when shrinking (large photographs); upsampling small
+            # images such as 28-pixel MedMNIST is plain bilinear interpolation.
+            Resized("image", spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
+        ]
+    )
+
+
+def build_augment_transforms(
+    train: bool,
+    augment: ClassificationAugment,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    normalize: bool = True,
+) -> Compose:
+    """Per-sample part: random 90-degree rotations and flips (training only), normalisation.
+
+    Args:
+        train: apply the random augmentation (evaluation pipelines pass ``False``).
+        augment: which augmentations are on.
+        mean: per-channel mean subtracted from the [0, 1] image.
+        std: per-channel divisor.
+        normalize: ``False`` leaves the image in [0, 1] (for inspection and tests).
+
+    Returns:
+        A ``Compose`` whose output ``image`` is a float tensor and ``label`` a ``long`` tensor.
+    """
+    steps: list[Callable] = []
+    if train and augment.rotate90:
+        # Fires with probability 3/4 and then picks k in {1, 2, 3} uniformly: every rotation
+        # by 0, 90, 180 or 270 degrees has probability 1/4.
+        steps.append(RandRotate90d("image", prob=0.75, max_k=3, spatial_axes=(0, 1)))
+    if train and augment.flip:
+        steps.append(RandFlipd("image", prob=0.5, spatial_axis=1))
+    if normalize:
+        if mean is None or std is None:
+            raise ValueError("normalisation needs both mean and std")
+        steps.append(
+            NormalizeIntensityd(
+                "image",
+                subtrahend=np.asarray(mean, dtype=np.float32),
+                divisor=np.asarray(std, dtype=np.float32),
+                channel_wise=True,
+            )
+        )
+    steps += [
+        EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+        EnsureTyped("label", data_type="tensor", dtype=torch.long, track_meta=False, allow_missing_keys=True),
+        _CollatableMetad(),
+    ]
+    return Compose(steps)
+
+
+def build_classification_transforms(
+    image_size: int,
+    train: bool,
+    augment: ClassificationAugment,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    normalize: bool = True,
+) -> Compose:
+    """The whole pipeline: :func:`build_decode_transforms` then :func:`build_augment_transforms`.
+
+    Args:
+        image_size: network input size.
+        train: add the random augmentation.
+        augment: which augmentations are on.
+        mean: per-channel mean (see :func:`normalization_for`).
+        std: per-channel standard deviation.
+        normalize: ``False`` skips normalisation (image stays in [0, 1]).
+
+    Returns:
+        A ``Compose`` mapping a record ``{"image": path or array, "label": int, ...}`` to
+        ``{"image": 3xSxS float tensor, "label": long tensor, ...}``.
+    """
+    return _flat_compose(
+        build_decode_transforms(image_size), build_augment_transforms(train, augment, mean, std, normalize)
+    )
+
+
+def _flat_compose(*parts: Callable | None) -> Compose:
+    # CacheDataset caches up to the first random transform of a *flat* Compose; a nested
+    # Compose counts as random and would disable caching.
+    steps: list[Callable] = []
+    for part in parts:
+        if part is None:
+            continue
+        steps.extend(part.transforms if isinstance(part, Compose) else [part])
+    return Compose(steps)
+
+
+def make_dataset(
+    records: Sequence[dict],
+    transforms_det: Callable,
+    transforms_rand: Callable | None,
+    cache: bool,
+    seed: int | None = None,
+) -> Dataset:
+    """Wrap records in a MONAI dataset, caching the deterministic transforms if asked.
+
+    Args:
+        records: classification records.
+        transforms_det: deterministic transforms (see :func:`build_decode_transforms`).
+        transforms_rand: the rest (see :func:`build_augment_transforms`), applied every time.
+        cache: keep the decoded, resized images in memory (``CacheDataset``); worth it when
+            decoding large photographs dominates an epoch.
+        seed: seed of the random transforms; ``None`` leaves MONAI's default. With
+            ``monai.data.DataLoader`` the workers are seeded from torch's generator anyway.
+
+    Returns:
+        A ``monai.data.Dataset`` (or ``CacheDataset``) of transformed records.
+    """
+    transform = _flat_compose(transforms_det, transforms_rand)
+    if seed is not None:
+        transform.set_random_state(seed=seed)
+    if cache:
+        return CacheDataset(list(records), transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+    return Dataset(list(records), transform=transform)
