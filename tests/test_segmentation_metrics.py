@@ -95,7 +95,12 @@ def test_2d_case_and_merged_class():
     # union: |G| 6, |P| 5, overlap 4 -> 8/11; merged class takes index num_classes
     assert metrics["dice"] == pytest.approx({1: 6 / 7, 2: 0.5, 3: 8 / 11})
     assert metrics["voldice"] == metrics["dice"]
-    assert class_names_with_merge(["bg", "ggo", "cons"], {"infection": [1, 2]}) == ["bg", "ggo", "cons", "infection"]
+    assert class_names_with_merge(["bg", "ggo", "cons"], {"infection": [1, 2]}) == [
+        "bg",
+        "ggo",
+        "cons",
+        "infection",
+    ]
     with pytest.raises(ValueError, match="foreground labels"):
         class_names_with_merge(["bg", "ggo"], {"infection": [1, 2]})
     with pytest.raises(ValueError, match="repeats"):
@@ -124,9 +129,7 @@ def test_continuous_dice_score():
 
 def test_summary_statistics_on_known_numbers():
     values = [0.6, 0.7, 0.8, math.nan]
-    cases = [
-        CaseResult(f"c{i}", {"dice": {1: v, 2: 0.5, 3: 0.9}}) for i, v in enumerate(values)
-    ]
+    cases = [CaseResult(f"c{i}", {"dice": {1: v, 2: 0.5, 3: 0.9}}) for i, v in enumerate(values)]
     summary = summarize(cases, ["background", "a", "b", "merged"], foreground=[1, 2])
     s = summary["metrics"]["dice"][1]
     assert s["mean"] == pytest.approx(0.7)

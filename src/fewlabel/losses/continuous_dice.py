@@ -46,7 +46,9 @@ def continuous_dice(a: Tensor, b: Tensor, dims: int | Sequence[int], eps: float 
         ValueError: if ``a`` and ``b`` differ in shape.
     """
     if a.shape != b.shape:
-        raise ValueError(f"ground truth shape {tuple(a.shape)} differs from prediction shape {tuple(b.shape)}")
+        raise ValueError(
+            f"ground truth shape {tuple(a.shape)} differs from prediction shape {tuple(b.shape)}"
+        )
     if isinstance(dims, int):
         dims = (dims,)
     dims = tuple(dims)
@@ -57,7 +59,11 @@ def continuous_dice(a: Tensor, b: Tensor, dims: int | Sequence[int], eps: float 
         # Differentiating through the Σ(a·b) in c's numerator would subtract from the gradient that
         # pulls b up on the true region, weakening exactly the overlap signal the loss is for.
         overlap_support = torch.sum(a * torch.sign(b), dim=dims)
-        c = torch.where(overlap_support > 0, intersection / overlap_support.clamp_min(1e-12), torch.ones_like(intersection))
+        c = torch.where(
+            overlap_support > 0,
+            intersection / overlap_support.clamp_min(1e-12),
+            torch.ones_like(intersection),
+        )
     denominator = c * torch.sum(a, dim=dims) + torch.sum(b, dim=dims)
     return (2.0 * intersection + eps) / (denominator + eps)
 
@@ -126,13 +132,19 @@ class ContinuousDiceLoss(nn.Module):
             raise ValueError(f"logits must be (N, K, *spatial), got shape {tuple(logits.shape)}")
         n_classes = logits.shape[1]
         if self.softmax and n_classes == 1:
-            raise ValueError("softmax over a single channel is always 1; give K >= 2 channels or softmax=False")
+            raise ValueError(
+                "softmax over a single channel is always 1; give K >= 2 channels or softmax=False"
+            )
         if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:]:
-            raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}"
+            )
         if target.shape[1] == 1 and n_classes > 1:
             labels = target.long()
             if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-                raise ValueError(f"target labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
+                raise ValueError(
+                    f"target labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]"
+                )
             onehot = one_hot(labels, num_classes=n_classes, dim=1).to(logits.dtype)
         elif target.shape[1] == n_classes:
             onehot = target.to(logits.dtype)

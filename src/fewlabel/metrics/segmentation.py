@@ -258,16 +258,22 @@ def evaluate_case(
     if prob is not None:
         prob = np.asarray(prob, dtype=np.float64)
         if prob.shape != (num_classes, *gt_labels.shape):
-            raise ValueError(f"probabilities must have shape {(num_classes, *gt_labels.shape)}, got {prob.shape}")
+            raise ValueError(
+                f"probabilities must have shape {(num_classes, *gt_labels.shape)}, got {prob.shape}"
+            )
         hard = prob.argmax(axis=0)
         result["cdice"] = {
-            index: _cdice_binary(prob[list(members)].sum(axis=0), np.isin(gt_labels, members), np.isin(hard, members))
+            index: _cdice_binary(
+                prob[list(members)].sum(axis=0), np.isin(gt_labels, members), np.isin(hard, members)
+            )
             for index, members in groups.items()
         }
     return result
 
 
-def case_foreground_score(case: CaseResult, metric: str = "dice", foreground: Sequence[int] | None = None) -> float:
+def case_foreground_score(
+    case: CaseResult, metric: str = "dice", foreground: Sequence[int] | None = None
+) -> float:
     """Mean of one metric over a case's foreground classes, used to rank cases.
 
     Args:
