@@ -1,0 +1,242 @@
+"""Segmentation report files and `evaluate --pred --gt` end to end on tiny masks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewlabel.errors import ConfigError, DataError, RunDirError
+from fewlabel.metrics.segmentation import CaseResult
+from fewlabel.pipelines.mask_evaluation import case_name, evaluate_masks
+from fewlabel.reports.segmentation import overlay_slice, write_segmentation_report
+
+GT_2D = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 0, 0]], dtype=np.uint8)
+PRED_2D = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 2, 0]], dtype=np.uint8)
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.eye(4) if affine is None else affine), str(path))
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array.astype(np.uint8), mode="L").save(path)
+
+
+def _volume_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Slice Dice 1 and 0 (third slice empty): mean slice Dice 0.5, VolDice 16/18."""
+    gt = np.zeros((4, 4, 3), dtype=np.uint8)
+    pred = np.zeros_like(gt)
+    gt[:2, :, 0] = 1
+    pred[:2, :, 0] = 1
+    gt[3, 3, 1] = 1
+    pred[0, 0, 1] = 1
+    return pred, gt
+
+
+def _nifti_folders(root: Path) -> tuple[Path, Path]:
+    pred_dir, gt_dir = root / "pred", root / "gt"
+    pred_dir.mkdir(parents=True)
+    gt_dir.mkdir()
+    pred, gt = _volume_pair()
+    _save_nifti(pred_dir / "case_a.nii.gz", pred)
+    _save_nifti(gt_dir / "case_a.nii.gz", gt)
+    _save_nifti(pred_dir / "case_b.nii", gt)  # a perfect prediction, uncompressed on one side
+    _save_nifti(gt_dir / "case_b.nii.gz", gt)
+    return pred_dir, gt_dir
+
+
+def test_case_name_strips_mask_suffixes():
+    assert case_name("x/LIDC_R_1.nii.gz") == "LIDC_R_1"
+    assert case_name("a.b.NII") == "a.b"
+    assert case_name("18.png") == "18"
+    assert case_name("notes.txt") is None
+
+
+def test_report_files_and_nnunet_summary(tmp_path):
+    cases = [
+        CaseResult("good", {"dice": {1: 0.9, 2: math.nan}, "voldice": {1: 0.95, 2: math.nan}}),
+        CaseResult("fair", {"dice": {1: 0.6, 2: 0.4}, "voldice": {1: 0.7, 2: 0.5}}),
+        CaseResult("poor", {"dice": {1: 0.3, 2: 0.0}, "voldice": {1: 0.2, 2: 0.0}}),
+    ]
+    image = np.linspace(0, 1, 24 * 24).reshape(24, 24)
+    overlays = [
+        {"case_id": c, "image": image, "gt": g, "pred": p}
+        for c, g, p in [
+            ("good", np.pad(GT_2D, 10), np.pad(GT_2D, 10)),
+            ("fair", np.pad(GT_2D, 10), np.pad(PRED_2D, 10)),
+            ("poor", np.pad(GT_2D, 10), np.zeros((24, 24), dtype=np.uint8)),
+        ]
+    ]
+    report = write_segmentation_report(tmp_path / "rep", cases, ["background", "a", "b"], overlays=overlays)
+    out = tmp_path / "rep"
+    assert report == out / "report.html"
+    for name in [
+        "metrics_per_case.csv",
+        "summary.json",
+        "boxplot_dice.png",
+        "boxplot_voldice.png",
+        "overlay_best.png",
+        "overlay_median.png",
+        "overlay_worst.png",
+    ]:
+        assert (out / name).stat().st_size > 0, name
+
+    rows = list(csv.DictReader((out / "metrics_per_case.csv").open()))
+    assert len(rows) == 6
+    assert rows[0] == {"case_id": "good", "metric": "dice", "a": "0.900000", "b": "nan"}
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["case"] for c in summary["metric_per_case"]] == ["good", "fair", "poor"]
+    assert summary["metric_per_case"][0]["metrics"]["2"]["Dice"] is None  # NaN -> null
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(0.6)
+    assert summary["mean"]["2"]["Dice"] == pytest.approx(0.2)  # nanmean over the two defined cases
+    assert summary["n"]["2"]["Dice"] == 2
+    assert summary["median"]["1"]["VolDice"] == pytest.approx(0.7)
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(0.4)
+    lo, hi = summary["ci95"]["1"]["Dice"]
+    assert 0.0 <= lo < 0.6 < hi <= 1.0
+    assert summary["classes"] == {"0": "background", "1": "a", "2": "b"}
+
+    page = report.read_text()
+    assert "best: good" in page and "worst: poor" in page and "median: fair" in page
+    assert page.count("data:image/png;base64,") == 5  # self-contained: 2 box plots + 3 overlays
+
+
+def test_overlay_slice_picks_most_ground_truth():
+    gt = np.zeros((5, 5, 4), dtype=np.uint8)
+    gt[1:3, 1:3, 1] = 1
+    gt[0:4, 0:4, 2] = 1
+    pred = np.zeros_like(gt)
+    assert overlay_slice(gt, pred) == 2
+    pred[0, 0, 3] = 1
+    assert overlay_slice(np.zeros_like(gt), pred) == 3  # empty truth: follow the prediction
+    assert overlay_slice(np.zeros_like(gt), np.zeros_like(gt)) == 2  # both empty: middle slice
+
+
+def test_evaluate_nifti_masks_end_to_end(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    before = sorted(p.name for p in pred_dir.iterdir()) + sorted(p.name for p in gt_dir.iterdir())
+    result = evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    metrics = result["summary"]["metrics"]
+    assert result["summary"]["classes"] == {0: "background", 1: "class_1"}
+    assert metrics["dice"][1]["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["voldice"][1]["mean"] == pytest.approx((16 / 18 + 1.0) / 2)
+    assert result["report"] == tmp_path / "out" / "report.html"
+    assert result["report"].is_file()
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    per_case = {c["case"]: c["metrics"]["1"] for c in saved["metric_per_case"]}
+    assert per_case["case_a"] == pytest.approx({"Dice": 0.5, "VolDice": 16 / 18})
+    assert (tmp_path / "out" / "overlay_worst.png").is_file()
+    # inputs untouched, no temporary folders left behind
+    assert sorted(p.name for p in pred_dir.iterdir()) + sorted(p.name for p in gt_dir.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "out", "pred"]
+
+
+def test_evaluate_png_masks_with_merged_class_and_images(tmp_path):
+    pred_dir, gt_dir, img_dir = tmp_path / "pred", tmp_path / "gt", tmp_path / "img"
+    for d in (pred_dir, gt_dir, img_dir):
+        d.mkdir()
+    _save_png(pred_dir / "s1.png", PRED_2D)
+    _save_png(gt_dir / "s1.png", GT_2D)
+    _save_png(pred_dir / "s2.png", GT_2D)
+    _save_png(gt_dir / "s2.png", GT_2D)
+    _save_png(img_dir / "s1.png", np.arange(16).reshape(4, 4) * 10)
+    result = evaluate_masks(
+        pred_dir,
+        gt_dir,
+        tmp_path / "out",
+        classes=["background", "ggo", "consolidation"],
+        image_dir=img_dir,
+        merge={"infection": [1, 2]},
+    )
+    dice = result["summary"]["metrics"]["dice"]
+    # s1 by hand: ggo 6/7, consolidation 1/2, infection (union) 8/11; s2 is perfect
+    assert dice[1]["mean"] == pytest.approx((6 / 7 + 1) / 2)
+    assert dice[2]["mean"] == pytest.approx((0.5 + 1) / 2)
+    assert dice[3]["mean"] == pytest.approx((8 / 11 + 1) / 2)
+    assert result["summary"]["classes"][3] == "infection"
+    # the merged class stays out of the foreground mean
+    assert result["summary"]["foreground_mean"]["dice"] == pytest.approx(((6 / 7 + 1) / 2 + 0.75) / 2)
+    header = (tmp_path / "out" / "metrics_per_case.csv").read_text().splitlines()[0]
+    assert header == "case_id,metric,ggo,consolidation,infection"
+    assert (tmp_path / "out" / "overlay_best.png").is_file()
+    assert (tmp_path / "out" / "overlay_worst.png").is_file()
+
+
+def test_unmatched_files_are_listed(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    _save_nifti(pred_dir / "extra_pred.nii.gz", np.zeros((4, 4, 3)))
+    _save_nifti(gt_dir / "extra_gt.nii.gz", np.zeros((4, 4, 3)))
+    with pytest.raises(DataError, match=r"without ground truth.*extra_pred.*without prediction.*extra_gt"):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_masks_raise_data_errors(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    _save_nifti(pred_dir / "case_b.nii", np.zeros((4, 4, 2)))
+    with pytest.raises(DataError, match=r"case_b\.nii.*shape.*case_b\.nii\.gz"):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+
+    pred_dir, gt_dir = _nifti_folders(tmp_path / "labels")
+    _save_nifti(pred_dir / "case_a.nii.gz", np.full((4, 4, 3), 2))
+    with pytest.raises(DataError, match=r"case_a\.nii\.gz.*label values \[2\]"):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out", classes=["background", "nodule"])
+    with pytest.raises(ConfigError, match="infection"):
+        evaluate_masks(
+            pred_dir, gt_dir, tmp_path / "out", classes=["background", "nodule"], merge={"infection": [1, 2]}
+        )
+
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    geo_pred, geo_gt = _nifti_folders(tmp_path / "geo")
+    _save_nifti(geo_pred / "case_b.nii", _volume_pair()[1], affine=shifted)
+    with pytest.raises(DataError, match="affine"):
+        evaluate_masks(geo_pred, geo_gt, tmp_path / "out")
+
+
+def test_output_rules(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RunDirError, match="overwrite"):
+        evaluate_masks(pred_dir, gt_dir, out)
+    assert (out / "old.txt").is_file()
+    evaluate_masks(pred_dir, gt_dir, out, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "report.html").is_file()
+    with pytest.raises(DataError, match="inside the input folder"):
+        evaluate_masks(pred_dir, gt_dir, gt_dir / "report")
+    with pytest.raises(DataError, match="not found"):
+        evaluate_masks(tmp_path / "missing", gt_dir, tmp_path / "out2")
+
+
+@pytest.mark.realdata
+def test_covid_masks_scored_against_themselves(shared_data, tmp_path):
+    masks = sorted((shared_data / "covid_semiseg" / "test" / "masks").glob("*.png"))[:3]
+    if not masks:
+        pytest.skip("COVID-SemiSeg test masks not found")
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    for m in masks:
+        (pred_dir / m.name).symlink_to(m)
+        (gt_dir / m.name).symlink_to(m)
+    result = evaluate_masks(
+        pred_dir,
+        gt_dir,
+        tmp_path / "out",
+        classes=["background", "ggo", "consolidation"],
+        merge={"infection": [1, 2]},
+        image_dir=shared_data / "covid_semiseg" / "test" / "images",
+    )
+    for k, stats in result["summary"]["metrics"]["dice"].items():
+        assert stats["n"] == 0 or stats["mean"] == pytest.approx(1.0), k
+    assert result["summary"]["metrics"]["dice"][3]["n"] == 3  # every test slice has infection
