@@ -1,0 +1,7 @@
+"""Tensor transforms used inside training steps (not data-loading transforms)."""
+
+from __future__ import annotations
+
+from fewlabel.transforms.consistency import InPlaneTransform, apply_per_sample, sample_transforms
+
+__all__ = ["InPlaneTransform", "apply_per_sample", "sample_transforms"]
