@@ -145,3 +145,13 @@ def test_bad_inputs_raise():
         ContinuousDiceLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="shape"):
         continuous_dice(torch.zeros(2, 2), torch.zeros(2, 3), dims=(0, 1))
+
+
+def test_half_precision_input_does_not_overflow():
+    # 64·64·32 voxels of foreground: Σb exceeds the float16 maximum of 65504
+    target = torch.ones(1, 1, 64, 64, 32, dtype=torch.long)
+    logits = torch.zeros(1, 2, 64, 64, 32, dtype=torch.float16)
+    logits[:, 1] = 4.0
+    loss = ContinuousDiceLoss()(logits, target)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)  # the prediction covers the truth exactly

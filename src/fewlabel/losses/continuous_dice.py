@@ -152,6 +152,9 @@ class ContinuousDiceLoss(nn.Module):
         else:
             raise ValueError(f"target must have 1 or {n_classes} channels, got {target.shape[1]}")
 
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            # Sums over a 3D patch exceed the float16 range (65504) and lose precision in bfloat16.
+            logits = logits.float()
         probs = torch.softmax(logits, dim=1) if self.softmax else logits
         dice_probs, dice_target = probs, onehot
         if not self.include_background and n_classes > 1:
