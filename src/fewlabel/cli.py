@@ -62,10 +62,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pred or args.gt:
         if not (args.pred and args.gt):
             raise FewLabelError("evaluate --pred DIR needs --gt DIR too (and the reverse)")
-        from fewlabel.pipelines import segmentation
+        from fewlabel.pipelines.mask_evaluation import evaluate_masks
 
-        result = segmentation.evaluate_masks(
-            Path(args.pred), Path(args.gt), Path(args.output), classes=args.classes, overwrite=args.overwrite
+        result = evaluate_masks(
+            Path(args.pred),
+            Path(args.gt),
+            Path(args.output),
+            classes=args.classes,
+            overwrite=args.overwrite,
+            image_dir=Path(args.images) if args.images else None,
+            merge=_parse_merge(args.merge),
         )
     else:
         if not args.checkpoint:
@@ -78,6 +84,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     print(f"report: {result['report']}")
     return 0
+
+
+def _parse_merge(items: list[str]) -> dict[str, list[int]] | None:
+    merge = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            merge[name] = [int(v) for v in values.split(",")]
+        except ValueError as err:
+            raise FewLabelError(f"--merge {item!r}: expected NAME=1,2 (label values to join)") from err
+        if not name or not merge[name]:
+            raise FewLabelError(f"--merge {item!r}: expected NAME=1,2 (label values to join)")
+    return merge or None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -148,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", help="folder of predicted masks (NIfTI/PNG) to score without a model")
     p.add_argument("--gt", help="folder of ground-truth masks matching --pred by file name")
     p.add_argument("--classes", nargs="+", help="class names for --pred/--gt, index = label value")
+    p.add_argument("--images", help="folder of source images for the report's overlays (with --pred/--gt)")
+    p.add_argument(
+        "--merge", action="append", default=[], metavar="NAME=1,2",
+        help="also score the union of label values, e.g. infection=1,2",
+    )
     p.add_argument("--output", required=True, help="folder for metrics and report")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_evaluate)

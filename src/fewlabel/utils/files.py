@@ -26,6 +26,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; results are shared with colleagues, so honour the umask instead.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
@@ -48,3 +50,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         The destination path.
     """
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
