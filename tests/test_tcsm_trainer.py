@@ -1,0 +1,295 @@
+"""TCSMTrainer: consistency gradients, EMA teacher, ramp-up, supervised reduction, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.losses import DiceLoss
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from fewlabel.config.segmentation import TCSMConfig
+from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+from fewlabel.engines.tcsm import TCSMTrainer
+from fewlabel.errors import CheckpointError, DataError
+
+
+def tiny_net(dims: int = 2, classes: int = 2, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+    return nn.Sequential(conv(1, 4, 3, padding=1), bn(4), nn.ReLU(), conv(4, classes, 3, padding=1))
+
+
+def batches(n: int, batch: int, shape: tuple[int, ...], labelled: bool = True, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        item = {"image": torch.randn(batch, 1, *shape, generator=g)}
+        if labelled:
+            item["label"] = torch.randint(0, 2, (batch, 1, *shape), generator=g)
+        out.append(item)
+    return out
+
+
+def dice() -> nn.Module:
+    return DiceLoss(softmax=True, to_onehot_y=True)
+
+
+def make_trainer(
+    net=None, labelled=None, unlabelled=None, epochs=1, lr=0.05, opt="sgd", **tcsm
+) -> TCSMTrainer:
+    net = net if net is not None else tiny_net()
+    optimizer = (torch.optim.SGD if opt == "sgd" else torch.optim.Adam)(net.parameters(), lr=lr)
+    config = TCSMConfig(**{"enabled": True, "rampup_iterations": 0, **tcsm})
+    labelled = labelled if labelled is not None else batches(2, 2, (16, 24))
+    return TCSMTrainer("cpu", epochs, labelled, unlabelled, net, optimizer, dice(), config)
+
+
+def record_outputs(trainer: TCSMTrainer) -> list[dict]:
+    seen: list[dict] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(dict(e.state.output)))
+    return seen
+
+
+def params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+class ZeroLoss(nn.Module):
+    """A supervised loss whose gradient is exactly zero."""
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return logits.sum() * 0.0
+
+
+def test_teacher_is_a_frozen_eval_copy():
+    trainer = make_trainer()
+    student, teacher = trainer.student, trainer.teacher
+    assert teacher is not student and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for a, b in zip(student.parameters(), teacher.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_consistency_term_alone_trains_the_student():
+    net = tiny_net()
+    before = params(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    config = TCSMConfig(enabled=True, rampup_iterations=0, consistency_weight=10.0, apply_to_labeled=False)
+    trainer = TCSMTrainer(
+        "cpu",
+        1,
+        batches(1, 2, (16, 16)),
+        batches(1, 4, (16, 16), False, seed=2),
+        net,
+        optimizer,
+        ZeroLoss(),
+        config,
+    )
+    grads: list[torch.Tensor] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _grab(_):
+        grads.extend(p.grad.detach().clone() for p in net.parameters() if p.grad is not None)
+
+    outputs = record_outputs(trainer)
+    trainer.run()
+    assert outputs[0]["cons_weight"] == 10.0
+    assert outputs[0]["cons_loss"] > 0 and outputs[0]["sup_loss"] == 0
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(net), strict=True))
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+
+
+def test_consistency_term_with_weight_zero_leaves_the_student_alone():
+    net = tiny_net()
+    before = params(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    config = TCSMConfig(enabled=True, rampup_iterations=0, consistency_weight=0.0)
+    trainer = TCSMTrainer(
+        "cpu", 1, batches(1, 2, (16, 16)), batches(1, 2, (16, 16), False), net, optimizer, ZeroLoss(), config
+    )
+    trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, params(net), strict=True))
+
+
+def test_ema_update_matches_formula_after_one_step():
+    decay = 0.9
+    trainer = make_trainer(
+        labelled=batches(1, 2, (16, 24)), unlabelled=batches(1, 2, (16, 24), False), ema_decay=decay
+    )
+    teacher_before = params(trainer.teacher)
+    trainer.run()
+    assert trainer.state.ema_momentum == pytest.approx(1 - decay)
+    student_after = params(trainer.student)
+    for t0, s1, t1 in zip(teacher_before, student_after, params(trainer.teacher), strict=True):
+        assert torch.allclose(t1, decay * t0 + (1 - decay) * s1, atol=1e-6)
+    assert not torch.equal(student_after[0], teacher_before[0])  # the step did move the student
+    # Buffers (batch-norm statistics) are copied from the student.
+    for (name, tb), sb in zip(trainer.teacher.named_buffers(), trainer.student.buffers(), strict=True):
+        assert torch.equal(tb, sb), name
+
+
+def test_ema_warmup_starts_with_a_copy_of_the_student():
+    trainer = make_trainer(labelled=batches(1, 2, (16, 24)), ema_decay=0.99, ema_warmup_iterations=5)
+    trainer.run()
+    for s, t in zip(trainer.student.parameters(), trainer.teacher.parameters(), strict=True):
+        assert torch.equal(s, t)
+    assert trainer.state.ema_momentum == 1.0
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_ema_decay_extremes(decay):
+    trainer = make_trainer(labelled=batches(2, 2, (16, 24)), ema_decay=decay)
+    initial = params(trainer.teacher)
+    trainer.run()
+    same_as = initial if decay == 1.0 else params(trainer.student)
+    assert all(torch.equal(a, b) for a, b in zip(params(trainer.teacher), same_as, strict=True))
+
+
+def test_rampup_weights_follow_the_formula():
+    trainer = make_trainer(
+        labelled=batches(6, 2, (16, 24)),
+        unlabelled=batches(4, 2, (16, 24), False),
+        rampup_iterations=4,
+        consistency_weight=2.0,
+    )
+    outputs = record_outputs(trainer)
+    trainer.run()
+    weights = [o["cons_weight"] for o in outputs]
+    assert weights == pytest.approx([2.0 * math.exp(-5 * (1 - min(i / 4, 1)) ** 2) for i in range(6)])
+    for o in outputs:
+        assert torch.isclose(o["loss"], o["sup_loss"] + o["cons_weight"] * o["cons_loss"], atol=1e-6)
+
+
+def _supervised_reference(net: nn.Module, data: list[dict], steps: int) -> nn.Module:
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    loss_fn = dice()
+    net.train()
+    for i in range(steps):
+        batch = data[i % len(data)]
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(net(batch["image"]), batch["label"]).backward()
+        optimizer.step()
+    return net
+
+
+@pytest.mark.parametrize(
+    "mode", ["no-unlabelled-data", "tcsm-disabled"], ids=["no-unlabelled-data", "tcsm-disabled"]
+)
+def test_reduces_to_supervised_training(mode):
+    data = batches(3, 2, (16, 24))
+    if mode == "no-unlabelled-data":
+        tcsm = {"apply_to_labeled": False}
+        unlabelled = None
+    else:
+        tcsm = {"enabled": False}
+        unlabelled = batches(2, 2, (16, 24), False)
+    trainer = make_trainer(tiny_net(seed=5), data, unlabelled, epochs=2, lr=0.01, opt="adam", **tcsm)
+    outputs = record_outputs(trainer)
+    trainer.run()
+    reference = _supervised_reference(tiny_net(seed=5), data, steps=6)
+    for a, b in zip(trainer.student.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(o["cons_weight"] == 0.0 and o["cons_loss"] == 0 for o in outputs)
+
+
+def test_consistency_on_labelled_data_only():
+    trainer = make_trainer(labelled=batches(2, 2, (16, 16)), unlabelled=None, apply_to_labeled=True)
+    outputs = record_outputs(trainer)
+    trainer.run()
+    assert all(o["cons_loss"] > 0 for o in outputs)
+
+
+def test_unlabelled_loader_is_cycled_independently():
+    unlabelled = batches(2, 3, (16, 24), False)
+    served: list[int] = []
+
+    class Counting:
+        def __iter__(self):
+            for i, b in enumerate(unlabelled):
+                served.append(i)
+                yield b
+
+    trainer = make_trainer(labelled=batches(5, 2, (16, 24)), unlabelled=Counting())
+    trainer.run()
+    assert served == [0, 1, 0, 1, 0]
+
+
+def test_unlabelled_images_of_another_shape_still_work():
+    trainer = make_trainer(labelled=batches(2, 2, (16, 24)), unlabelled=batches(1, 3, (16, 16), False))
+    outputs = record_outputs(trainer)
+    trainer.run()
+    assert len(outputs) == 2 and all(o["cons_loss"] > 0 for o in outputs)
+
+
+def test_empty_unlabelled_loader_is_a_data_error():
+    trainer = make_trainer(unlabelled=[])
+    with pytest.raises(DataError, match="no batches"):
+        trainer.run()
+
+
+def test_3d_inputs_run():
+    net = tiny_net(dims=3)
+    trainer = make_trainer(
+        net, batches(2, 1, (16, 24, 8)), batches(1, 2, (16, 24, 8), False), scale=0.2, consistency_loss="kl"
+    )
+    outputs = record_outputs(trainer)
+    trainer.run()
+    assert len(outputs) == 2 and all(torch.isfinite(o["loss"]) and o["cons_loss"] > 0 for o in outputs)
+
+
+def test_basic_unet_2_5d_runs():
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=(4, 4, 8, 8, 16, 4))
+    labelled = [{"image": torch.randn(2, 3, 16, 32), "label": torch.randint(0, 2, (2, 1, 16, 32))}]
+    trainer = make_trainer(net, labelled, [{"image": torch.randn(2, 3, 16, 32)}], ema_warmup_iterations=2)
+    outputs = record_outputs(trainer)
+    trainer.run()
+    assert torch.isfinite(outputs[0]["loss"])
+
+
+def _run_pair(tmp_path, epochs_first: int) -> tuple[TCSMTrainer, TCSMTrainer]:
+    labelled = batches(2, 2, (16, 16))
+    unlabelled = batches(2, 2, (16, 16), False, seed=3)
+    tcsm = {"rampup_iterations": 10, "ema_warmup_iterations": 3, "ema_decay": 0.8, "scale": 0.1}
+    full = make_trainer(tiny_net(seed=7), labelled, unlabelled, epochs=2, opt="adam", **tcsm)
+    full.run()
+    first = make_trainer(tiny_net(seed=7), labelled, unlabelled, epochs=epochs_first, opt="adam", **tcsm)
+    first.run()
+    path = save_checkpoint(first.state_dict(), tmp_path / "trainer.pt")
+    resumed = make_trainer(tiny_net(seed=99), labelled, unlabelled, epochs=2, opt="adam", **tcsm)
+    resumed.load_state_dict(load_checkpoint(path))  # weights_only=True load
+    assert resumed.state.iteration == first.state.iteration == 2
+    for a, b in zip(resumed.teacher.state_dict().values(), first.teacher.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.student.state_dict().values(), first.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    resumed.run()
+    return full, resumed
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    full, resumed = _run_pair(tmp_path, epochs_first=1)
+    assert resumed.state.iteration == full.state.iteration == 4
+    for name in ("student", "teacher"):
+        for a, b in zip(
+            getattr(full, name).state_dict().values(),
+            getattr(resumed, name).state_dict().values(),
+            strict=True,
+        ):
+            assert torch.equal(a, b), name
+
+
+def test_load_state_dict_rejects_foreign_dicts():
+    trainer = make_trainer()
+    with pytest.raises(CheckpointError, match="lacks"):
+        trainer.load_state_dict({"student": {}})
+    state = trainer.state_dict()
+    state["student"] = tiny_net(classes=3).state_dict()
+    with pytest.raises(CheckpointError):
+        trainer.load_state_dict(state)
