@@ -29,6 +29,7 @@ from monai.transforms import (
 
 from fewlabel.config.classification import ClassificationAugment
 from fewlabel.data.images import read_image
+from fewlabel.errors import DataError, FewLabelError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -87,7 +88,7 @@ class ReadImaged(MapTransform):
 
         Raises:
             DataError: if a path cannot be decoded.
-            ValueError: if an array has an unsupported shape.
+            DataError: if an array has an unsupported shape.
         """
         d = dict(data)
         for key in self.key_iterator(d):
@@ -96,7 +97,9 @@ class ReadImaged(MapTransform):
             if arr.ndim == 2:
                 arr = arr[..., None]
             if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-                raise ValueError(f"image {d.get('id', key)!r} has shape {arr.shape}; expected HxW or HxWxC")
+                raise DataError(
+                    None, f"image {d.get('id', key)!r} has shape {arr.shape}; expected HxW or HxWxC"
+                )
             arr = arr[..., :3]
             if arr.shape[-1] == 1:
                 arr = np.repeat(arr, 3, axis=-1)
@@ -111,6 +114,26 @@ class _CollatableMetad(Transform):
         return {k: ("" if v is None else v) for k, v in data.items()}
 
 
+class _Pipeline(Compose):
+    """``Compose`` that lets fewlabel's user-facing errors through.
+
+    MONAI wraps every exception raised inside a transform in a ``RuntimeError``; a
+    :class:`~fewlabel.errors.DataError` naming a corrupt file would then reach the user as a
+    long traceback. This re-raises the original error instead.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, FewLabelError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+
 def build_decode_transforms(image_size: int) -> Compose:
     """Deterministic part: decode, scale to [0, 1], grey to RGB, resize to a square.
 
@@ -120,7 +143,7 @@ def build_decode_transforms(image_size: int) -> Compose:
     Returns:
         A ``Compose`` mapping a record to one whose ``image`` is a ``3 x S x S`` float tensor.
     """
-    return Compose(
+    return _Pipeline(
         [
             ReadImaged("image"),
             ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
@@ -173,7 +196,7 @@ def build_augment_transforms(
         EnsureTyped("label", data_type="tensor", dtype=torch.long, track_meta=False, allow_missing_keys=True),
         _CollatableMetad(),
     ]
-    return Compose(steps)
+    return _Pipeline(steps)
 
 
 def build_classification_transforms(
@@ -211,7 +234,7 @@ def _flat_compose(*parts: Callable | None) -> Compose:
         if part is None:
             continue
         steps.extend(part.transforms if isinstance(part, Compose) else [part])
-    return Compose(steps)
+    return _Pipeline(steps)
 
 
 def make_dataset(

@@ -60,11 +60,11 @@ def render_fundus(grade: int, num_classes: int, size: int, rng: np.random.Genera
     draw.ellipse((od_x - od_r, od_y - od_r, od_x + od_r, od_y + od_r), fill=(250, 215, 140))
 
     severity = grade / max(1, num_classes - 1)
-    n_haem = round(10 * severity) + (int(rng.integers(0, 2)) if grade > 0 else 0)
-    n_exud = round(10 * (severity - 0.3)) if severity > 0.3 else 0
+    n_haem = round(16 * severity) + (int(rng.integers(0, 2)) if grade > 0 else 0)
+    n_exud = round(16 * (severity - 0.25)) if severity > 0.3 else 0
     for count, colour, r_px in (
-        (n_haem, (90, 10, 10), 1.0 + 1.5 * severity),
-        (n_exud, (245, 230, 90), 0.8 + 1.2 * severity),
+        (n_haem, (90, 10, 10), 1.2 + 1.5 * severity),
+        (n_exud, (245, 230, 90), 1.0 + 1.2 * severity),
     ):
         for _ in range(count):
             rr = radius * 0.8 * np.sqrt(rng.uniform(0, 1))
