@@ -329,6 +329,6 @@ def parameter_groups(
     for name, params in buckets.items():
         if params:
             lr = lr_head if name.startswith("head") else lr_backbone
-            wd = weight_decay if name.endswith("_decay") and not name.endswith("no_decay") else 0.0
+            wd = 0.0 if name.endswith("no_decay") else weight_decay
             groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": name})
     return groups
