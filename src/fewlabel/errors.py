@@ -23,10 +23,16 @@ class DataError(FewLabelError):
 
     Args:
         path: the offending file or folder (named in the message).
-        problem: what is wrong with it.
+        problem: what is wrong with it. When omitted, ``path`` is taken as the whole message:
+            PyTorch's data-loader workers re-raise exceptions as ``type(message)``, and the
+            error must survive that trip with its text intact.
     """
 
-    def __init__(self, path: str | Path | None, problem: str) -> None:
+    def __init__(self, path: str | Path | None, problem: str | None = None) -> None:
+        if problem is None:
+            self.path, self.problem = None, str(path)
+            super().__init__(str(path))
+            return
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
