@@ -1,0 +1,352 @@
+"""Segmentation datalists (MSD, nnU-Net, CSV, slices2d), label selection, preprocessing and synthetic CT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Invertd
+from PIL import Image
+
+from fewlabel.config.segmentation import Preprocess, SegmentationAugment, SegmentationData
+from fewlabel.data.readers import read_label, read_study
+from fewlabel.data.segmentation import (
+    build_datalist,
+    load_records,
+    msd_test_records,
+    patient_id_from_name,
+)
+from fewlabel.data.segmentation_transforms import build_preprocessing, build_train_augmentation
+from fewlabel.data.synthetic_ct import make_synthetic_ct
+from fewlabel.errors import ConfigError, DataError
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def _msd(root: Path, labels: dict, cases: list[str], unlabeled: list[str] = ()) -> Path:
+    training = []
+    for case in cases:
+        _touch(root / "imagesTr" / f"{case}.nii.gz")
+        _touch(root / "labelsTr" / f"{case}.nii.gz")
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    for case in unlabeled:
+        _touch(root / "imagesUnl" / f"{case}.nii.gz")
+    meta = {"labels": labels, "training": training, "unlabeled": [f"./imagesUnl/{c}.nii.gz" for c in unlabeled]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Record loading
+# ----------------------------------------------------------------------------------------------
+
+
+def test_msd_style_labels_and_training_list(tmp_path: Path) -> None:
+    root = _msd(tmp_path / "msd", {"0": "background", "2": "tumour", "1": "organ"}, ["lv_1", "lv_2"], ["u_1"])
+    labelled, unlabelled, classes = load_records(root)
+    assert classes == ["background", "organ", "tumour"]
+    assert [r["id"] for r in labelled] == ["lv_1", "lv_2"]
+    assert labelled[0]["image"] == str(root / "imagesTr" / "lv_1.nii.gz")
+    assert labelled[0]["label"] == str(root / "labelsTr" / "lv_1.nii.gz")
+    assert unlabelled == [
+        {"image": str(root / "imagesUnl" / "u_1.nii.gz"), "label": None, "id": "u_1", "patient_id": "u_1"}
+    ]
+
+
+def test_nnunet_v2_labels_and_file_naming(tmp_path: Path) -> None:
+    root = tmp_path / "Dataset001_Lung"
+    for case in ("lung_002", "lung_010", "lung_001"):
+        _touch(root / "imagesTr" / f"{case}_0000.nii.gz")
+        _touch(root / "labelsTr" / f"{case}.nii.gz")
+    _touch(root / "imagesTr" / "._lung_001_0000.nii.gz")  # macOS metadata file: ignored
+    _touch(root / "imagesTs" / "lung_100_0000.nii.gz")
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz", "numTraining": 3})
+    )
+    labelled, unlabelled, classes = load_records(root, fmt="msd")
+    assert classes == ["background", "lesion"]
+    assert [r["id"] for r in labelled] == ["lung_001", "lung_002", "lung_010"]
+    assert labelled[0]["label"] == str(root / "labelsTr" / "lung_001.nii.gz")
+    assert unlabelled == []  # test images never join the training pool
+    assert [r["id"] for r in msd_test_records(root)] == ["lung_100"]
+
+
+def test_msd_errors_name_the_problem(tmp_path: Path) -> None:
+    root = _msd(tmp_path / "gap", {"0": "background", "2": "tumour"}, ["a"])
+    with pytest.raises(DataError, match=r"0\.\.n-1 without gaps"):
+        load_records(root)
+    root = _msd(tmp_path / "missing", {"0": "background", "1": "tumour"}, ["a", "b"])
+    (root / "labelsTr" / "b.nii.gz").unlink()
+    with pytest.raises(DataError, match="listed as training label") as err:
+        load_records(root)
+    assert "b.nii.gz" in str(err.value)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dataset.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_records(tmp_path / "bad")
+
+
+def test_csv_records_with_unlabelled_rows(tmp_path: Path) -> None:
+    for name in ("a.nii.gz", "a_seg.nii.gz", "b.nii.gz", "c.nii.gz", "c_seg.nii.gz"):
+        _touch(tmp_path / "data" / name)
+    table = tmp_path / "cases.csv"
+    table.write_text(
+        "image,label,patient_id\n"
+        "data/a.nii.gz,data/a_seg.nii.gz,P1\n"
+        "data/b.nii.gz,,P1\n"
+        f"{tmp_path / 'data' / 'c.nii.gz'},data/c_seg.nii.gz,P2\n"
+    )
+    labelled, unlabelled, classes = load_records(table)
+    assert classes is None
+    assert [(r["id"], r["patient_id"]) for r in labelled] == [("a", "P1"), ("c", "P2")]
+    assert labelled[1]["label"] == str(tmp_path / "data" / "c_seg.nii.gz")
+    assert [(r["id"], r["label"]) for r in unlabelled] == [("b", None)]
+
+    table.write_text("image,label\ndata/a.nii.gz,data/missing.nii.gz\n")
+    with pytest.raises(DataError, match=r"line 2\) but missing") as err:
+        load_records(table)
+    assert "missing.nii.gz" in str(err.value)
+    table.write_text("path,mask\ndata/a.nii.gz,data/a_seg.nii.gz\n")
+    with pytest.raises(DataError, match="'image' column"):
+        load_records(table)
+
+
+def _slices2d(root: Path, names: list[str], masks: bool = True) -> Path:
+    for name in names:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / "images" / f"{name}.jpg")
+        if masks:
+            (root / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / f"{name}.png")
+    return root
+
+
+def test_slices2d_pairs_and_patient_ids(tmp_path: Path) -> None:
+    root = _slices2d(tmp_path / "train", ["Data-1_case_a_2", "Data-1_case_a_10", "Data-1_case_b_1", "7"])
+    labelled, unlabelled, _ = load_records(root)
+    assert unlabelled == []
+    assert [r["id"] for r in labelled] == ["7", "Data-1_case_a_2", "Data-1_case_a_10", "Data-1_case_b_1"]
+    assert [r["patient_id"] for r in labelled] == ["7", "case_a", "case_a", "case_b"]
+    assert labelled[0]["label"] == str(root / "masks" / "7.png")
+    assert patient_id_from_name("LIDC-IDRI-0042_R_3") == "LIDC-IDRI-0042"
+
+    (root / "images" / "orphan.jpg").write_bytes((root / "images" / "7.jpg").read_bytes())
+    with pytest.raises(DataError, match="no mask for this image") as err:
+        load_records(root)
+    assert "orphan.jpg" in str(err.value)
+
+    unl = _slices2d(tmp_path / "unlabeled", ["Data-1_c_1", "Data-1_c_2"], masks=False)
+    labelled, unlabelled, _ = load_records(unl)
+    assert labelled == [] and [r["patient_id"] for r in unlabelled] == ["c", "c"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and label selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _csv_dataset(tmp_path: Path, n_patients: int = 12, per_patient: int = 2) -> Path:
+    lines = ["image,label,patient_id"]
+    for p in range(n_patients):
+        for s in range(per_patient):
+            image = _touch(tmp_path / "d" / f"p{p}_s{s}.nii.gz")
+            label = _touch(tmp_path / "d" / f"p{p}_s{s}_seg.nii.gz")
+            lines.append(f"{image},{label},P{p}")
+    table = tmp_path / "all.csv"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+def test_labeled_count_by_patient_reproducible_and_nested(tmp_path: Path) -> None:
+    table = _csv_dataset(tmp_path)
+    cfg = SegmentationData(path=str(table), val_fraction=0.25, test_fraction=0.0, labeled_count=6)
+    dl = build_datalist(cfg, seed=3)
+    assert len(dl.train) == 6
+    assert all(r["label"] for r in dl.train)
+    assert all(r["label"] is None for r in dl.unlabeled)
+    assert len(dl.train) + len(dl.unlabeled) + len(dl.val) == 24
+    # Whole patients: 6 cases of 2-case patients are 3 complete patients.
+    train_patients = {r["patient_id"] for r in dl.train}
+    assert len(train_patients) == 3
+    assert not train_patients & {r["patient_id"] for r in dl.unlabeled}
+    assert not ({r["patient_id"] for r in dl.train + dl.unlabeled} & {r["patient_id"] for r in dl.val})
+    assert dl.classes == ["background", "lesion"]
+
+    again = build_datalist(cfg, seed=3)
+    assert again.to_dict() == dl.to_dict()
+    smaller = build_datalist(cfg.model_copy(update={"labeled_count": 2}), seed=3)
+    assert {r["id"] for r in smaller.train} < {r["id"] for r in dl.train}
+    assert smaller.val == dl.val  # the split does not depend on the label budget
+    other = build_datalist(cfg, seed=4)
+    assert {r["id"] for r in other.train} != {r["id"] for r in dl.train} or other.val != dl.val
+
+    with pytest.raises(ConfigError, match="labeled_count=40"):
+        build_datalist(cfg.model_copy(update={"labeled_count": 40}), seed=3)
+
+
+def test_labeled_fraction_counts_patients(tmp_path: Path) -> None:
+    table = _csv_dataset(tmp_path, n_patients=10, per_patient=3)
+    cfg = SegmentationData(path=str(table), val_fraction=0.2, test_fraction=0.2, labeled_fraction=0.5)
+    dl = build_datalist(cfg, seed=0)
+    assert len({r["patient_id"] for r in dl.val}) == 2 and len({r["patient_id"] for r in dl.test}) == 2
+    assert len({r["patient_id"] for r in dl.train}) == 3  # half of the 6 training patients
+    assert len(dl.train) == 9 and len(dl.unlabeled) == 9
+
+
+def test_test_path_and_unlabeled_path(tmp_path: Path) -> None:
+    train = _slices2d(tmp_path / "train", [str(i) for i in range(6)])
+    test = _slices2d(tmp_path / "test", ["t1", "t2"])
+    unl = _slices2d(tmp_path / "unl", ["Data-1_x_1", "Data-1_x_2", "Data-1_y_1"], masks=False)
+    cfg = SegmentationData(
+        path=str(train),
+        test_path=str(test),
+        unlabeled_path=str(unl),
+        val_fraction=0.2,
+        test_fraction=0.3,
+        classes=["background", "ggo", "consolidation"],
+    )
+    dl = build_datalist(cfg, seed=0)
+    assert dl.classes == ["background", "ggo", "consolidation"]
+    assert [r["id"] for r in dl.test] == ["t1", "t2"]
+    assert len(dl.val) == 1 and len(dl.train) == 5
+    assert sorted(r["id"] for r in dl.unlabeled) == ["Data-1_x_1", "Data-1_x_2", "Data-1_y_1"]
+    saved = json.loads(dl.save(tmp_path / "out" / "datalist.json").read_text())
+    assert saved["test"] == dl.test
+
+
+def test_unlabelled_studies_of_held_out_patients_are_dropped(tmp_path: Path) -> None:
+    table = _csv_dataset(tmp_path, n_patients=5, per_patient=1)
+    rows = table.read_text().splitlines()
+    extra = [f"{_touch(tmp_path / 'd' / f'p{p}_extra.nii.gz')},,P{p}" for p in range(5)]
+    table.write_text("\n".join(rows + extra) + "\n")
+    dl = build_datalist(SegmentationData(path=str(table), val_fraction=0.4), seed=1)
+    held_out = {r["patient_id"] for r in dl.val}
+    assert held_out and not held_out & {r["patient_id"] for r in dl.unlabeled}
+    assert len(dl.unlabeled) == 5 - len(held_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic CT
+# ----------------------------------------------------------------------------------------------
+
+
+def test_make_synthetic_ct(tmp_path: Path) -> None:
+    root = make_synthetic_ct(tmp_path / "syn", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2)
+    labelled, unlabelled, classes = load_records(root)
+    assert classes == ["background", "ggo", "consolidation"]
+    assert len(labelled) == 2 and len(unlabelled) == 1
+    image = read_study(labelled[0]["image"])
+    label = read_label(labelled[0]["label"], classes)
+    assert nib.load(labelled[0]["image"]).get_data_dtype() == np.int16
+    assert image.array.shape == (24, 24, 8)
+    np.testing.assert_allclose(image.spacing, (0.8, 0.8, 2.5), atol=1e-5)
+    assert not np.allclose(image.affine, np.eye(4))
+    assert image.array[0, 0, 0] < -900  # air in the corner
+    assert label.array.max() >= 1
+    lesion_hu = image.array[label.array > 0]
+    assert lesion_hu.mean() > -650  # lesions are denser than the lung around them
+    assert np.median(image.array[image.array < -700]) < -840  # lung and air
+    before = (root / "imagesTr" / "synct_000.nii.gz").read_bytes()
+    again = make_synthetic_ct(tmp_path / "syn2", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2)
+    assert (again / "imagesTr" / "synct_000.nii.gz").read_bytes() == before
+    with pytest.raises(DataError, match="already holds"):
+        make_synthetic_ct(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing and augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(tmp_path: Path, affine: np.ndarray, image: np.ndarray, label: np.ndarray) -> dict:
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "lab.nii.gz"))
+    return {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz"), "id": "case"}
+
+
+def test_preprocessing_is_invertible_to_source_geometry(tmp_path: Path) -> None:
+    # Non-RAS (axes along -Y, +Z, -X) with 2 mm voxels; preprocessing resamples to 1 mm RAS.
+    affine = np.array([[0.0, -2.0, 0.0, 10.0], [0.0, 0.0, 2.0, -20.0], [-2.0, 0.0, 0.0, 30.0], [0, 0, 0, 1.0]])
+    rng = np.random.default_rng(0)
+    image = np.full((10, 8, 6), -1000, np.int16)
+    image[1:9, 1:7, 1:5] = rng.integers(-900, 300, size=(8, 6, 4))
+    label = np.zeros((10, 8, 6), np.uint8)
+    label[2:6, 2:5, 1:4] = 1
+    label[7:9, 5:7, 3:5] = 2
+    record = _pair(tmp_path, affine, image, label)
+    pre = Preprocess(modality="ct", orientation="RAS", spacing=(1.0, 1.0, 1.0), crop_foreground=True)
+    transform = build_preprocessing(pre, with_label=True, spatial_dims=3, num_classes=3)
+    out = transform(record)
+    assert out["label"].dtype == torch.long
+    assert out["image"].shape == out["label"].shape and out["image"].shape[0] == 1
+    assert float(out["image"].min()) >= 0.0 and float(out["image"].max()) <= 1.0
+    ras = out["image"].affine.numpy()
+    np.testing.assert_allclose(np.abs(np.diag(ras)[:3]), [1.0, 1.0, 1.0], atol=1e-6)
+    assert np.all(np.diag(ras)[:3] > 0)  # RAS: axes point right, anterior, superior
+
+    out["pred"] = out["label"].clone()
+    back = Invertd("pred", transform=transform, orig_keys="label", nearest_interp=True)(out)["pred"]
+    assert tuple(back.shape) == (1, 10, 8, 6)
+    np.testing.assert_array_equal(back[0].numpy().round().astype(np.uint8), label)
+    np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-5)
+    inv_image = Invertd("image", transform=transform, orig_keys="image", nearest_interp=True)(dict(out))["image"]
+    expected = np.clip((image.astype(np.float32) + 1000.0) / 1400.0, 0.0, 1.0)
+    np.testing.assert_allclose(inv_image[0].numpy(), expected, atol=1e-5)
+
+
+def test_preprocessing_surfaces_data_errors(tmp_path: Path) -> None:
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    image = np.zeros((6, 6, 4), np.float32)
+    image[2, 2, 2] = np.nan
+    record = _pair(tmp_path, affine, image, np.zeros((6, 6, 4), np.uint8))
+    transform = build_preprocessing(Preprocess(), with_label=True, spatial_dims=3, num_classes=2)
+    with pytest.raises(DataError, match="NaN/inf voxels"):
+        transform(record)
+
+    record = _pair(tmp_path, affine, np.zeros((6, 6, 4), np.int16), np.zeros((6, 6, 3), np.uint8))
+    with pytest.raises(DataError, match=r"\(6, 6, 3\).*\(6, 6, 4\)") as err:
+        transform(record)
+    assert "lab.nii.gz" in str(err.value) and "img.nii.gz" in str(err.value)
+
+    label = np.zeros((6, 6, 4), np.uint8)
+    label[0, 0, 0] = 5
+    record = _pair(tmp_path, affine, np.zeros((6, 6, 4), np.int16), label)
+    with pytest.raises(DataError, match=r"label values \[5\]"):
+        transform(record)
+
+
+def test_2d_preprocessing_scales_images(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0, 255], [51, 102]], np.uint8)).save(tmp_path / "s.png")
+    Image.fromarray(np.array([[0, 1], [2, 0]], np.uint8)).save(tmp_path / "m.png")
+    transform = build_preprocessing(Preprocess(modality="image"), with_label=True, spatial_dims=2)
+    out = transform({"image": str(tmp_path / "s.png"), "label": str(tmp_path / "m.png")})
+    np.testing.assert_allclose(out["image"][0].numpy(), [[0.0, 1.0], [0.2, 0.4]], atol=1e-6)
+    np.testing.assert_array_equal(out["label"][0].numpy(), [[0, 1], [2, 0]])
+
+
+def test_train_augmentation_moves_image_and_label_together() -> None:
+    aug = build_train_augmentation(SegmentationAugment(rotate90=True, flip=True, intensity=False), spatial_dims=2)
+    base = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8)
+    seen = set()
+    for seed in range(12):
+        aug.set_random_state(seed=seed)
+        out = aug({"image": base.clone(), "label": base.clone().long()})
+        np.testing.assert_array_equal(out["image"].numpy(), out["label"].numpy())
+        seen.add(tuple(out["image"].flatten()[:3].tolist()))
+    assert len(seen) > 2  # it does change the samples
+    aug3d = build_train_augmentation(SegmentationAugment(), spatial_dims=3, axis=2)
+    vol = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).reshape(2, 4, 4, 3)
+    for seed in range(6):
+        aug3d.set_random_state(seed=seed)
+        out = aug3d({"image": vol.clone()})["image"]
+        # In-plane only: the set of values in each through-plane slice is unchanged.
+        for z in range(3):
+            assert sorted(out[..., z].flatten().tolist()) == sorted(vol[..., z].flatten().tolist())
