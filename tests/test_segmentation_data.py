@@ -350,3 +350,26 @@ def test_train_augmentation_moves_image_and_label_together() -> None:
         # In-plane only: the set of values in each through-plane slice is unchanged.
         for z in range(3):
             assert sorted(out[..., z].flatten().tolist()) == sorted(vol[..., z].flatten().tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data (skipped when ../shared/data is absent)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_covid_semiseg_and_lidc_layouts(shared_data: Path) -> None:
+    covid = shared_data / "covid_semiseg"
+    labelled, unlabelled, _ = load_records(covid / "train")
+    assert len(labelled) == 50 and unlabelled == []
+    label = read_label(labelled[0]["label"], ["background", "ggo", "consolidation"])
+    assert label.array.shape == read_study(labelled[0]["image"]).array.shape
+    _, unl, _ = load_records(covid / "unlabeled")
+    assert len(unl) == 1600
+    assert len({r["patient_id"] for r in unl}) == 20  # Data-1_<case>_<slice>: 20 CT volumes
+
+    image = shared_data / "lidc_voi" / "images" / "LIDC-IDRI-0001_R_1.nii.gz"
+    study = read_study(image)
+    mask = read_label(shared_data / "lidc_voi" / "masks" / image.name, ["background", "nodule"])
+    np.testing.assert_array_equal(mask.affine, study.affine)
+    assert study.array.min() < -500 and mask.array.max() == 1  # HU values and a nodule
