@@ -1,0 +1,904 @@
+"""Training GoogLeNet for retinopathy grading on Ignite engines.
+
+:func:`train_classifier` runs one or two *stages*, chosen by ``train.mode``:
+
+- ``finetune``: the unfrozen layers and the new head train on images. The loss is
+  ``CE(main) + aux_weight * (CE(aux1) + CE(aux2))`` when the auxiliary heads are on;
+  validation always scores the main logits.
+- ``bottleneck``: the backbone is treated as frozen whatever ``model.freeze`` says. Its
+  1024-d features are extracted ONCE per image (see :func:`extract_features`) and cached in
+  ``features/{train,val}.pt``; the head then trains on them for ``train.bottleneck_epochs``,
+  which costs milliseconds per epoch instead of a pass through the network.
+- ``bottleneck_then_finetune``: the bottleneck stage, then fine-tuning (with the layers left
+  unfrozen by ``model.freeze``) starting from the trained head. A randomly initialised head
+  sends large gradients into pretrained layers during the first fine-tuning epochs; training
+  it first on frozen features avoids that.
+
+Training steps and validation are plain ``ignite.engine.Engine`` objects rather than MONAI's
+``SupervisedTrainer``: the steps need GoogLeNet's auxiliary logits, a feature-only variant
+for the bottleneck stage, test-time rotations, and direct access to the gradient scaler for
+checkpoints, which would leave little of ``SupervisedTrainer`` but its constructor.
+
+Every epoch records ``history.csv`` / ``learning_curves.png``; validation (every
+``train.val_every`` epochs and after the last) computes
+:func:`fewlabel.metrics.classification.classification_metrics`, keeps ``checkpoints/best.pt``
+by ``train.best_metric`` and feeds Ignite's ``EarlyStopping``. ``checkpoints/last.pt`` holds
+everything needed to resume (optimizer, scheduler, scaler, engine position, RNG states, the
+best value so far, early-stopping counters); it is written at every epoch end and, with
+``train.checkpoint.every_n_iterations``, every N iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import EarlyStopping, EpochOutputStore
+from ignite.metrics import Average
+from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import WeightedRandomSampler
+
+from fewlabel.config.classification import ClassificationExperiment, ClassificationTrain
+from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
+from fewlabel.errors import CheckpointError, ConfigError
+from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
+from fewlabel.runs import RunDir
+from fewlabel.utils.runtime import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BEST_CHECKPOINT",
+    "FEATURES_DIR",
+    "AuxiliaryLoss",
+    "ClassifierOutputs",
+    "TrainingResult",
+    "autocast",
+    "build_optimizer",
+    "build_scheduler",
+    "checkpoint_meta",
+    "create_evaluator",
+    "extract_features",
+    "inverse_frequency_weights",
+    "model_from_checkpoint",
+    "run_evaluator",
+    "train_classifier",
+]
+
+BEST_CHECKPOINT = "best.pt"
+FEATURES_DIR = "features"
+_STAGES = {
+    "finetune": ["finetune"],
+    "bottleneck": ["bottleneck"],
+    "bottleneck_then_finetune": ["bottleneck", "finetune"],
+}
+_HEAD_GROUPS = ("head_decay", "head_no_decay")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class AuxiliaryLoss(nn.Module):
+    """GoogLeNet's training loss: ``CE(main) + aux_weight * sum(CE(aux_i))``.
+
+    Args:
+        weight: optional per-class weights of the cross-entropy (class balancing).
+        aux_weight: weight of each auxiliary classifier's loss.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, aux_weight: float = 0.3) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=weight)
+        self.aux_weight = aux_weight
+
+    def forward(self, logits: torch.Tensor, aux: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            logits: main logits, ``N x K``.
+            aux: auxiliary logits (possibly empty).
+            target: class indices, ``N``.
+
+        Returns:
+            The scalar loss.
+        """
+        loss = self.ce(logits.float(), target)
+        for a in aux:
+            loss = loss + self.aux_weight * self.ce(a.float(), target)
+        return loss
+
+
+def inverse_frequency_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Class weights ``n / (K * count_c)`` (1 for a perfectly balanced set).
+
+    Args:
+        labels: training labels.
+        num_classes: number of classes ``K``.
+
+    Returns:
+        A float tensor of ``K`` weights; classes absent from ``labels`` get 0 (they never
+        contribute to the loss anyway).
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.divide(len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _balanced_sampler(labels: Sequence[int], num_classes: int, generator: torch.Generator) -> WeightedRandomSampler:
+    # Every class is drawn equally often on average: each sample weighs 1 / (its class count).
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    weights = [1.0 / counts[int(y)] for y in labels]
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+
+
+def build_optimizer(groups: list[dict], cfg: ClassificationTrain) -> torch.optim.Optimizer:
+    """Create the optimizer named by ``train.optimizer``.
+
+    Args:
+        groups: parameter groups (each with its own ``lr`` and ``weight_decay``).
+        cfg: the ``train`` section.
+
+    Returns:
+        SGD (momentum 0.9, Nesterov), Adam or AdamW.
+    """
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr_head, momentum=0.9, nesterov=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr_head)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr_head)
+    raise ConfigError(f"train.optimizer={cfg.optimizer!r}: expected sgd, adam or adamw")  # pragma: no cover
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Create the per-epoch learning-rate schedule.
+
+    Args:
+        optimizer: the optimizer.
+        name: ``cosine`` (to 1% of the initial rates at the last epoch), ``step`` (x0.1 after
+            each third of the epochs) or ``none``.
+        epochs: epochs of the stage.
+
+    Returns:
+        The scheduler (stepped once per epoch), or ``None``.
+    """
+    if name == "cosine":
+        eta_min = min(g["lr"] for g in optimizer.param_groups) * 0.01
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=eta_min)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(epochs / 3)), gamma=0.1)
+    return None
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed-precision context: float16 autocast on CUDA when enabled, nothing otherwise.
+
+    Args:
+        device: the compute device.
+        enabled: ``train.amp``.
+
+    Returns:
+        A context manager.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def checkpoint_meta(
+    cfg: ClassificationExperiment,
+    classes: Sequence[str],
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata stored with every checkpoint: all that prediction needs.
+
+    Args:
+        cfg: the resolved experiment config.
+        classes: class names in label order.
+        channels: channels of the training images as decoded (1 or 3).
+        mean: input normalisation mean.
+        std: input normalisation standard deviation.
+        **extra: more plain values (best metric, epoch...).
+
+    Returns:
+        A ``weights_only``-loadable dict.
+    """
+    return {
+        "task": "classification",
+        "classes": list(classes),
+        "image_size": int(cfg.model.image_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "channels": int(channels),
+        "model": cfg.model.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),
+        **extra,
+    }
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained network from a checkpoint, without downloading anything.
+
+    Args:
+        ckpt: a dict from :func:`fewlabel.engines.checkpoint.load_checkpoint`.
+        source: the file name, for error messages.
+
+    Returns:
+        ``(model, meta)``, the model in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: if the checkpoint is not a classification checkpoint or its weights
+            do not fit the architecture recorded in it.
+    """
+    from fewlabel.networks.googlenet import build_googlenet
+
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{source}: not a fewlabel model checkpoint (no 'model' and 'meta' entries)")
+    if meta.get("task") != "classification":
+        raise CheckpointError(f"{source}: a {meta.get('task')!r} checkpoint, not a classification one")
+    for key in ("classes", "image_size", "mean", "std", "model"):
+        if key not in meta:
+            raise CheckpointError(f"{source}: checkpoint metadata lacks {key!r}")
+    mcfg = meta["model"]
+    model = build_googlenet(
+        len(meta["classes"]),
+        weights="none",
+        freeze="none",
+        dropout=float(mcfg.get("dropout", 0.4)),
+        aux_logits=bool(mcfg.get("aux_logits", True)),
+    )
+    # Networks trained from ImageNet weights convert their normalised input to torchvision's
+    # [-1, 1] convention inside forward(); rebuilding with weights="none" must keep that step.
+    model.net.transform_input = mcfg.get("weights", "none") != "none"
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: weights do not fit the recorded GoogLeNet: {err}") from err
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ClassifierOutputs:
+    """Everything an evaluation pass produced.
+
+    Attributes:
+        probs: ``N x K`` class probabilities.
+        labels: ``N`` true labels, or ``None`` for unlabelled images.
+        ids: image identifiers.
+        loss: mean negative log-likelihood of the true class (``None`` without labels).
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray | None
+    ids: list[str]
+    loss: float | None
+
+
+def create_evaluator(
+    model: nn.Module, device: torch.device, amp: bool = False, tta: bool = False, features: bool = False
+) -> Engine:
+    """An Ignite engine that predicts class probabilities batch by batch.
+
+    Args:
+        model: the classifier (``forward`` gives main logits; ``head_forward`` for features).
+        device: compute device.
+        amp: float16 autocast on CUDA.
+        tta: average the softmax over the four 90-degree rotations of each image.
+        features: batches hold cached bottleneck ``features`` instead of ``image``.
+
+    Returns:
+        The engine; run it with :func:`run_evaluator`.
+    """
+
+    @torch.no_grad()
+    def step(engine: Engine, batch: dict) -> dict:
+        model.eval()
+        with autocast(device, amp):
+            if features:
+                probs = F.softmax(model.head_forward(batch["features"].to(device)).float(), dim=1)
+            else:
+                x = batch["image"].to(device, non_blocking=True)
+                rotations = range(4) if tta else range(1)
+                probs = sum(F.softmax(model(torch.rot90(x, k, dims=(-2, -1))).float(), dim=1) for k in rotations)
+                probs = probs / len(rotations)
+        label = batch.get("label")
+        return {
+            "probs": probs.float().cpu(),
+            "label": None if label is None else torch.as_tensor(label).view(-1).cpu(),
+            "ids": [str(i) for i in batch.get("id", [""] * len(probs))],
+        }
+
+    engine = Engine(step)
+    EpochOutputStore().attach(engine, name="collected")
+    return engine
+
+
+def run_evaluator(engine: Engine, loader: Any) -> ClassifierOutputs:
+    """Run an evaluator from :func:`create_evaluator` over a loader and gather its outputs.
+
+    Args:
+        engine: the evaluator.
+        loader: batches of ``{"image" | "features", "label"?, "id"?}``.
+
+    Returns:
+        Probabilities, labels, ids and the mean loss.
+    """
+    engine.run(loader)
+    outs = getattr(engine.state, "collected", [])
+    if not outs:
+        raise ValueError("nothing to evaluate: the data loader is empty")
+    probs = torch.cat([o["probs"] for o in outs]).numpy().astype(np.float64)
+    ids = [i for o in outs for i in o["ids"]]
+    labels = None
+    loss = None
+    if all(o["label"] is not None for o in outs):
+        labels = torch.cat([o["label"] for o in outs]).numpy().astype(np.int64)
+        # NLL of the (possibly rotation-averaged) probabilities, so TTA and plain runs compare.
+        picked = probs[np.arange(len(labels)), labels]
+        loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    return ClassifierOutputs(probs=probs, labels=labels, ids=ids, loss=loss)
+
+
+# --------------------------------------------------------------------------- bottleneck features
+
+
+class _FeatureDataset(TorchDataset):
+    """Cached features, ``N x R x D``: each access returns one of the R rotations at random."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], random_rotation: bool) -> None:
+        self.feats = feats
+        self.labels = labels
+        self.ids = list(ids)
+        self.random_rotation = random_rotation
+
+    def __len__(self) -> int:
+        return self.feats.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        r = int(torch.randint(self.feats.shape[1], (1,))) if self.random_rotation else 0
+        return {"features": self.feats[i, r], "label": self.labels[i], "id": self.ids[i]}
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, loader: Any, device: torch.device, rotations: int = 1, amp: bool = False
+) -> dict[str, Any]:
+    """Bottleneck features of every image, for each of ``rotations`` 90-degree rotations.
+
+    Training features are extracted for the four rotations when ``augment.rotate90`` is on:
+    the head then sees a random rotation of each image every epoch, which is exactly the
+    training augmentation, at four extraction passes once instead of a full pass per epoch.
+    Rotating the normalised tensor equals normalising the rotated image (normalisation is per
+    channel). Flips are not cached: the bottleneck stage ignores ``augment.flip``.
+
+    Args:
+        model: network with ``features``.
+        loader: batches of preprocessed (not augmented) ``{"image", "label", "id"}``.
+        device: compute device.
+        rotations: 1 (as is) or 4 (0/90/180/270 degrees).
+        amp: float16 autocast on CUDA.
+
+    Returns:
+        ``{"features": N x rotations x 1024 float32, "labels": N long, "ids": [...], "rotations": R}``.
+    """
+    model.eval()
+    feats, labels, ids = [], [], []
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            per_rot = [model.features(torch.rot90(x, k, dims=(-2, -1))).float().cpu() for k in range(rotations)]
+        feats.append(torch.stack(per_rot, dim=1))
+        labels.append(torch.as_tensor(batch["label"]).view(-1).cpu())
+        ids.extend(str(i) for i in batch["id"])
+    return {
+        "features": torch.cat(feats).contiguous(),
+        "labels": torch.cat(labels).long(),
+        "ids": ids,
+        "rotations": int(rotations),
+    }
+
+
+def _cached_features(
+    path: Path, records: Sequence[dict], make: Callable[[], dict[str, Any]], rotations: int
+) -> dict[str, Any]:
+    ids = [str(r["id"]) for r in records]
+    if path.is_file():
+        try:
+            cached = load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("ignoring unreadable feature cache %s (%s); extracting again", path, err)
+        else:
+            if cached.get("ids") == ids and cached.get("rotations") == rotations:
+                log.info("reusing cached bottleneck features %s", path)
+                return cached
+            log.info("feature cache %s is for other images; extracting again", path)
+    feats = make()
+    save_checkpoint(feats, path)
+    return feats
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_classifier` produced.
+
+    Attributes:
+        best_checkpoint: ``checkpoints/best.pt``.
+        last_checkpoint: ``checkpoints/last.pt``.
+        best_metric: the selection metric (``None`` without a validation split).
+        best_value: its best value (``None`` when never defined).
+        best_epoch: epoch (counted over all stages) of the best checkpoint.
+        history: the per-epoch rows of ``history.csv``.
+    """
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: str | None
+    best_value: float | None
+    best_epoch: int | None
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    """State shared by the stages of one training run."""
+
+    cfg: ClassificationExperiment
+    run: RunDir
+    model: nn.Module
+    device: torch.device
+    classes: list[str]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    metric: str | None
+    history: TrainingHistory
+    last: ResumableCheckpointer
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_saved: bool = False
+    total_iterations: int = 0
+
+    @property
+    def amp(self) -> bool:
+        return bool(self.cfg.train.amp and self.device.type == "cuda")
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        return checkpoint_meta(self.cfg, self.classes, self.channels, self.mean, self.std, **extra)
+
+
+def train_classifier(
+    cfg: ClassificationExperiment,
+    run: RunDir,
+    dataset: Any,
+    device: torch.device,
+    resume: bool = False,
+) -> TrainingResult:
+    """Train a GoogLeNet classifier as configured, writing checkpoints and history to ``run``.
+
+    Args:
+        cfg: the experiment config.
+        run: the run folder (exists; holds ``config.yaml``).
+        dataset: a :class:`fewlabel.data.classification.ClassificationDataset`.
+        device: compute device.
+        resume: continue from ``checkpoints/last.pt`` when it exists.
+
+    Returns:
+        Paths of the checkpoints and the best validation value.
+
+    Raises:
+        CheckpointError: if ``last.pt`` exists but cannot be loaded or does not match.
+    """
+    from fewlabel.data.classification_transforms import normalization_for
+    from fewlabel.networks.googlenet import build_googlenet
+
+    classes = list(dataset.classes)
+    mean, std = normalization_for(cfg.model.weights)
+    model = build_googlenet(
+        len(classes), cfg.model.weights, cfg.model.freeze, cfg.model.dropout, cfg.model.aux_logits
+    ).to(device)
+    has_val = bool(dataset.splits.get("val"))
+    metric = best_metric_key(cfg.train.best_metric, len(classes)) if has_val else None
+    if not has_val:
+        log.warning("no validation images: best.pt will be the model after the last epoch")
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(
+        cfg=cfg,
+        run=run,
+        model=model,
+        device=device,
+        classes=classes,
+        channels=int(dataset.channels),
+        mean=tuple(mean),
+        std=tuple(std),
+        metric=metric,
+        history=TrainingHistory(run.path),
+        last=ResumableCheckpointer(run.checkpoints, cfg.train.checkpoint.keep_last),
+    )
+
+    stages = _STAGES[cfg.train.mode]
+    state: dict[str, Any] | None = None
+    if resume:
+        state = _load_resume_state(ctx, stages)
+    start_stage = stages.index(state["stage"]) if state else 0
+
+    for index, stage in enumerate(stages):
+        if index < start_stage:
+            continue
+        stage_state = state if (state and index == start_stage) else None
+        if stage_state and stage_state.get("stage_done"):
+            continue
+        epoch_offset = _epoch_offset(cfg, stages, index)
+        if stage == "bottleneck":
+            _run_bottleneck_stage(ctx, dataset, epoch_offset, stage_state)
+        else:
+            _run_finetune_stage(ctx, dataset, epoch_offset, stage_state)
+
+    best_path = run.checkpoints / BEST_CHECKPOINT
+    if not best_path.is_file():  # pragma: no cover - every stage writes it at its first validation
+        raise CheckpointError(f"{best_path}: training finished without writing a best checkpoint")
+    return TrainingResult(
+        best_checkpoint=best_path,
+        last_checkpoint=ctx.last.path,
+        best_metric=metric,
+        best_value=ctx.best_value,
+        best_epoch=ctx.best_epoch,
+        history=list(ctx.history.rows),
+    )
+
+
+def _epoch_offset(cfg: ClassificationExperiment, stages: list[str], index: int) -> int:
+    lengths = {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
+    return sum(lengths[s] for s in stages[:index])
+
+
+def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | None:
+    path = ctx.last.path
+    if not path.is_file():
+        log.warning("%s not found: nothing to resume from, training from the start", path)
+        return None
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta", {})
+    if meta.get("classes") != ctx.classes:
+        raise CheckpointError(f"{path}: saved for classes {meta.get('classes')}, the data now has {ctx.classes}")
+    if ckpt.get("stage") not in stages:
+        raise CheckpointError(f"{path}: saved in stage {ckpt.get('stage')!r}, not part of train.mode={ctx.cfg.train.mode!r}")
+    try:
+        ctx.model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the configured model: {err}") from err
+    best = ckpt.get("best", {})
+    ctx.best_value = best.get("value")
+    ctx.best_epoch = best.get("epoch")
+    ctx.best_saved = (ctx.run.checkpoints / BEST_CHECKPOINT).is_file()
+    ctx.total_iterations = int(ckpt.get("total_iterations", 0))
+    ctx.history.load(upto=int(ckpt.get("global_epoch", 0)))
+    log.info("resuming %s from stage %s, epoch %s", ctx.run.path, ckpt["stage"], ckpt["engine"]["epoch"])
+    return ckpt
+
+
+def _loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int, sampler: Any = None,
+            generator: torch.Generator | None = None, drop_last: bool = False, device: torch.device | None = None) -> Any:
+    from monai.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
+    from fewlabel.data.classification_transforms import (
+        build_augment_transforms,
+        build_decode_transforms,
+        make_dataset,
+    )
+
+    cfg = ctx.cfg
+    train_records = dataset.splits["train"]
+    decode = build_decode_transforms(cfg.model.image_size)
+    train_ds = make_dataset(
+        train_records, decode, build_augment_transforms(True, cfg.augment, ctx.mean, ctx.std),
+        cache=cfg.data.cache, seed=cfg.run.seed,
+    )
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    labels = [int(r["label"]) for r in train_records]
+    sampler = None
+    if cfg.data.class_balance == "sampler":
+        sampler = _balanced_sampler(labels, len(ctx.classes), generator)
+    train_loader = _loader(
+        train_ds, cfg.train.batch_size, True, cfg.data.num_workers, sampler, generator,
+        # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes.
+        drop_last=len(train_records) % cfg.train.batch_size == 1 and len(train_records) > 1,
+        device=ctx.device,
+    )
+    val_loader = None
+    if dataset.splits.get("val"):
+        val_ds = make_dataset(
+            dataset.splits["val"], decode, build_augment_transforms(False, cfg.augment, ctx.mean, ctx.std),
+            cache=cfg.data.cache,
+        )
+        val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device)
+    return train_loader, val_loader
+
+
+def _criterion(ctx: _Context, labels: Sequence[int], aux_weight: float) -> AuxiliaryLoss:
+    weight = None
+    if ctx.cfg.data.class_balance == "weighted_loss":
+        weight = inverse_frequency_weights(labels, len(ctx.classes)).to(ctx.device)
+        log.info("class weights: %s", [round(float(w), 3) for w in weight])
+    return AuxiliaryLoss(weight=weight, aux_weight=aux_weight).to(ctx.device)
+
+
+def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
+    cfg = ctx.cfg
+    from fewlabel.networks.googlenet import parameter_groups
+
+    train_loader, val_loader = _image_loaders(ctx, dataset)
+    groups = parameter_groups(ctx.model, cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.weight_decay)
+    optimizer = build_optimizer(groups, cfg.train)
+    criterion = _criterion(ctx, [int(r["label"]) for r in dataset.splits["train"]], cfg.model.aux_weight)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
+    model, device = ctx.model, ctx.device
+
+    def step(engine: Engine, batch: dict) -> dict:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True).view(-1)
+        with autocast(device, ctx.amp):
+            logits, aux = model.forward_train(x)
+        loss = criterion(logits, aux, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": float(loss.detach())}
+
+    evaluator = create_evaluator(model, device, amp=ctx.amp) if val_loader is not None else None
+    _run_stage(ctx, "finetune", step, train_loader, val_loader, evaluator, optimizer, scaler,
+               cfg.train.max_epochs, epoch_offset, state)
+
+
+def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
+    from fewlabel.data.classification_transforms import build_classification_transforms, make_dataset
+    from fewlabel.networks.googlenet import parameter_groups
+
+    cfg = ctx.cfg
+    model, device = ctx.model, ctx.device
+    if cfg.model.weights == "none":
+        log.warning(
+            "bottleneck training on a randomly initialised backbone: its features carry little "
+            "information (set model.weights to imagenet or a weights file)"
+        )
+    eval_tf = build_classification_transforms(cfg.model.image_size, False, cfg.augment, ctx.mean, ctx.std)
+    rotations = 4 if cfg.augment.rotate90 else 1
+    folder = ctx.run.path / FEATURES_DIR
+
+    def features_of(split: str, rot: int) -> dict[str, Any]:
+        records = dataset.splits[split]
+
+        def make() -> dict[str, Any]:
+            log.info("extracting bottleneck features of %d %s images (%d rotation(s))", len(records), split, rot)
+            ds = make_dataset(records, eval_tf, None, cache=False)
+            loader = _loader(ds, cfg.train.batch_size, False, cfg.data.num_workers, device=device)
+            return extract_features(model, loader, device, rotations=rot, amp=ctx.amp)
+
+        return _cached_features(folder / f"{split}.pt", records, make, rot)
+
+    train_feats = features_of("train", rotations)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    labels = [int(v) for v in train_feats["labels"]]
+    sampler = _balanced_sampler(labels, len(ctx.classes), generator) if cfg.data.class_balance == "sampler" else None
+    train_loader = _loader(
+        _FeatureDataset(train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True),
+        cfg.train.batch_size, True, 0, sampler, generator,
+    )
+    val_loader = evaluator = None
+    if dataset.splits.get("val"):
+        val_feats = features_of("val", 1)
+        val_loader = _loader(
+            _FeatureDataset(val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False),
+            cfg.train.batch_size, False, 0,
+        )
+        evaluator = create_evaluator(model, device, amp=ctx.amp, features=True)
+
+    # Only the main classifier sees bottleneck features; the auxiliary heads hang off
+    # intermediate layers and stay untouched here (they train during fine-tuning).
+    head_ids = {id(p) for p in model.net.fc.parameters()}
+    groups = []
+    for g in parameter_groups(model, cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.weight_decay):
+        if g["name"] in _HEAD_GROUPS:
+            params = [p for p in g["params"] if id(p) in head_ids]
+            if params:
+                groups.append({**g, "params": params})
+    optimizer = build_optimizer(groups, cfg.train)
+    criterion = _criterion(ctx, labels, 0.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
+
+    def step(engine: Engine, batch: dict) -> dict:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        f = batch["features"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True).view(-1)
+        with autocast(device, ctx.amp):
+            logits = model.head_forward(f)
+        loss = criterion(logits, [], y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": float(loss.detach())}
+
+    _run_stage(ctx, "bottleneck", step, train_loader, val_loader, evaluator, optimizer, scaler,
+               cfg.train.bottleneck_epochs, epoch_offset, state, progress=False)
+
+
+def _run_stage(
+    ctx: _Context,
+    stage: str,
+    step: Callable[[Engine, dict], dict],
+    train_loader: Any,
+    val_loader: Any | None,
+    evaluator: Engine | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    max_epochs: int,
+    epoch_offset: int,
+    state: dict[str, Any] | None,
+    progress: bool = True,
+) -> None:
+    cfg = ctx.cfg
+    if len(train_loader) == 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: no complete training batch; lower it")
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, max_epochs)
+    trainer = Engine(step)
+    Average(output_transform=lambda out: out["loss"]).attach(trainer, "train_loss")
+    mode = "min" if ctx.metric == "loss" else "max"
+    current: dict[str, float] = {}
+    stopper = None
+    if cfg.train.early_stopping_patience > 0 and evaluator is not None:
+        stopper = EarlyStopping(
+            cfg.train.early_stopping_patience,
+            score_function=lambda _engine: current["score"],
+            trainer=trainer,
+            mode=mode,
+        )
+    stopped = {"early": False}
+
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if stopper is not None and state.get("early_stopping"):
+            stopper.load_state_dict(state["early_stopping"])
+        engine_state = dict(state["engine"])
+        if engine_state["epoch"] >= max_epochs:
+            return
+        iteration = int(engine_state.get("iteration", 0))
+        position = {"iteration": iteration} if iteration else {"epoch": int(engine_state["epoch"])}
+        trainer.load_state_dict({**position, "max_epochs": max_epochs, "epoch_length": len(train_loader)})
+        set_rng_state(state["rng"])
+
+    def lrs() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g in optimizer.param_groups:
+            part = "head" if str(g.get("name", "head")).startswith("head") else "backbone"
+            out.setdefault(f"lr_{part}", float(g["lr"]))
+        return out
+
+    def save_last(engine: Engine, at_epoch_end: bool) -> None:
+        ctx.last.save(
+            {
+                "model": ctx.model.state_dict(),
+                "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=epoch_offset + engine.state.epoch),
+                "stage": stage,
+                "stage_done": at_epoch_end and (engine.state.epoch >= max_epochs or stopped["early"]),
+                # An iteration inside an epoch resumes there; at an epoch end, at the next epoch.
+                "engine": {
+                    "epoch": engine.state.epoch if at_epoch_end else engine.state.epoch - 1,
+                    "iteration": 0 if at_epoch_end else engine.state.iteration,
+                },
+                "global_epoch": epoch_offset + (engine.state.epoch if at_epoch_end else engine.state.epoch - 1),
+                "total_iterations": ctx.total_iterations,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "scaler": scaler.state_dict(),
+                "early_stopping": stopper.state_dict() if stopper is not None else {},
+                "best": {"value": ctx.best_value, "epoch": ctx.best_epoch},
+                "rng": rng_state(),
+            },
+            ctx.total_iterations,
+        )
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _count(engine: Engine) -> None:
+        ctx.total_iterations += 1
+
+    every = cfg.train.checkpoint.every_n_iterations
+    if every > 0:
+
+        @trainer.on(Events.ITERATION_COMPLETED(every=every))
+        def _save_mid_epoch(engine: Engine) -> None:
+            # The epoch-end save below covers the last iteration of an epoch.
+            if engine.state.iteration % engine.state.epoch_length:
+                save_last(engine, at_epoch_end=False)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _end_of_epoch(engine: Engine) -> None:
+        epoch = engine.state.epoch
+        global_epoch = epoch_offset + epoch
+        row: dict[str, Any] = {"stage": stage, "epoch": global_epoch, "train_loss": engine.state.metrics["train_loss"]}
+        row.update(lrs())
+        validate = evaluator is not None and (epoch % cfg.train.val_every == 0 or epoch == max_epochs)
+        improved = False
+        if validate:
+            outs = run_evaluator(evaluator, val_loader)
+            m = classification_metrics(outs.labels, outs.probs, ctx.classes)
+            m["loss"] = outs.loss
+            for key in ("loss", "accuracy", "balanced_accuracy", "kappa", "auc"):
+                row[f"val_{key}"] = m[key]
+            value = m[ctx.metric]
+            improved = is_better(ctx.metric, value, ctx.best_value)
+            if stopper is not None:
+                current["score"] = float(value) if value is not None else (-math.inf if mode == "max" else math.inf)
+                stopper(engine)
+                stopped["early"] = engine.should_terminate
+            if improved:
+                ctx.best_value = float(value)
+            log.info(
+                "%s epoch %d/%d: train loss %.4f, val loss %.4f, val %s %s%s",
+                stage, epoch, max_epochs, row["train_loss"], outs.loss, ctx.metric,
+                "n/a" if value is None else f"{value:.4f}", " (best)" if improved else "",
+            )
+        else:
+            log.info("%s epoch %d/%d: train loss %.4f", stage, epoch, max_epochs, row["train_loss"])
+        if improved or (evaluator is None) or (validate and not ctx.best_saved):
+            # Without validation the latest model is the best available; with it, a metric
+            # that is undefined at the first validation still needs a checkpoint to exist.
+            ctx.best_epoch = global_epoch
+            save_checkpoint(
+                {
+                    "model": ctx.model.state_dict(),
+                    "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage),
+                },
+                ctx.run.checkpoints / BEST_CHECKPOINT,
+            )
+            ctx.best_saved = True
+        if scheduler is not None:
+            scheduler.step()
+        ctx.history.append(row)
+        save_last(engine, at_epoch_end=True)
+
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False, desc=stage).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    trainer.run(train_loader, max_epochs=max_epochs)

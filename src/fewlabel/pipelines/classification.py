@@ -1,0 +1,363 @@
+"""Retinopathy grading end to end: train, evaluate and predict.
+
+These are the functions behind ``fewlabel train|evaluate|predict`` for classification
+experiments. A checkpoint (``checkpoints/best.pt``) carries everything needed to use the
+model later: class names, input size, normalisation and the resolved config, so
+:func:`evaluate` and :func:`predict` need nothing but the checkpoint and the images.
+
+Outputs are never half-written: report folders are assembled under a hidden temporary name
+and renamed into place when complete, CSV files are written atomically, and existing
+outputs are only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewlabel.config.classification import ClassificationAugment, ClassificationExperiment
+from fewlabel.errors import ConfigError, DataError, FewLabelError
+from fewlabel.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "predict", "train"]
+
+EVAL_DIR = "eval"
+_GALLERY_MAX_SIDE = 256
+
+
+@contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """Use ``n`` torch CPU threads inside the block (0: leave as is), then restore."""
+    previous = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(previous)
+
+
+def _configure_runtime(cfg: ClassificationExperiment) -> torch.device:
+    from fewlabel.utils.runtime import seed_everything, select_device
+
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    try:
+        return select_device(cfg.run.device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"run.device={cfg.run.device!r}: {err}") from err
+
+
+def train(cfg: ClassificationExperiment, run: RunDir, resume: bool = False) -> dict[str, Any]:
+    """Train a classifier, then evaluate its best checkpoint on held-out images.
+
+    The report goes to ``run/eval``: the test split when it has images, else the
+    validation split, else (no held-out images at all) the training images, which the
+    report then says.
+
+    Args:
+        cfg: the validated experiment config (already saved in the run folder).
+        run: the run folder.
+        resume: continue from ``checkpoints/last.pt``.
+
+    Returns:
+        ``{"report": path of report.html, "metrics": metrics dict, "checkpoint": best.pt}``.
+
+    Raises:
+        DataError: if the data cannot be read.
+        ConfigError: if a setting cannot be honoured on this machine.
+        CheckpointError: if resuming from an unusable checkpoint.
+    """
+    with _num_threads(cfg.run.num_threads):
+        return _train(cfg, run, resume)
+
+
+def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str, Any]:
+    from fewlabel.data.classification import class_counts, load_classification_dataset
+    from fewlabel.engines.checkpoint import load_checkpoint
+    from fewlabel.engines.classification import model_from_checkpoint, train_classifier
+
+    device = _configure_runtime(cfg)
+    dataset = load_classification_dataset(cfg.data, cfg.run.seed)
+    for split, records in dataset.splits.items():
+        log.info("%s: %d images, per class %s", split, len(records), class_counts(records, dataset.num_classes))
+    log.info("classes %s, device %s, mode %s", dataset.classes, device, cfg.train.mode)
+
+    result = train_classifier(cfg, run, dataset, device, resume=resume)
+
+    split = next((s for s in ("test", "val", "train") if dataset.splits.get(s)), "train")
+    model, meta = model_from_checkpoint(load_checkpoint(result.best_checkpoint), result.best_checkpoint)
+    context = {
+        "checkpoint": str(result.best_checkpoint),
+        "data": dataset.source,
+        "split": split if split != "train" else "train (no held-out images: optimistic!)",
+        "selected by": f"{result.best_metric} = {result.best_value}" if result.best_metric else "last epoch (no validation)",
+        "best epoch": result.best_epoch,
+    }
+    with _staged_dir(run.path / EVAL_DIR, overwrite=True) as out:
+        report = _evaluate_records(model, meta, dataset.splits[split], out, device, context)
+    return {
+        "report": run.path / EVAL_DIR / report["report"].name,
+        "metrics": report["metrics"],
+        "checkpoint": result.best_checkpoint,
+    }
+
+
+def evaluate(
+    checkpoint: Path, data: str | None, output: Path, split: str = "test", overwrite: bool = False
+) -> dict[str, Any]:
+    """Score a trained classifier and write a report folder.
+
+    Args:
+        checkpoint: a ``best.pt`` (or ``last.pt``) written by training.
+        data: ``None`` re-creates the checkpoint's own dataset and split (same seed, same
+            split); otherwise a class folder, CSV or ``.npz`` file whose class names must be
+            among the checkpoint's. Folders and CSV files are used whole; ``.npz`` files
+            contribute their stored ``split``.
+        output: report folder; must not exist unless ``overwrite``.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        overwrite: replace an existing output folder.
+
+    Returns:
+        ``{"report": path of report.html, "metrics": metrics dict}``.
+
+    Raises:
+        FewLabelError: if the output exists (without ``overwrite``) or lies inside the data.
+        DataError: if the data has classes the checkpoint does not know, or the split is empty.
+        CheckpointError: if the checkpoint is not a usable classification checkpoint.
+    """
+    from fewlabel.engines.checkpoint import load_checkpoint
+    from fewlabel.engines.classification import model_from_checkpoint
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    _check_output_dir(output, overwrite)
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    cfg = ClassificationExperiment.model_validate(meta["config"])
+    if data is None:
+        from fewlabel.data.classification import load_classification_dataset
+
+        dataset = load_classification_dataset(cfg.data, cfg.run.seed)
+        if list(dataset.classes) != list(meta["classes"]):
+            raise DataError(cfg.data.path, f"classes are now {dataset.classes}, the checkpoint has {meta['classes']}")
+        records = _select_split({s: dataset.splits[s] for s in ("train", "val", "test")}, split, cfg.data.path)
+        source = cfg.data.path
+    else:
+        source = data
+        _check_not_inside(output, Path(data))
+        records, split = _records_for(Path(data), split, list(meta["classes"]))
+    device = _device_for_inference()
+    context = {"checkpoint": str(checkpoint), "data": str(source), "split": split}
+    with _staged_dir(output, overwrite) as out:
+        report = _evaluate_records(model, meta, records, out, device, context)
+    return {"report": output / report["report"].name, "metrics": report["metrics"]}
+
+
+def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool = False) -> Path:
+    """Predict the class of every input image and write a CSV.
+
+    The CSV has columns ``image,predicted,prob_<class>...``, one row per image, in input
+    order. With ``eval.tta_rotations`` in the checkpoint's config, probabilities average
+    the four 90-degree rotations.
+
+    Args:
+        checkpoint: a checkpoint written by training.
+        inputs: images, folders of images and ``.txt`` lists of image paths.
+        output: destination CSV; must not exist unless ``overwrite``.
+        overwrite: replace an existing CSV.
+
+    Returns:
+        The CSV path.
+
+    Raises:
+        FewLabelError: if the output exists (without ``overwrite``) or is a folder.
+        DataError: if an input is missing or not a readable image.
+        CheckpointError: if the checkpoint is not a usable classification checkpoint.
+    """
+    from fewlabel.data.classification import list_images
+    from fewlabel.data.images import verify_image
+    from fewlabel.engines.checkpoint import load_checkpoint
+    from fewlabel.engines.classification import create_evaluator, model_from_checkpoint, run_evaluator
+    from fewlabel.reports.classification import write_predictions_csv
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if output.is_dir():
+        raise FewLabelError(f"{output}: is a folder; predict writes a CSV file (e.g. {output / 'predictions.csv'})")
+    if output.exists() and not overwrite:
+        raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    paths = list_images(inputs)
+    # Decode errors inside the data loader would surface wrapped in MONAI's RuntimeError;
+    # checking first names the bad file.
+    channels = {verify_image(p)[2] for p in paths}
+    trained = meta.get("channels")
+    if trained and channels - {trained}:
+        log.warning(
+            "the model was trained on %d-channel images; some inputs have %s channel(s)", trained, sorted(channels)
+        )
+    cfg = ClassificationExperiment.model_validate(meta["config"])
+    device = _device_for_inference()
+    model.to(device)
+    loader = _eval_loader([{"image": str(p), "id": str(p)} for p in paths], meta, cfg.train.batch_size, device)
+    evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
+    outs = run_evaluator(evaluator, loader)
+    path = write_predictions_csv(output, [str(p) for p in paths], outs.probs, meta["classes"])
+    log.info("predicted %d images", len(paths))
+    return path
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device_for_inference() -> torch.device:
+    from fewlabel.utils.runtime import select_device
+
+    return select_device("auto")
+
+
+def _eval_loader(records: Sequence[dict], meta: dict, batch_size: int, device: torch.device) -> Any:
+    from monai.data import DataLoader
+
+    from fewlabel.data.classification_transforms import build_classification_transforms, make_dataset
+
+    tf = build_classification_transforms(int(meta["image_size"]), False, ClassificationAugment(), meta["mean"], meta["std"])
+    ds = make_dataset(records, tf, None, cache=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+
+
+def _evaluate_records(
+    model: torch.nn.Module,
+    meta: dict,
+    records: Sequence[dict],
+    output: Path,
+    device: torch.device,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    from fewlabel.engines.classification import create_evaluator, run_evaluator
+    from fewlabel.reports.classification import write_classification_report
+
+    if not records:
+        raise DataError(None, "no images to evaluate")
+    cfg = ClassificationExperiment.model_validate(meta["config"])
+    model.to(device)
+    loader = _eval_loader(records, meta, cfg.train.batch_size, device)
+    evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
+    outs = run_evaluator(evaluator, loader)
+    context = {
+        **context,
+        "images": len(records),
+        "model": f"GoogLeNet ({meta['model'].get('weights')} weights, {meta['image_size']} px)",
+        "test-time augmentation": "mean of 4 rotations" if cfg.eval.tta_rotations else "none",
+    }
+    names = [r["image"] if isinstance(r["image"], (str, Path)) else r["id"] for r in records]
+    return write_classification_report(
+        output,
+        outs.labels,
+        outs.probs,
+        meta["classes"],
+        [str(n) for n in names],
+        image_loader=lambda i: _display_image(records[i]),
+        gallery_size=cfg.eval.gallery_size,
+        title="Retinopathy grading report",
+        context=context,
+        loss=outs.loss,
+    )
+
+
+def _display_image(record: dict) -> np.ndarray:
+    from PIL import Image
+
+    from fewlabel.data.images import read_image
+
+    value = record["image"]
+    arr = np.asarray(value) if not isinstance(value, (str, Path)) else read_image(value)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if max(arr.shape[:2]) > _GALLERY_MAX_SIDE:
+        img = Image.fromarray(arr)
+        img.thumbnail((_GALLERY_MAX_SIDE, _GALLERY_MAX_SIDE))
+        arr = np.asarray(img)
+    return arr
+
+
+def _select_split(splits: dict[str, list[dict]], split: str, source: str | Path) -> list[dict]:
+    if split == "all":
+        records = [r for s in ("train", "val", "test") for r in splits.get(s, [])]
+    elif split in splits:
+        records = splits[split]
+    else:
+        raise DataError(source, f"unknown split {split!r} (expected train, val, test or all)")
+    if not records:
+        sizes = {s: len(v) for s, v in splits.items()}
+        raise DataError(source, f"the {split!r} split is empty (split sizes: {sizes}); choose another --split")
+    return records
+
+
+def _records_for(path: Path, split: str, classes: list[str]) -> tuple[list[dict], str]:
+    from fewlabel.data.classification import load_records
+
+    if path.is_dir():
+        # Folder names are the labels: a test folder may lack some classes, but must not
+        # have one the model never learned.
+        records, found = load_records(path, "folder", None)
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataError(path / unknown[0], f"label '{unknown[0]}' is not a class of the checkpoint {classes}")
+        for r in records:
+            r["label"] = classes.index(found[r["label"]])
+    else:
+        # CSV and npz labels are checked against the checkpoint's class list while loading.
+        records, _ = load_records(path, "auto", classes)
+        if "split" in records[0]:
+            groups: dict[str, list[dict]] = {}
+            for r in records:
+                groups.setdefault(r["split"], []).append(r)
+            return _select_split(groups, split, path), split
+    if split not in ("test", "all"):
+        log.info("%s has no stored split: evaluating all %d images", path, len(records))
+    return records, "all images (no stored split)"
+
+
+def _check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise FewLabelError(f"{output}: exists already; choose another --output or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise FewLabelError(f"{output}: exists and is not a folder")
+
+
+def _check_not_inside(output: Path, data: Path) -> None:
+    # A report folder inside a class-folder data set would be read as a class next time.
+    if not data.is_dir():
+        return
+    root, out = data.resolve(), output.resolve()
+    if out == root or root in out.parents:
+        raise FewLabelError(f"{output}: lies inside the input data folder {data}; write reports elsewhere")
+
+
+@contextmanager
+def _staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; rename it to ``output`` once complete."""
+    output = Path(output)
+    _check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)

@@ -1,0 +1,271 @@
+"""Retinopathy grading end to end on a tiny synthetic fundus set: train, evaluate, predict.
+
+Every run sets ``run.num_threads=1``: on small shared CI machines several torch threads
+per process contend for two cores and make tiny networks many times slower.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fewlabel.cli import main
+from fewlabel.config import parse_config
+from fewlabel.data.synthetic_fundus import make_synthetic_fundus
+from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+
+SIZE = 48
+CLASSES = ["grade_0", "grade_1", "grade_2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Evaluate/predict (and the helpers here) run on one thread too; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory) -> Path:
+    """3 grades x 8 images at 48 px (two images per patient)."""
+    return make_synthetic_fundus(tmp_path_factory.mktemp("fundus") / "data", n_per_class=8, num_classes=3, size=SIZE)
+
+
+def _write_config(path: Path, data: Path, **sections) -> Path:
+    cfg = {
+        "task": "classification",
+        "run": {"output_dir": str(path.parent / "runs"), "num_threads": 1},
+        "data": {"path": str(data), "val_fraction": 0.25, "test_fraction": 0.25, "cache": False},
+        "model": {"weights": "none", "image_size": SIZE, "freeze": "none", "dropout": 0.2},
+        "train": {"max_epochs": 2, "batch_size": 6, "optimizer": "adam", "lr_head": 1e-3, "lr_backbone": 1e-3},
+        "eval": {"gallery_size": 4},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _in_unit_range(value) -> bool:
+    return value is None or 0.0 <= value <= 1.0
+
+
+def _calibrated_weights(path: Path) -> Path:
+    """A torchvision-layout GoogLeNet state dict whose BatchNorm statistics are realistic.
+
+    Stands in for pretrained weights offline: a randomly initialised network's eval-mode
+    features vanish (BatchNorm running statistics still at their initial values), which
+    would make bottleneck features meaningless.
+    """
+    from torchvision.models import GoogLeNet
+
+    torch.manual_seed(0)
+    net = GoogLeNet(num_classes=1000, aux_logits=True, transform_input=False, init_weights=True)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: exact after a few batches
+    net.train()
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.randn(6, 3, SIZE, SIZE))
+    save_checkpoint(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
+    cfg = _write_config(tmp_path / "exp.yaml", fundus)
+    rc = main(["train", str(cfg), "--set", "run.name=e2e", "--set", "train.val_every=1", "--set", "data.class_balance=weighted_loss"])
+    assert rc == 0
+    run = tmp_path / "runs" / "e2e"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    for rel in (
+        "checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "learning_curves.png",
+        "eval/metrics.json", "eval/report.html", "eval/confusion_matrix.csv", "eval/confusion_matrix.png",
+        "eval/roc_curves.png", "eval/predictions.csv",
+    ):
+        assert (run / rel).is_file(), rel
+    assert not list(run.glob(".eval.partial-*"))
+
+    history = _read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert all(float(r["train_loss"]) > 0 for r in history)
+    assert all(r["val_kappa"] != "" or r["val_accuracy"] != "" for r in history)
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "auc"):
+        assert _in_unit_range(metrics[key]), key
+    assert metrics["kappa"] is None or -1.0 <= metrics["kappa"] <= 1.0
+    assert metrics["n"] == 6 and metrics["context"]["split"] == "test"
+    assert sum(map(sum, metrics["confusion_matrix"])) == 6
+    html = (run / "eval" / "report.html").read_text()
+    assert "Confusion matrix" in html and "data:image/png;base64," in html
+
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    meta = best["meta"]
+    assert meta["task"] == "classification" and meta["classes"] == CLASSES
+    assert meta["image_size"] == SIZE and len(meta["mean"]) == 3 and meta["channels"] == 3
+    assert meta["best_metric"] == "kappa" and meta["model"]["weights"] == "none"
+    parse_config(meta["config"])  # the stored config is complete and valid
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert {"optimizer", "scheduler", "scaler", "engine", "rng"} <= set(last)
+    assert last["engine"]["epoch"] == 2
+
+    # evaluate: the checkpoint's own test split, then a whole folder.
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(out)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(out)]) == 2
+    out2 = tmp_path / "ev_all"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(fundus), "--output", str(out2)]) == 0
+    assert json.loads((out2 / "metrics.json").read_text())["n"] == 24
+
+    # predict: a folder plus a single image; probabilities are a distribution.
+    pred = tmp_path / "pred.csv"
+    single = next((fundus / "grade_2").glob("*.png"))
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(fundus / "grade_0"), str(single), "--output", str(pred)]) == 0
+    rows = _read_csv(pred)
+    assert len(rows) == 9 and rows[-1]["image"] == str(single)
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert row["predicted"] == CLASSES[max(range(3), key=probs.__getitem__)]
+    before = pred.read_text()
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(single), "--output", str(pred)]) == 2
+    assert pred.read_text() == before
+
+
+@pytest.mark.slow
+def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fundus):
+    weights = _calibrated_weights(tmp_path / "backbone.pt")
+    cfg = _write_config(
+        tmp_path / "bn.yaml",
+        fundus,
+        model={"weights": str(weights), "freeze": "inception4e", "aux_logits": True},
+        train={"mode": "bottleneck_then_finetune", "bottleneck_epochs": 12, "max_epochs": 1, "lr_head": 0.05,
+               "optimizer": "adam", "scheduler": "none"},
+        eval={"tta_rotations": True, "gallery_size": 2},
+    )
+    assert main(["train", str(cfg), "--set", "run.name=bn"]) == 0
+    run = tmp_path / "runs" / "bn"
+    train_feats = load_checkpoint(run / "features" / "train.pt")
+    val_feats = load_checkpoint(run / "features" / "val.pt")
+    assert train_feats["features"].shape == (12, 4, 1024)  # 4 rotations of each training image
+    assert val_feats["features"].shape == (6, 1, 1024)
+    assert train_feats["features"].std() > 0
+
+    history = _read_csv(run / "history.csv")
+    stages = [r["stage"] for r in history]
+    assert stages == ["bottleneck"] * 12 + ["finetune"]
+    assert [int(r["epoch"]) for r in history] == list(range(1, 14))
+    losses = [float(r["train_loss"]) for r in history if r["stage"] == "bottleneck"]
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
+    assert (run / "eval" / "report.html").is_file()
+
+    # The checkpoint rebuilds offline with the pretrained input convention.
+    pred = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(fundus / "grade_1"), "--output", str(pred)]) == 0
+    assert len(_read_csv(pred)) == 8
+
+
+@pytest.mark.slow
+def test_resume_continues_after_a_crash(tmp_path, fundus, monkeypatch):
+    from fewlabel.engines import handlers
+
+    weights = _calibrated_weights(tmp_path / "backbone.pt")
+    cfg = _write_config(
+        tmp_path / "rs.yaml",
+        fundus,
+        model={"weights": str(weights), "aux_logits": False},
+        train={"mode": "bottleneck", "bottleneck_epochs": 4, "lr_head": 0.01},
+    )
+    original = handlers.ResumableCheckpointer.save
+    calls = {"n": 0}
+
+    def crash_after_second_epoch(self, payload, iteration):
+        path = original(self, payload, iteration)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated power cut")
+        return path
+
+    monkeypatch.setattr(handlers.ResumableCheckpointer, "save", crash_after_second_epoch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train", str(cfg), "--set", "run.name=rs"])
+    run = tmp_path / "runs" / "rs"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["engine"]["epoch"] == 2
+    features_mtime = (run / "features" / "train.pt").stat().st_mtime_ns
+
+    monkeypatch.setattr(handlers.ResumableCheckpointer, "save", original)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert [int(r["epoch"]) for r in _read_csv(run / "history.csv")] == [1, 2, 3, 4]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["engine"]["epoch"] == 4
+    assert (run / "features" / "train.pt").stat().st_mtime_ns == features_mtime  # reused, not re-extracted
+    assert (run / "eval" / "report.html").is_file()
+
+
+def _fake_checkpoint(tmp_path: Path, data: Path) -> Path:
+    """A checkpoint of an untrained model: enough to test evaluate/predict input checks."""
+    from fewlabel.engines.classification import checkpoint_meta
+    from fewlabel.networks.googlenet import build_googlenet
+
+    cfg = parse_config(yaml.safe_load(_write_config(tmp_path / "fake.yaml", data).read_text()))
+    model = build_googlenet(3, "none", "none", 0.2, True)
+    meta = checkpoint_meta(cfg, CLASSES, 3, (0.5,) * 3, (0.5,) * 3, best_metric="kappa", best_value=None, epoch=0)
+    return save_checkpoint({"model": model.state_dict(), "meta": meta}, tmp_path / "fake.pt")
+
+
+def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, capsys):
+    ckpt = _fake_checkpoint(tmp_path, fundus)
+    other = make_synthetic_fundus(tmp_path / "other", n_per_class=1, num_classes=4, size=32)
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(other), "--output", str(tmp_path / "o1")])
+    assert rc == 2
+    assert "grade_3" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
+
+    table = tmp_path / "labels.csv"
+    image = next((fundus / "grade_0").glob("*.png"))
+    table.write_text(f"image,label\n{image},grade_0\n{image},severe\n", encoding="utf-8")
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(table), "--output", str(tmp_path / "o2")])
+    assert rc == 2
+    assert "severe" in capsys.readouterr().err
+
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(fundus), "--output", str(fundus / "report")])
+    assert rc == 2
+    assert not (fundus / "report").exists()
+
+
+def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):
+    ckpt = _fake_checkpoint(tmp_path, fundus)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), str(bad), "--output", str(out)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "missing.png"), "--output", str(out)]) == 2
+    assert main(["predict", "--checkpoint", str(ckpt), str(fundus / "grade_0"), "--output", str(tmp_path)]) == 2
+
+    weird = save_checkpoint({"model": {}, "meta": {"task": "segmentation"}}, tmp_path / "seg.pt")
+    from fewlabel.engines.classification import model_from_checkpoint
+    from fewlabel.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="segmentation"):
+        model_from_checkpoint(load_checkpoint(weird), weird)
