@@ -894,7 +894,9 @@ def _run_stage(
             ctx.best_saved = True
         if scheduler is not None:
             scheduler.step()
-        ctx.history.append(row)
+        # Redrawing the PNG costs ~0.5 s: about ten times per stage, and at its end.
+        last_epoch = epoch >= max_epochs or engine.should_terminate
+        ctx.history.append(row, plot=last_epoch or epoch % max(1, max_epochs // 10) == 0)
         save_last(engine, at_epoch_end=True)
 
     if progress:

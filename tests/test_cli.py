@@ -1,0 +1,125 @@
+"""The command line: exit codes, run folders left behind, and the demo's wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fewlabel.cli import main
+from fewlabel.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _classification_config(tmp_path: Path, data: Path, **train) -> Path:
+    cfg = {
+        "task": "classification",
+        "run": {"output_dir": str(tmp_path / "runs"), "name": "r", "num_threads": 1},
+        "data": {"path": str(data)},
+        "model": {"weights": "none", "image_size": 32},
+        "train": {"max_epochs": 1, "batch_size": 4, **train},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_bad_config_key_exits_2_without_a_run_folder(tmp_path, capsys):
+    cfg = _classification_config(tmp_path, tmp_path / "data")
+    assert main(["train", str(cfg), "--set", "train.max_epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_epoch" in err and "unknown key" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_value_exits_2(tmp_path, capsys):
+    cfg = _classification_config(tmp_path, tmp_path / "data")
+    assert main(["train", str(cfg), "--set", "model.freeze=conv9"]) == 2
+    assert "model.freeze" in capsys.readouterr().err
+
+
+def test_failing_run_is_marked_failed_not_complete(tmp_path, capsys):
+    cfg = _classification_config(tmp_path, tmp_path / "no_such_data")
+    assert main(["train", str(cfg)]) == 2
+    assert "no_such_data" in capsys.readouterr().err
+    run = tmp_path / "runs" / "r"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "no_such_data" in status["error"]
+    assert not (run / "checkpoints" / "best.pt").exists()
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    cfg = _classification_config(tmp_path, tmp_path / "data")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "precious.txt").write_text("keep me")
+    assert main(["train", str(cfg)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
+
+
+def test_resume_rejects_config_and_missing_folder(tmp_path):
+    cfg = _classification_config(tmp_path, tmp_path / "data")
+    assert main(["train", str(cfg), "--resume", str(tmp_path / "runs" / "r")]) == 2
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_evaluate_and_predict_need_a_readable_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert main(["evaluate", "--checkpoint", str(missing), "--output", str(tmp_path / "ev")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(missing), str(tmp_path), "--output", str(tmp_path / "p.csv")]) == 2
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_demo_config_file_matches_the_demo():
+    from fewlabel.pipelines.demo import DEMO_CLASSIFICATION
+
+    from_file = parse_config(yaml.safe_load((REPO / "configs" / "demo_classification.yaml").read_text()))
+    built_in = parse_config(DEMO_CLASSIFICATION)
+    assert from_file.model_dump() == built_in.model_dump()
+
+
+def test_shipped_classification_configs_are_valid():
+    cfg = parse_config(yaml.safe_load((REPO / "configs" / "retinopathy_googlenet.yaml").read_text()))
+    assert cfg.model.weights == "imagenet" and cfg.model.image_size == 224 and cfg.model.freeze == "conv3"
+    assert cfg.train.optimizer == "sgd" and cfg.train.lr_head == 1e-2 and cfg.train.lr_backbone == 1e-3
+
+
+@pytest.mark.slow
+def test_demo_runs_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    from fewlabel.pipelines import demo
+
+    # The real demo takes most of a minute; the wiring is the same at a fraction of the size.
+    monkeypatch.setitem(demo.DEMO_FUNDUS, "n_per_class", 4)
+    monkeypatch.setitem(demo.DEMO_FUNDUS, "num_classes", 3)
+    monkeypatch.setitem(demo.DEMO_FUNDUS, "size", 32)
+    monkeypatch.setitem(demo.DEMO_CLASSIFICATION, "model", {**demo.DEMO_CLASSIFICATION["model"], "image_size": 32})
+    monkeypatch.setitem(
+        demo.DEMO_CLASSIFICATION, "train", {**demo.DEMO_CLASSIFICATION["train"], "max_epochs": 1, "batch_size": 4}
+    )
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--skip-segmentation"]) == 0
+    report = out / "classification" / "run" / "eval" / "report.html"
+    assert report.is_file()
+    assert str(report) in capsys.readouterr().out
+    assert json.loads((out / "classification" / "run" / "status.json").read_text())["state"] == "completed"
+    rows = (out / "classification" / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("image,predicted,prob_grade_0") and len(rows) == 4
+    assert not (out / "segmentation").exists()
+
+    assert main(["demo", "--output", str(out), "--skip-segmentation"]) == 2
+    assert report.is_file()
