@@ -1,0 +1,254 @@
+"""Segmentation pipeline end to end: train (supervised and TCSM), evaluate, predict, resume, demo config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from fewlabel.cli import main
+from fewlabel.config import load_config, parse_config
+from fewlabel.data.readers import read_label
+from fewlabel.data.synthetic_ct import make_synthetic_ct
+from fewlabel.engines.checkpoint import load_checkpoint
+from fewlabel.errors import ConfigError, DataError
+from fewlabel.pipelines import segmentation
+from fewlabel.pipelines.segmentation_demo import DEMO_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "configs" / "demo_segmentation.yaml"
+
+# Tiny and fast: 32x32x8 volumes, a 2.5D BasicUNet with a handful of channels, a few iterations,
+# one thread (a net this small gains nothing from more, and loses a lot on a busy machine).
+FAST = [
+    "run.num_threads=1",
+    "model.features=[4,4,8,8,16,4]",
+    "train.max_epochs=2",
+    "train.iterations_per_epoch=3",
+    "train.batch_size=4",
+    "train.val_every=1",
+    "tcsm.unlabeled_batch_size=4",
+    "data.labeled_count=null",
+]
+
+
+@pytest.fixture(scope="module")
+def msd(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synct") / "data"
+    return make_synthetic_ct(root, n_labeled=6, n_unlabeled=2, shape=(32, 32, 8), seed=1)
+
+
+def _train(msd: Path, out: Path, name: str, *extra: str) -> Path:
+    args = ["train", str(DEMO_YAML), "--output-dir", str(out)]
+    for item in [f"data.path={msd}", f"run.name={name}", *FAST, *extra]:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out / name
+
+
+def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
+    run = _train(
+        msd, tmp_path, "sup", "tcsm.enabled=false",
+        "train.checkpoint.every_n_iterations=2", "train.checkpoint.keep_last=2",
+    )
+
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    for name in ("checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "learning_curves.png",
+                 "eval/summary.json", "eval/report.html", "eval/metrics_per_case.csv"):
+        assert (run / name).is_file(), name
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    meta = best["meta"]
+    assert meta["task"] == "segmentation"
+    assert meta["classes"] == ["background", "lesion"]
+    assert (meta["spatial_dims"], meta["in_channels"], meta["model_name"]) == (3, 3, "student")
+    assert meta["best_metric"] == "mean_fg_dice" and 0.0 <= meta["best_value"] <= 1.0
+    assert meta["config"]["tcsm"]["enabled"] is False
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["engine"]["iteration"] == 6 and "optimizer" in last and "rng_state" in last
+    # Saved at iterations 2, 3 (epoch end), 4 and 6; keep_last=2 keeps the newest two.
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.pt")) == ["last-00000004.pt", "last.pt"]
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,iteration,train_loss") and len(history) == 3
+
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 1  # 6 cases, 20% test -> one patient
+    case = summary["metric_per_case"][0]["case"]
+    assert (run / "eval" / "predictions" / f"{case}.nii.gz").is_file()
+
+    # predict: a mask on the source grid, refused a second time without --overwrite.
+    study = msd / "imagesTr" / f"{case}.nii.gz"
+    out = tmp_path / "pred"
+    ckpt = str(run / "checkpoints" / "best.pt")
+    assert main(["predict", "--checkpoint", ckpt, str(study), "--output", str(out)]) == 0
+    source, mask = nib.load(study), nib.load(out / f"{case}.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert "lesion_ml" in (out / "predictions.csv").read_text()
+    assert main(["predict", "--checkpoint", ckpt, str(study), "--output", str(out)]) == 2
+    assert main(["predict", "--checkpoint", ckpt, str(study), "--output", str(out), "--overwrite"]) == 0
+
+    # evaluate on every labelled study of the dataset.
+    report_dir = tmp_path / "eval_all"
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(msd), "--split", "all", "--output", str(report_dir)]) == 0
+    assert len(json.loads((report_dir / "summary.json").read_text())["metric_per_case"]) == 6
+    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir)]) == 2  # exists, no --overwrite
+
+
+def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
+    run = _train(msd, tmp_path, "tcsm", "tcsm.enabled=true", "data.labeled_count=2")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert {"student", "teacher", "optimizer"} <= set(last["trainer"])
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["meta"]["model_name"] in ("student", "teacher")
+    history = (run / "history.csv").read_text()
+    for column in ("cons_loss", "cons_weight", "val_dice_student", "val_dice_teacher"):
+        assert column in history
+    assert (run / "eval" / "report.html").is_file()
+
+
+def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path):
+    extra = ["tcsm.enabled=false", "train.scheduler=none", "train.val_every=2"]
+    straight = _train(msd, tmp_path, "straight", *extra)
+    # The same run, stopped after its first epoch, then resumed for the second.
+    first = _train(msd, tmp_path, "resumed", *extra, "train.max_epochs=1")
+    config = yaml.safe_load((first / "config.yaml").read_text())
+    config["train"]["max_epochs"] = 2
+    (first / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(first)]) == 0
+
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(first / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+class ThresholdNet(nn.Module):
+    """Class 1 where the centre input channel exceeds a threshold (a network with known output)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, x.shape[1] // 2]
+        return torch.stack([torch.zeros_like(centre), 100.0 * (centre - self.threshold)], dim=1)
+
+
+def _model(raw: dict, net: nn.Module, spatial_dims: int) -> segmentation.LoadedModel:
+    cfg = parse_config({"task": "segmentation", "data": {"path": "unused"}, **raw})
+    meta = {"classes": ["background", "lesion"], "spatial_dims": spatial_dims, "model_name": "student"}
+    return segmentation.LoadedModel(net, cfg, meta, torch.device("cpu"), Path("model.pt"))
+
+
+def test_prediction_overlays_a_reoriented_cropped_study_voxel_for_voxel(tmp_path):
+    rng = np.random.default_rng(0)
+    hu = np.full((20, 9, 13), -1000, dtype=np.int16)  # air border: cropped away in preprocessing
+    hu[3:17, 2:8, 1:12] = rng.choice([-800, 100], size=(14, 6, 11))
+    # Axes permuted and flipped (not RAS), anisotropic, off-origin.
+    affine = np.array([[0.0, 0.0, -2.5, 30.0], [-0.7, 0.0, 0.0, 12.0], [0.0, 0.9, 0.0, -40.0], [0, 0, 0, 1]])
+    study = tmp_path / "in" / "case.nii.gz"
+    study.parent.mkdir()
+    nib.save(nib.Nifti1Image(hu, affine), study)
+
+    # Window [-1000, 400]: -800 HU -> 0.14, 100 HU -> 0.79; the net marks values above 0.5.
+    raw = {"preprocess": {"orientation": "RAS", "crop_foreground": True}, "input": {"mode": "2.5d", "slab": 3, "axis": 2}}
+    labels, probs, reference = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
+    assert labels.shape == hu.shape and probs.shape == (2, *hu.shape)
+    np.testing.assert_array_equal(labels, (hu > 0).astype(np.uint8))
+    np.testing.assert_allclose(reference.affine, affine)
+
+
+def test_prediction_with_resampling_keeps_source_grid(tmp_path):
+    hu = np.full((15, 11, 6), -900, dtype=np.int16)
+    hu[4:11, 3:8, 1:5] = 50
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [5, -3, 7]
+    (tmp_path / "in").mkdir()
+    study = tmp_path / "in" / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), study)
+    raw = {"preprocess": {"spacing": [1.2, 1.2, 1.5]}, "input": {"mode": "3d", "patch_size": [16, 16, 16]}}
+    labels, _, _ = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
+    assert labels.shape == hu.shape
+    # Bilinear resampling blurs edges by a voxel at most; the core of the block survives.
+    assert labels[6:9, 4:7, 2:4].all() and not labels[0].any()
+
+
+def test_2d_image_prediction_is_a_png_of_the_same_size(tmp_path):
+    pixels = np.zeros((21, 34), dtype=np.uint8)
+    pixels[5:15, 10:30] = 200
+    image = tmp_path / "in" / "slice.png"
+    image.parent.mkdir()
+    Image.fromarray(pixels).save(image)
+    raw = {"preprocess": {"modality": "image", "slice_size": None}, "input": {"mode": "2d"}}
+    model = _model(raw, ThresholdNet(0.5), 2)
+    labels, _, reference = segmentation.predict_study(model, image)
+    np.testing.assert_array_equal(labels, (pixels > 128).astype(np.uint8))
+    assert reference.array.shape == (21, 34)
+
+    # A volume given to a 2D model is refused, naming the file.
+    volume = tmp_path / "in" / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), volume)
+    with pytest.raises(DataError, match="vol.nii.gz"):
+        segmentation.predict_study(model, volume)
+
+
+def test_collect_studies_expands_folders_and_lists(tmp_path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for name in ("b.nii.gz", "a.nii", "c.png"):
+        (folder / name).write_bytes(b"x")
+    (folder / "notes.md").write_text("ignored")
+    listing = tmp_path / "list.txt"
+    listing.write_text("studies/a.nii\n# a comment\n\nstudies/c.png\n")
+    assert [p.name for p in segmentation.collect_studies([folder])] == ["a.nii", "b.nii.gz", "c.png"]
+    assert [p.name for p in segmentation.collect_studies([listing])] == ["a.nii", "c.png"]
+    assert segmentation.case_name(folder / "b.nii.gz") == "b"
+    with pytest.raises(DataError, match="not found"):
+        segmentation.collect_studies([tmp_path / "missing.nii.gz"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        segmentation.collect_studies([tmp_path / "empty"])
+
+
+def test_input_mode_must_fit_the_data():
+    cfg = parse_config({"task": "segmentation", "data": {"path": "x"}, "input": {"mode": "2.5d"}})
+    with pytest.raises(ConfigError, match="2D images"):
+        segmentation.check_input_mode(cfg, 2)
+    cfg = parse_config(
+        {"task": "segmentation", "data": {"path": "x"}, "input": {"mode": "3d", "patch_size": [24, 24, 8]}}
+    )
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        segmentation.check_input_mode(cfg, 3)
+
+
+def test_shipped_configs_validate_and_the_demo_yaml_matches_the_demo():
+    for name in ("ct_supervised", "ct_tcsm", "covid2d_supervised", "lidc3d_supervised", "demo_segmentation"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.task == "segmentation"
+    shipped = load_config(DEMO_YAML).model_dump()
+    demo = parse_config(DEMO_CONFIG).model_dump()
+    assert shipped == demo
+
+
+def test_evaluate_masks_entry_point_scores_masks_on_disk(tmp_path):
+    gt = np.zeros((8, 8), dtype=np.uint8)
+    gt[2:6, 2:6] = 1
+    pred = np.zeros_like(gt)
+    pred[2:6, 2:4] = 1  # half of the truth: Dice = 2*8 / (8 + 16)
+    for folder, mask in (("pred", pred), ("gt", gt)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(mask).save(tmp_path / folder / "case.png")
+    result = segmentation.evaluate_masks(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=["bg", "lesion"])
+    assert Path(result["report"]).is_file()
+    assert read_label(tmp_path / "pred" / "case.png", ["bg", "lesion"]).array.sum() == 8
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["metric_per_case"][0]["metrics"]["1"]["Dice"] == pytest.approx(2 / 3)
