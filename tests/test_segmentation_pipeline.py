@@ -252,3 +252,54 @@ def test_evaluate_masks_entry_point_scores_masks_on_disk(tmp_path):
     assert read_label(tmp_path / "pred" / "case.png", ["bg", "lesion"]).array.sum() == 8
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metric_per_case"][0]["metrics"]["1"]["Dice"] == pytest.approx(2 / 3)
+
+
+def _write_ct_series(folder: Path, hu: np.ndarray) -> None:
+    """A DICOM CT series (one file per axial slice) holding ``hu`` indexed (row, column, slice)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    for k in range(hu.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, k + 1
+        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + 2.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.7, 0.9]
+        ds.SliceThickness = 2.0
+        ds.Rows, ds.Columns = hu.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = (hu[:, :, k] + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"IM{k:04d}", enforce_file_format=True)  # no suffix, as scanners write them
+
+
+def test_dicom_series_folder_is_predicted_onto_its_own_grid(tmp_path, monkeypatch):
+    from fewlabel.data.readers import read_dicom_series
+
+    rng = np.random.default_rng(3)
+    hu = rng.choice([-800, 100], size=(12, 10, 4)).astype(np.int16)
+    series = tmp_path / "inputs" / "chest"
+    _write_ct_series(series, hu)
+    raw = {"preprocess": {"orientation": "RAS"}, "input": {"mode": "2.5d", "slab": 3, "axis": 2}}
+    model = _model(raw, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation, "load_segmentation_model", lambda checkpoint: model)
+
+    out = segmentation.predict(tmp_path / "model.pt", [tmp_path / "inputs"], tmp_path / "pred")
+    source = read_dicom_series(series)
+    mask = nib.load(out / "chest.nii.gz")
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), (source.array > 0).astype(np.uint8))
+    assert (source.array > 0).sum() == (hu > 0).sum()  # the same voxels, whatever the axis order
+
+    with pytest.raises(DataError, match="input folder"):
+        segmentation.predict(tmp_path / "model.pt", [series], series / "out")

@@ -551,7 +551,9 @@ def _write_history(run: RunDir, history: list[dict[str, Any]], plot: bool) -> No
     if plot:
         from fewlabel.reports.plots import plot_learning_curves
 
-        curves = [{k: v for k, v in row.items() if k not in ("iteration", "seconds")} for row in history]
+        # The consistency weight is a schedule, not a result: it stays in the CSV only.
+        hidden = ("iteration", "seconds", "cons_weight")
+        curves = [{k: v for k, v in row.items() if k not in hidden} for row in history]
         plot_learning_curves(curves, run.path / CURVES_PNG)
 
 

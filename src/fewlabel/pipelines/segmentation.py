@@ -489,7 +489,7 @@ def evaluate_studies(
             CaseResult(case_id, metrics, prediction_file=str(mask_path), reference_file=str(record["label"]))
         )
         files[case_id] = (str(record["image"]), str(record["label"]), mask_path)
-        log.info("evaluated %s: Dice %s", case_id, {model.classes[k]: round(v, 4) for k, v in metrics["dice"].items()})
+        log.debug("evaluated %s: Dice %s", case_id, {model.classes[k]: round(v, 4) for k, v in metrics["dice"].items()})
         del labels, probs, reference, gt
 
     overlays = []
@@ -512,7 +512,12 @@ def evaluate_studies(
     )
     from fewlabel.metrics.segmentation import summarize
 
-    return {"report": report, "summary": summarize(cases, model.classes), "cases": cases}
+    summary = summarize(cases, model.classes)
+    log.info(
+        "evaluated %d cases: mean foreground Dice %.4f; report %s",
+        len(cases), summary["foreground_mean"].get("dice", math.nan), report,
+    )
+    return {"report": report, "summary": summary, "cases": cases}
 
 
 def _overlay_cases(ranked: list, count: int) -> list:
