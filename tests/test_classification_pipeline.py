@@ -269,3 +269,36 @@ def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):
 
     with pytest.raises(CheckpointError, match="segmentation"):
         model_from_checkpoint(load_checkpoint(weird), weird)
+
+
+def test_resumable_checkpointer_keeps_the_last_states(tmp_path):
+    from fewlabel.engines.handlers import ResumableCheckpointer
+
+    saver = ResumableCheckpointer(tmp_path, keep_last=2)
+    for it in (10, 20, 30):
+        saver.save({"iteration": it, "w": torch.full((2,), float(it))}, it)
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 30
+    kept = sorted(p.name for p in tmp_path.glob("last-*.pt"))
+    assert kept == ["last-000000020.pt", "last-000000030.pt"]
+    assert not list(tmp_path.glob(".*"))
+
+    single = ResumableCheckpointer(tmp_path / "one")
+    single.save({"iteration": 1}, 1)
+    single.save({"iteration": 2}, 2)
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["last.pt"]
+    assert load_checkpoint(tmp_path / "one" / "last.pt")["iteration"] == 2
+
+
+def test_training_history_round_trip(tmp_path):
+    from fewlabel.engines.handlers import TrainingHistory
+
+    history = TrainingHistory(tmp_path)
+    history.append({"stage": "finetune", "epoch": 1, "train_loss": 1.5, "val_kappa": None}, plot=False)
+    history.append({"stage": "finetune", "epoch": 2, "train_loss": 1.2, "val_kappa": 0.4, "lr_head": 0.01})
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    rows = _read_csv(tmp_path / "history.csv")
+    assert rows[0]["val_kappa"] == "" and rows[1]["val_kappa"] == "0.4"
+
+    resumed = TrainingHistory(tmp_path)
+    resumed.load(upto=1)
+    assert resumed.rows == [{"stage": "finetune", "epoch": 1, "train_loss": 1.5, "val_kappa": None, "lr_head": None}]
