@@ -114,8 +114,13 @@ def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
     assert (run / "eval" / "report.html").is_file()
 
 
-def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path):
-    extra = ["tcsm.enabled=false", "train.scheduler=none", "train.val_every=2"]
+@pytest.mark.parametrize(
+    "method",
+    [["tcsm.enabled=false"], ["tcsm.enabled=true", "data.labeled_count=2", "tcsm.ema_warmup_iterations=4"]],
+    ids=["supervised", "tcsm"],
+)
+def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path, method):
+    extra = [*method, "train.scheduler=none", "train.val_every=2"]
     straight = _train(msd, tmp_path, "straight", *extra)
     # The same run, stopped after its first epoch, then resumed for the second.
     first = _train(msd, tmp_path, "resumed", *extra, "train.max_epochs=1")
@@ -124,11 +129,15 @@ def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path):
     (first / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--resume", str(first)]) == 0
 
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(first / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(first / "checkpoints" / "last.pt")
+    networks = [(a["model"], b["model"])]
+    if "trainer" in a:  # TCSM: the teacher (EMA warm-up position included) must match too
+        networks.append((a["trainer"]["teacher"], b["trainer"]["teacher"]))
+    for x, y in networks:
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0, msg=key)
 
 
 class ThresholdNet(nn.Module):

@@ -514,7 +514,8 @@ def _restore(
         set_rng_state(ckpt["rng_state"])
     iteration = int(engine_state.get("iteration", 0))
     state.last_saved_iteration = iteration
-    trainer.load_state_dict({"iteration": iteration, "max_epochs": max_epochs, "epoch_length": epoch_length})
+    # Ignite's own method: trainers such as TCSMTrainer override load_state_dict with their full state.
+    Engine.load_state_dict(trainer, {"iteration": iteration, "max_epochs": max_epochs, "epoch_length": epoch_length})
     log.info("resuming from %s at iteration %d (epoch %d)", path, iteration, iteration // epoch_length)
     return iteration
 
