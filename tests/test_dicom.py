@@ -8,69 +8,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from _factories import DICOM_COL_SPACING as COL_SPACING
+from _factories import DICOM_IDENTIFIERS
+from _factories import DICOM_ROW_SPACING as ROW_SPACING
+from _factories import DICOM_SIZE as SIZE
+from _factories import DICOM_SLICE_GAP as SLICE_GAP
+from _factories import dicom_pixels as _raw_slice
+from _factories import write_dicom_series as write_series
 from fewlabel.data.readers import FewLabelReader, convert_dicom_to_nifti, read_dicom_series, read_study
 from fewlabel.errors import DataError
 
-PATIENT_NAME = "Doe^Jane"
-PATIENT_ID = "PAT-7731-XQ"
-SIZE = 16
-ROW_SPACING, COL_SPACING, SLICE_GAP = 0.7, 0.8, 2.5
-
-
-def _raw_slice(k: int) -> np.ndarray:
-    return (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) + 100 * k).astype(np.int16)
-
-
-def write_series(
-    folder: Path,
-    n: int = 5,
-    skip: tuple[int, ...] = (),
-    description: str = "chest 1mm",
-    series_uid: str | None = None,
-    slope: float = 2.0,
-    intercept: float = -1024.0,
-) -> str:
-    """Write a CT series of ``n`` 16x16 slices in shuffled order, named so that file order lies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = series_uid or generate_uid()
-    study_uid = generate_uid()
-    ks = [k for k in range(n) if k not in skip]
-    rng = np.random.default_rng(len(ks))
-    for name_index, k in zip(rng.permutation(len(ks)), rng.permutation(ks), strict=True):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientName = PATIENT_NAME
-        ds.PatientID = PATIENT_ID
-        ds.PatientBirthDate = "19610203"
-        ds.Modality = "CT"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = uid
-        ds.SeriesDescription = description
-        ds.InstanceNumber = int(k) + 1
-        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + SLICE_GAP * int(k)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [ROW_SPACING, COL_SPACING]
-        ds.SliceThickness = SLICE_GAP
-        ds.Rows = ds.Columns = SIZE
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
-        ds.PixelData = _raw_slice(int(k)).tobytes()
-        ds.save_as(folder / f"IM{int(name_index):04d}.dcm", enforce_file_format=True)
-    return uid
+PATIENT_NAME = DICOM_IDENTIFIERS["PatientName"]
+PATIENT_ID = DICOM_IDENTIFIERS["PatientID"]
 
 
 def _expected_hu(n: int = 5) -> np.ndarray:
