@@ -72,8 +72,9 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     assert meta["config"]["tcsm"]["enabled"] is False
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["engine"]["iteration"] == 6 and "optimizer" in last and "rng_state" in last
-    # Saved at iterations 2, 3 (epoch end), 4 and 6; keep_last=2 keeps the newest two.
-    assert sorted(p.name for p in (run / "checkpoints").glob("last*.pt")) == ["last-00000004.pt", "last.pt"]
+    # Saved at iterations 2, 3 (epoch end), 4 and 6; keep_last=2 keeps the newest two states.
+    kept = sorted(p.name for p in (run / "checkpoints").glob("last*.pt"))
+    assert kept == ["last-000000004.pt", "last-000000006.pt", "last.pt"]
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,iteration,train_loss") and len(history) == 3
 

@@ -21,8 +21,6 @@ One function, :func:`train_segmentation`, wires an Ignite engine with everything
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -38,9 +36,9 @@ from torch import nn
 
 from fewlabel.config.segmentation import SegmentationExperiment, SegmentationTrain
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.runs import RunDir
-from fewlabel.utils.files import atomic_write_text
 from fewlabel.utils.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -56,8 +54,6 @@ __all__ = [
 ]
 
 BEST_METRIC = "mean_fg_dice"
-HISTORY_CSV = "history.csv"
-CURVES_PNG = "learning_curves.png"
 
 
 @dataclass
@@ -304,6 +300,7 @@ def train_segmentation(
 
     meta = checkpoint_meta(cfg, classes, spatial_dims, in_channels)
     state = _RunState(run=run, meta=meta)
+    history = TrainingHistory(run.path)
     ckpt_dir = run.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -334,11 +331,12 @@ def train_segmentation(
             payload["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         return payload
 
+    checkpointer = ResumableCheckpointer(ckpt_dir, cfg.train.checkpoint.keep_last)
+
     def save_last(engine: Engine) -> None:
         if engine.state.iteration == state.last_saved_iteration:
             return  # an every-N-iterations save that coincided with the epoch end
-        _rotate(ckpt_dir, cfg.train.checkpoint.keep_last, state.last_saved_iteration)
-        save_checkpoint(resumable_payload(engine), ckpt_dir / "last.pt")
+        checkpointer.save(resumable_payload(engine), engine.state.iteration)
         state.last_saved_iteration = engine.state.iteration
 
     if resume:
@@ -393,7 +391,7 @@ def train_segmentation(
             # No validation studies: the newest model is the best one there is.
             _save_best(engine, net, "student", math.nan, epoch)
         state.history.append(row)
-        _write_history(run, state.history, plot=("val_dice" in row) or epoch == max_epochs)
+        _write_history(history, state.history, plot=("val_dice" in row) or epoch == max_epochs)
         save_last(engine)
 
     def _validate_and_keep_best(engine: Engine, row: dict[str, Any]) -> None:
@@ -528,40 +526,17 @@ def _resume_sampler(loader: Any, iteration: int, epoch_length: int) -> None:
         sampler.resume(iteration // epoch_length, (iteration % epoch_length) * batch_size)
 
 
-def _rotate(ckpt_dir: Path, keep_last: int, iteration: int) -> None:
-    """Keep ``keep_last`` resumable checkpoints: ``last.pt`` plus numbered older ones."""
-    last = ckpt_dir / "last.pt"
-    if keep_last <= 1 or not last.is_file():
-        return
-    last.replace(ckpt_dir / f"last-{iteration:08d}.pt")
-    older = sorted(ckpt_dir.glob("last-*.pt"))
-    for stale in older[: max(0, len(older) - (keep_last - 1))]:
-        stale.unlink(missing_ok=True)
-
-
-def _write_history(run: RunDir, history: list[dict[str, Any]], plot: bool) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    atomic_write_text(run.path / HISTORY_CSV, buffer.getvalue())
+def _write_history(history: TrainingHistory, rows: list[dict[str, Any]], plot: bool) -> None:
+    # The rows live in last.pt too, so a resumed run rewrites exactly the epochs it kept.
+    history.rows = [dict(r) for r in rows]
+    history.write(plot=False)
     if plot:
         from fewlabel.reports.plots import plot_learning_curves
 
-        # The consistency weight is a schedule, not a result: it stays in the CSV only.
+        # Positions and schedules (iteration, seconds, consistency weight) stay in the CSV only.
         hidden = ("iteration", "seconds", "cons_weight")
-        curves = [{k: v for k, v in row.items() if k not in hidden} for row in history]
-        plot_learning_curves(curves, run.path / CURVES_PNG)
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
+        curves = [{k: v for k, v in row.items() if k not in hidden} for row in rows]
+        plot_learning_curves(curves, history.png_path)
 
 
 def _length(loader: Iterable) -> int:
