@@ -313,3 +313,24 @@ def test_dicom_series_folder_is_predicted_onto_its_own_grid(tmp_path, monkeypatc
 
     with pytest.raises(DataError, match="input folder"):
         segmentation.predict(tmp_path / "model.pt", [series], series / "out")
+
+
+def test_segmentation_demo_wiring(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_demo as demo
+
+    # The real demo takes well under a minute; the wiring is the same at a fraction of the size.
+    monkeypatch.setitem(demo.DEMO_DATA, "shape", (32, 32, 8))
+    for section, changes in {
+        "run": {"num_threads": 1},
+        "model": {"features": [4, 4, 8, 8, 16, 4]},
+        "train": {"max_epochs": 1, "iterations_per_epoch": 2, "batch_size": 4, "val_every": 1},
+        "tcsm": {"unlabeled_batch_size": 4},
+    }.items():
+        monkeypatch.setitem(demo.DEMO_CONFIG, section, {**demo.DEMO_CONFIG[section], **changes})
+    out = tmp_path / "demo" / "segmentation"
+    for _ in range(2):  # a second run replaces the demo's own folders
+        report = demo.run_segmentation_demo(out)
+        assert report == out / "run" / "eval" / "report.html" and report.is_file()
+        assert json.loads((out / "run" / "status.json").read_text())["state"] == "completed"
+        assert load_checkpoint(out / "run" / "checkpoints" / "best.pt")["meta"]["config"]["tcsm"]["enabled"]
+        assert [p.name for p in (out / "predictions").glob("*.nii.gz")] == ["synct_000.nii.gz"]
