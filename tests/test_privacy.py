@@ -6,8 +6,8 @@ take them: ``convert`` to NIfTI, ``train`` a segmentation model on them (MSD dat
 images are the DICOM series folders, with a held-out test study evaluated into a report),
 and ``predict`` a new series. Then every path written, every byte of every file written
 (gzip and zip members unpacked), the NIfTI header text fields, stdout/stderr and the log
-records are searched for the identifiers. Reading with ``include_identifiers=True`` is the
-one way to see them, and it works.
+records are searched for the identifiers, and the DICOM inputs must be byte-identical
+afterwards. Reading with ``include_identifiers=True`` is the one way to see them, and it works.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from _factories import save_nifti, tiny_segmentation_config, write_config, write_dicom_series
+from _factories import save_nifti, snapshot, tiny_segmentation_config, write_config, write_dicom_series
 from fewlabel.cli import main
 from fewlabel.data.readers import read_dicom_series, read_study
 
@@ -101,6 +101,7 @@ def test_identifiers_never_reach_outputs_names_messages_or_logs(
     caplog.set_level(logging.DEBUG)
     inp, out = tmp_path / "in", tmp_path / "out"
     out.mkdir()
+    inputs_before = snapshot(inp)
 
     # convert
     assert main(["-v", "convert", str(dicom_dataset / "imagesTr" / "case_a"), str(out / "converted" / "a.nii.gz")]) == 0
@@ -120,6 +121,11 @@ def test_identifiers_never_reach_outputs_names_messages_or_logs(
     best = run / "checkpoints" / "best.pt"
     assert main(["-v", "predict", "--checkpoint", str(best), str(inp / "new_study"), "--output", str(out / "pred")]) == 0
     assert (out / "pred" / "new_study.nii.gz").is_file()
+
+    # The inputs are untouched (the config is the only file added to the input folder).
+    inputs_after = snapshot(inp)
+    assert inputs_after.pop("exp.yaml")
+    assert inputs_after == inputs_before
 
     # The search finds identifiers where they are: in the DICOM inputs.
     source = next((dicom_dataset / "imagesTr" / "case_a").glob("*.dcm"))
