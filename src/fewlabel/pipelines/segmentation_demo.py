@@ -21,7 +21,9 @@ __all__ = ["DEMO_CONFIG", "DEMO_DATA", "run_segmentation_demo"]
 #: The demo's experiment; ``data.path`` and ``run.output_dir`` are set to the demo folder.
 DEMO_CONFIG: dict[str, Any] = {
     "task": "segmentation",
-    "run": {"output_dir": "fewlabel-demo/segmentation", "name": "run", "seed": 0, "device": "cpu"},
+    # One thread: a network this small gains nothing from more, and a busy machine makes
+    # multi-threaded small kernels many times slower.
+    "run": {"output_dir": "fewlabel-demo/segmentation", "name": "run", "seed": 0, "device": "cpu", "num_threads": 1},
     "data": {
         "format": "msd",
         "path": "fewlabel-demo/segmentation/data",
