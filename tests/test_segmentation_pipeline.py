@@ -101,6 +101,9 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(msd), "--split", "all", "--output", str(report_dir)]) == 0
     assert len(json.loads((report_dir / "summary.json").read_text())["metric_per_case"]) == 6
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir)]) == 2  # exists, no --overwrite
+    # Without --data: the checkpoint's own dataset and its held-out test patient.
+    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir), "--overwrite"]) == 0
+    assert [c["case"] for c in json.loads((report_dir / "summary.json").read_text())["metric_per_case"]] == [case]
 
 
 def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
@@ -334,3 +337,39 @@ def test_segmentation_demo_wiring(tmp_path, monkeypatch):
         assert json.loads((out / "run" / "status.json").read_text())["state"] == "completed"
         assert load_checkpoint(out / "run" / "checkpoints" / "best.pt")["meta"]["config"]["tcsm"]["enabled"]
         assert [p.name for p in (out / "predictions").glob("*.nii.gz")] == ["synct_000.nii.gz"]
+
+
+@pytest.mark.realdata
+def test_covid_config_reads_the_real_dataset(shared_data):
+    from fewlabel.data.segmentation import build_datalist
+
+    root = shared_data / "covid_semiseg"
+    cfg = load_config(
+        REPO / "configs" / "covid2d_supervised.yaml",
+        [f"data.path={root / 'train'}", f"data.test_path={root / 'test'}", f"data.unlabeled_path={root / 'unlabeled' / 'images'}"],
+    )
+    datalist = build_datalist(cfg.data, cfg.run.seed)
+    assert datalist.classes == ["background", "ggo", "consolidation"]
+    assert (len(datalist.train) + len(datalist.val), len(datalist.val), len(datalist.test)) == (50, 10, 48)
+    assert len(datalist.unlabeled) == 1600
+
+
+@pytest.mark.realdata
+def test_lidc_datalist_script_lists_every_crop_by_patient(shared_data, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_lidc_datalist", REPO / "scripts" / "make_lidc_datalist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "lidc.csv"
+    assert script.main([str(shared_data / "lidc_voi"), str(out)]) == 0
+    cfg = load_config(REPO / "configs" / "lidc3d_supervised.yaml", [f"data.path={out}"])
+    from fewlabel.data.segmentation import build_datalist
+
+    datalist = build_datalist(cfg.data, cfg.run.seed)
+    labelled = datalist.train + datalist.val + datalist.test
+    assert len(labelled) == 992  # two crops have no mask and are listed as unlabelled
+    patients = [{r["patient_id"] for r in part} for part in (datalist.train, datalist.val, datalist.test)]
+    assert not (patients[0] & patients[1]) and not (patients[0] & patients[2]) and not (patients[1] & patients[2])
+    with pytest.raises(SystemExit, match="exists already"):
+        script.main([str(shared_data / "lidc_voi"), str(out)])
