@@ -135,7 +135,7 @@ def test_make_dataset_caches_decoding_and_keeps_augmenting(cache):
         cache=cache,
         seed=0,
     )
-    assert isinstance(ds, CacheDataset) == cache
+    assert isinstance(ds.data, CacheDataset) == cache
     ref = _as_chw(records[0]["image"])
     rotations = {_rotation_of(ds[0]["image"], ref) for _ in range(30)}
     assert None not in rotations and len(rotations) > 1, "random rotation must apply on every access"

@@ -29,6 +29,7 @@ from monai.transforms import (
 
 from fewlabel.config.classification import ClassificationAugment
 from fewlabel.data.images import read_image
+from fewlabel.data.sampling import SeededDataset
 from fewlabel.errors import DataError, FewLabelError
 
 __all__ = [
@@ -243,8 +244,8 @@ def make_dataset(
     transforms_rand: Callable | None,
     cache: bool,
     seed: int | None = None,
-) -> Dataset:
-    """Wrap records in a MONAI dataset, caching the deterministic transforms if asked.
+) -> SeededDataset:
+    """Wrap records in a dataset that caches the deterministic part and seeds the random part.
 
     Args:
         records: classification records.
@@ -252,15 +253,20 @@ def make_dataset(
         transforms_rand: the rest (see :func:`build_augment_transforms`), applied every time.
         cache: keep the decoded, resized images in memory (``CacheDataset``); worth it when
             decoding large photographs dominates an epoch.
-        seed: seed of the random transforms; ``None`` leaves MONAI's default. With
-            ``monai.data.DataLoader`` the workers are seeded from torch's generator anyway.
+        seed: seed of the random transforms when the dataset is indexed by plain integers;
+            a :class:`~fewlabel.data.sampling.ResumableSampler` instead gives every sample
+            its own seed, which makes augmentations reproducible across resumes and workers.
 
     Returns:
-        A ``monai.data.Dataset`` (or ``CacheDataset``) of transformed records.
+        A :class:`~fewlabel.data.sampling.SeededDataset` over a MONAI ``Dataset``/``CacheDataset``.
     """
-    transform = _flat_compose(transforms_det, transforms_rand)
-    if seed is not None:
-        transform.set_random_state(seed=seed)
+    det = _flat_compose(transforms_det)
+    base: Dataset
     if cache:
-        return CacheDataset(list(records), transform=transform, cache_rate=1.0, num_workers=0, progress=False)
-    return Dataset(list(records), transform=transform)
+        base = CacheDataset(list(records), transform=det, cache_rate=1.0, num_workers=0, progress=False)
+    else:
+        base = Dataset(list(records), transform=det)
+    rand = _flat_compose(transforms_rand) if transforms_rand is not None else None
+    if rand is not None and seed is not None:
+        rand.set_random_state(seed=seed)
+    return SeededDataset(base, rand)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable, apply_transform
+from monai.transforms import Compose, Randomizable, apply_transform
 from torch.utils.data import Dataset, Sampler
 
 
@@ -44,6 +44,8 @@ class ResumableSampler(Sampler):
             as concatenated permutations, which gives an iteration budget independent of the size.
         num_replicas: number of distributed processes sharing the epoch.
         rank: this process's rank.
+        weights: per-sample weights; when given, each epoch draws ``num_samples`` indices with
+            replacement in proportion to them (class-balanced sampling).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ResumableSampler(Sampler):
         num_samples: int | None = None,
         num_replicas: int = 1,
         rank: int = 0,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
@@ -63,6 +66,9 @@ class ResumableSampler(Sampler):
         self.num_samples = num_samples or size
         self.num_replicas = num_replicas
         self.rank = rank
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        if self.weights is not None and len(self.weights) != size:
+            raise ValueError(f"{len(self.weights)} weights for {size} samples")
         self.epoch = 0
         self._skip = 0
 
@@ -80,6 +86,8 @@ class ResumableSampler(Sampler):
         """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         out: list[int] = []
+        if self.weights is not None:
+            out = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
         while len(out) < self.num_samples:
             if self.shuffle:
                 out.extend(torch.randperm(self.size, generator=generator).tolist())
@@ -136,4 +144,7 @@ class SeededDataset(Dataset):
             return sample
         if seed is not None and isinstance(self.transform, Randomizable):
             self.transform.set_random_state(seed=seed % 2**32)
+        if isinstance(self.transform, Compose):
+            # A Compose reports its own errors; apply_transform would wrap them once more.
+            return self.transform(sample)
         return apply_transform(self.transform, sample)

@@ -46,9 +46,9 @@ from ignite.handlers import EarlyStopping, EpochOutputStore
 from ignite.metrics import Average
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import WeightedRandomSampler
 
 from fewlabel.config.classification import ClassificationExperiment, ClassificationTrain
+from fewlabel.data.sampling import ResumableSampler
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, ConfigError
@@ -135,11 +135,15 @@ def inverse_frequency_weights(labels: Sequence[int], num_classes: int) -> torch.
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def _balanced_sampler(labels: Sequence[int], num_classes: int, generator: torch.Generator) -> WeightedRandomSampler:
-    # Every class is drawn equally often on average: each sample weighs 1 / (its class count).
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    weights = [1.0 / counts[int(y)] for y in labels]
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+def _train_sampler(labels: Sequence[int], num_classes: int, seed: int, balanced: bool) -> ResumableSampler:
+    # A ResumableSampler makes the order and every augmentation a function of (seed, epoch,
+    # position), so a resumed run replays exactly what an uninterrupted one would have seen.
+    weights = None
+    if balanced:
+        # Every class is drawn equally often on average: each sample weighs 1 / (its class count).
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+        weights = [1.0 / counts[int(y)] for y in labels]
+    return ResumableSampler(len(labels), seed=seed, shuffle=True, weights=weights)
 
 
 def build_optimizer(groups: list[dict], cfg: ClassificationTrain) -> torch.optim.Optimizer:
@@ -372,8 +376,12 @@ class _FeatureDataset(TorchDataset):
     def __len__(self) -> int:
         return self.feats.shape[0]
 
-    def __getitem__(self, i: int) -> dict:
-        r = int(torch.randint(self.feats.shape[1], (1,))) if self.random_rotation else 0
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        # A ResumableSampler passes (index, sample seed): the rotation then depends on the seed alone.
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        r = 0
+        if self.random_rotation:
+            r = seed % self.feats.shape[1] if seed is not None else int(torch.randint(self.feats.shape[1], (1,)))
         return {"features": self.feats[i, r], "label": self.labels[i], "id": self.ids[i]}
 
 
@@ -630,9 +638,7 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
     )
     generator = torch.Generator().manual_seed(cfg.run.seed)
     labels = [int(r["label"]) for r in train_records]
-    sampler = None
-    if cfg.data.class_balance == "sampler":
-        sampler = _balanced_sampler(labels, len(ctx.classes), generator)
+    sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     train_loader = _loader(
         train_ds, cfg.train.batch_size, True, cfg.data.num_workers, sampler, generator,
         # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes.
@@ -715,7 +721,7 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
     train_feats = features_of("train", rotations)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     labels = [int(v) for v in train_feats["labels"]]
-    sampler = _balanced_sampler(labels, len(ctx.classes), generator) if cfg.data.class_balance == "sampler" else None
+    sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     train_loader = _loader(
         _FeatureDataset(train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True),
         cfg.train.batch_size, True, 0, sampler, generator,
@@ -805,6 +811,10 @@ def _run_stage(
         iteration = int(engine_state.get("iteration", 0))
         position = {"iteration": iteration} if iteration else {"epoch": int(engine_state["epoch"])}
         trainer.load_state_dict({**position, "max_epochs": max_epochs, "epoch_length": len(train_loader)})
+        sampler = getattr(train_loader, "sampler", None)
+        if isinstance(sampler, ResumableSampler):
+            done = iteration % len(train_loader) if iteration else 0
+            sampler.resume(epoch=int(engine_state["epoch"]), samples_done=done * train_loader.batch_size)
         set_rng_state(state["rng"])
 
     def lrs() -> dict[str, float]:
