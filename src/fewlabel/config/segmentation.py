@@ -225,12 +225,15 @@ class SegmentationEval(StrictModel):
         save_probabilities: also write per-class probability maps.
         sw_batch_size: sliding-window batch size (3D).
         sw_overlap: sliding-window overlap (3D).
+        merge: extra classes scored as the union of label values, e.g. ``{infection: [1, 2]}``
+            (reported beside the configured classes, left out of the foreground mean).
     """
 
     overlays: int = Field(3, ge=0)
     save_probabilities: bool = False
     sw_batch_size: int = Field(4, ge=1)
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    merge: dict[str, list[int]] = {}
 
 
 class SegmentationExperiment(StrictModel):

@@ -459,7 +459,7 @@ def evaluate_studies(
     """
     from fewlabel.data.readers import read_label, write_mask
     from fewlabel.data.segmentation_transforms import build_preprocessing
-    from fewlabel.metrics.segmentation import CaseResult, evaluate_case, rank_cases
+    from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, rank_cases
     from fewlabel.reports.segmentation import write_segmentation_report
 
     output = Path(output)
@@ -467,6 +467,12 @@ def evaluate_studies(
     pred_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     num_classes = len(model.classes)
+    merge = dict(cfg.eval.merge) or None
+    try:
+        names = class_names_with_merge(model.classes, merge)
+    except ValueError as err:
+        raise ConfigError(f"eval.merge: {err}") from err
+    foreground = list(range(1, num_classes))
     preprocessing = build_preprocessing(cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims)
     cases: list[CaseResult] = []
     files: dict[str, tuple[str, str, Path]] = {}
@@ -482,7 +488,7 @@ def evaluate_studies(
             )
         axis = _source_axis(reference.affine, cfg, model.spatial_dims)
         metrics = evaluate_case(
-            labels, gt.array, num_classes, prob=probs, spatial_dims=model.spatial_dims, axis=axis
+            labels, gt.array, num_classes, prob=probs, spatial_dims=model.spatial_dims, axis=axis, merge=merge
         )
         mask_path = write_mask(labels, reference, pred_dir / (case_id + _mask_suffix(reference)))
         cases.append(
@@ -499,8 +505,9 @@ def evaluate_studies(
     report = write_segmentation_report(
         output,
         cases,
-        model.classes,
+        names,
         overlays=overlays,
+        foreground=foreground,
         title=title,
         context={
             **(context or {}),
@@ -512,7 +519,7 @@ def evaluate_studies(
     )
     from fewlabel.metrics.segmentation import summarize
 
-    summary = summarize(cases, model.classes)
+    summary = summarize(cases, names, foreground)
     log.info(
         "evaluated %d cases: mean foreground Dice %.4f; report %s",
         len(cases), summary["foreground_mean"].get("dice", math.nan), report,
