@@ -495,7 +495,7 @@ def evaluate_studies(
             CaseResult(case_id, metrics, prediction_file=str(mask_path), reference_file=str(record["label"]))
         )
         files[case_id] = (str(record["image"]), str(record["label"]), mask_path)
-        log.debug("evaluated %s: Dice %s", case_id, {model.classes[k]: round(v, 4) for k, v in metrics["dice"].items()})
+        log.debug("evaluated %s: Dice %s", case_id, {names[k]: round(v, 4) for k, v in metrics["dice"].items()})
         del labels, probs, reference, gt
 
     overlays = []
