@@ -103,6 +103,9 @@ class ClassificationTrain(StrictModel):
         lr_backbone: learning rate of the pretrained, unfrozen layers (lower than the head's).
         weight_decay: L2 penalty on weights.
         scheduler: ``cosine``, ``step`` or ``none``.
+        warmup_epochs: raise the learning rates linearly from 10% over the first epochs before the
+            schedule starts (stabilises training from scratch at high rates).
+        label_smoothing: cross-entropy label smoothing (0 disables it).
         amp: mixed precision on CUDA (ignored on CPU).
         val_every: validate every N epochs.
         best_metric: validation metric that picks the best checkpoint: ``auto`` (quadratic
@@ -121,6 +124,8 @@ class ClassificationTrain(StrictModel):
     lr_backbone: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     scheduler: SchedulerName = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = True
     val_every: int = Field(1, ge=1)
     best_metric: Literal["auto", "kappa", "auc", "accuracy", "balanced_accuracy", "loss"] = "auto"

@@ -95,11 +95,14 @@ class AuxiliaryLoss(nn.Module):
     Args:
         weight: optional per-class weights of the cross-entropy (class balancing).
         aux_weight: weight of each auxiliary classifier's loss.
+        label_smoothing: cross-entropy label smoothing.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, aux_weight: float = 0.3) -> None:
+    def __init__(
+        self, weight: torch.Tensor | None = None, aux_weight: float = 0.3, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=weight)
+        self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.aux_weight = aux_weight
 
     def forward(self, logits: torch.Tensor, aux: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,9 @@ def build_optimizer(groups: list[dict], cfg: ClassificationTrain) -> torch.optim
     raise ConfigError(f"train.optimizer={cfg.optimizer!r}: expected sgd, adam or adamw")  # pragma: no cover
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, epochs: int, warmup_epochs: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Create the per-epoch learning-rate schedule.
 
     Args:
@@ -173,10 +178,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int) ->
         name: ``cosine`` (to 1% of the initial rates at the last epoch), ``step`` (x0.1 after
             each third of the epochs) or ``none``.
         epochs: epochs of the stage.
+        warmup_epochs: linear warm-up from 10% of the rates over these epochs, then ``name``
+            over the remaining epochs.
 
     Returns:
         The scheduler (stepped once per epoch), or ``None``.
     """
+    warmup_epochs = min(warmup_epochs, max(0, epochs - 1))
+    if warmup_epochs > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup_epochs)
+        rest = build_scheduler(optimizer, name, epochs - warmup_epochs) or torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _: 1.0
+        )
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, rest], milestones=[warmup_epochs])
     if name == "cosine":
         eta_min = min(g["lr"] for g in optimizer.param_groups) * 0.01
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=eta_min)
@@ -660,7 +674,7 @@ def _criterion(ctx: _Context, labels: Sequence[int], aux_weight: float) -> Auxil
     if ctx.cfg.data.class_balance == "weighted_loss":
         weight = inverse_frequency_weights(labels, len(ctx.classes)).to(ctx.device)
         log.info("class weights: %s", [round(float(w), 3) for w in weight])
-    return AuxiliaryLoss(weight=weight, aux_weight=aux_weight).to(ctx.device)
+    return AuxiliaryLoss(weight=weight, aux_weight=aux_weight, label_smoothing=ctx.cfg.train.label_smoothing).to(ctx.device)
 
 
 def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
@@ -782,7 +796,7 @@ def _run_stage(
     cfg = ctx.cfg
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: no complete training batch; lower it")
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, max_epochs)
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, max_epochs, cfg.train.warmup_epochs)
     trainer = Engine(step)
     Average(output_transform=lambda out: out["loss"]).attach(trainer, "train_loss")
     mode = "min" if ctx.metric == "loss" else "max"
