@@ -230,7 +230,8 @@ def train_segmentation(
             (:class:`fewlabel.data.sampling.ResumableSampler`) continues exactly where an
             interrupted run stopped; the same goes for ``unlabeled_loader``.
         val_data: preprocessed whole validation studies (see :func:`validate_segmentation`);
-            empty: no validation, best.pt is the last model.
+            empty: no validation, best.pt is the last model (the teacher with TCSM and
+            ``tcsm.validate_teacher``, else the student).
         classes: class names, index = label value.
         spatial_dims: spatial dimensions of the studies (3 volumes, 2 images).
         in_channels: network input channels (stored in the checkpoint metadata).
@@ -388,8 +389,10 @@ def train_segmentation(
         if val_data and (epoch % cfg.train.val_every == 0 or epoch == max_epochs):
             _validate_and_keep_best(engine, row)
         elif not val_data:
-            # No validation studies: the newest model is the best one there is.
-            _save_best(engine, net, "student", math.nan, epoch)
+            # No validation studies: the newest model is the best one there is. With TCSM that
+            # is the teacher, the temporal ensemble of the student (what mean-teacher methods report).
+            name = "teacher" if "teacher" in models() else "student"
+            _save_best(engine, models()[name], name, math.nan, epoch)
         state.history.append(row)
         _write_history(history, state.history, plot=("val_dice" in row) or epoch == max_epochs)
         save_last(engine)
