@@ -460,6 +460,27 @@ def seg_corrupt_test_case(inp: Path, out: Path) -> Case:
     return Case(argv, ["synct_000.nii.gz"], r"truncated", "train")
 
 
+def seg_corrupt_validation_case(inp: Path, out: Path) -> Case:
+    data = make_synthetic_ct(inp / "ct", n_labeled=3, n_unlabeled=0, shape=(32, 32, 4), seed=0)
+    cfg = tiny_segmentation_config(data, out / "runs", data={"val_fraction": 0.34, "cache": False})
+    argv = _train(inp, cfg)
+    from fewlabel.config import load_config
+    from fewlabel.data.segmentation import build_datalist
+
+    (case,) = [r["id"] for r in build_datalist(load_config(argv[1]).data, 0).val]
+    image = data / "imagesTr" / f"{case}.nii.gz"
+    image.write_bytes(image.read_bytes()[:-200])
+    return Case(argv, [f"{case}.nii.gz"], r"truncated", "train")
+
+
+def seg_unlabelled_not_nifti(inp: Path, out: Path) -> Case:
+    data = make_synthetic_ct(inp / "ct", n_labeled=2, n_unlabeled=1, shape=(32, 32, 4), seed=0)
+    cfg = tiny_segmentation_config(data, out / "runs", data={"cache": False}, tcsm={"enabled": True})
+    write_image(inp / "tmp.png")
+    (inp / "tmp.png").replace(data / "imagesUnl" / "synct_002.nii.gz")  # a PNG with a NIfTI name
+    return Case(_train(inp, cfg), ["synct_002.nii.gz"], r"not gzip-compressed", "train")
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalogue
 # ---------------------------------------------------------------------------------------------
@@ -483,15 +504,7 @@ CATALOGUE: list = [
     pytest.param(dicom_none_in_folder, id="dicom-no-dicom-files"),
     pytest.param(dicom_folder_not_found, id="dicom-folder-not-found"),
     pytest.param(dicom_duplicate_slice, id="dicom-duplicate-slice"),
-    pytest.param(
-        dicom_unreadable_end_slice,
-        id="dicom-unreadable-end-slice",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="files that pydicom cannot parse are skipped as 'not DICOM', even *.dcm ones; a damaged "
-            "first or last slice is dropped silently and convert writes a volume one slice short (exit 0)",
-        ),
-    ),
+    pytest.param(dicom_unreadable_end_slice, id="dicom-unreadable-end-slice"),
     pytest.param(convert_into_input, id="convert-into-input-folder"),
     pytest.param(checkpoint_corrupt, id="checkpoint-corrupt"),
     pytest.param(checkpoint_runs_code, id="checkpoint-runs-code"),
@@ -508,15 +521,7 @@ CATALOGUE: list = [
     pytest.param(config_not_found, id="config-not-found"),
     pytest.param(config_not_yaml, id="config-not-yaml"),
     pytest.param(config_class_folder_missing, id="config-class-folder-missing"),
-    pytest.param(
-        weights_file_garbage,
-        id="weights-file-garbage",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="load_checkpoint reports every UnpicklingError as 'pickled Python objects that could "
-            "execute code'; a saved HTML error page is called dangerous instead of not a checkpoint",
-        ),
-    ),
+    pytest.param(weights_file_garbage, id="weights-file-garbage"),
     pytest.param(run_folder_exists, id="run-folder-exists"),
     pytest.param(seg_shape_mismatch, id="seg-image-label-shape-mismatch"),
     pytest.param(seg_affine_mismatch, id="seg-image-label-affine-mismatch"),
@@ -524,15 +529,9 @@ CATALOGUE: list = [
     pytest.param(seg_label_out_of_range, id="seg-label-out-of-range"),
     pytest.param(seg_truncated_image, id="seg-truncated-image"),
     pytest.param(seg_listed_file_missing, id="seg-listed-file-missing"),
-    pytest.param(
-        seg_corrupt_test_case,
-        id="seg-corrupt-test-case",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="segmentation training reads the test split only after training: a corrupt test "
-            "study fails the run (clearly, status failed) once training is over, leaving checkpoints",
-        ),
-    ),
+    pytest.param(seg_corrupt_test_case, id="seg-corrupt-test-case"),
+    pytest.param(seg_corrupt_validation_case, id="seg-corrupt-validation-case"),
+    pytest.param(seg_unlabelled_not_nifti, id="seg-unlabelled-named-nii-gz-but-png"),
 ]
 
 
@@ -591,10 +590,6 @@ def test_bad_input_is_reported_and_damages_nothing(
         assert sorted(p.name for p in out.iterdir()) == sorted({*(k.split("/")[0] for k in outputs_before)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_dicom_series suggests '--series-uid on the command line'; the convert option is --series",
-)
 def test_series_choice_message_suggests_an_existing_option(tmp_path: Path, capsys) -> None:
     write_dicom_series(tmp_path / "mixed", description="lung kernel")
     write_dicom_series(tmp_path / "mixed" / "extra", n=3, description="soft tissue")

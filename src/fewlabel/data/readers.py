@@ -33,7 +33,7 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from fewlabel.data.images import is_image_file, read_image
+from fewlabel.data.images import is_image_file, read_image, verify_image
 from fewlabel.errors import DataError
 from fewlabel.utils.files import atomic_write
 
@@ -43,6 +43,7 @@ __all__ = [
     "Study",
     "check_grid",
     "check_pair",
+    "check_study_opens",
     "convert_dicom_to_nifti",
     "is_nifti_file",
     "is_volume_path",
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 AFFINE_TOLERANCE = 1e-3
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Files with these suffixes are DICOM slices: if they cannot be read, the series is incomplete.
+_DICOM_SUFFIXES = (".dcm", ".ima")
+# MediaStorageSOPClassUID of a DICOMDIR (a directory of the media, not an image).
+_MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 # A missing DICOM slice shows as a gap this many times the median slice distance.
 _GAP_FACTOR = 1.5
 # DICOM tags read to group and sort slices; none of them identifies the patient.
@@ -187,11 +192,50 @@ def read_study(path: str | Path, include_identifiers: bool = False) -> Study:
         array = read_image(path, mode="L").astype(np.float32)
         _check_not_empty(path, array.shape)
         return Study(array, np.eye(4), path, {"format": "image"})
-    if path.suffix.lower() in (".dcm", ".ima") or path.suffix == "":
+    if path.suffix.lower() in _DICOM_SUFFIXES or path.suffix == "":
         raise DataError(path, "looks like a single DICOM file; pass the folder that holds the whole series")
     raise DataError(
         path, "unsupported file type; expected .nii/.nii.gz, a DICOM series folder or a PNG/JPEG/BMP/TIFF image"
     )
+
+
+def check_study_opens(path: str | Path) -> None:
+    """Check that a study opens, without decoding its voxels.
+
+    A cheap check for large pools of studies (e.g. the unlabelled studies of semi-supervised
+    training) that are read in full only later: NIfTI files get the size, gzip and magic-byte
+    checks of :func:`read_study` plus their header (shape, affine); DICOM folders the header
+    checks of :func:`read_dicom_series` (every slice parses, one series, no missing or
+    duplicated slices); 2D images :func:`~fewlabel.data.images.verify_image`. Damage inside
+    the compressed voxel data of a NIfTI file, NaN voxels and undecodable DICOM pixel data are
+    found only by :func:`read_study`.
+
+    Args:
+        path: a study as :func:`read_study` takes it.
+
+    Raises:
+        DataError: naming the file and the problem, as :func:`read_study` would.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.is_dir():
+        _series_slices(path, None)
+    elif is_nifti_file(path):
+        _check_nifti_bytes(path)
+        try:
+            img = nib.load(str(path))
+            shape, affine = tuple(img.shape), np.asarray(img.affine, dtype=np.float64)
+        except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+            raise DataError(path, f"truncated or corrupt NIfTI ({err})") from err
+        _check_not_empty(path, shape)
+        # A broadcast scalar has the header's shape without allocating it.
+        _check_not_empty(path, _squeeze_to_3d(path, np.broadcast_to(np.float32(0), shape)).shape)
+        _check_affine(path, affine)
+    elif is_image_file(path):
+        verify_image(path)
+    else:
+        read_study(path)  # raises the same message as for any unsupported file
 
 
 def read_label(path: str | Path, classes: Sequence[str] | None) -> Study:
@@ -250,9 +294,13 @@ def _read_nifti(path: Path, as_label: bool) -> tuple[np.ndarray, np.ndarray, Any
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise DataError(path, f"{int(bad.sum())} NaN/inf voxels (first at index {first})")
+    _check_affine(path, affine)
+    return array, affine, header
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(path, f"invalid (singular or non-finite) affine in the NIfTI header:\n{affine}")
-    return array, affine, header
 
 
 def _check_nifti_bytes(path: Path) -> None:
@@ -413,21 +461,60 @@ class _DicomSlice:
     instance: int | None
 
 
+def _looks_like_dicom(path: Path) -> bool:
+    """Whether a file claims to be DICOM: a DICOM suffix, or the ``DICM`` magic at offset 128."""
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
-    """Group the DICOM files under a folder by SeriesInstanceUID (headers only, no pixels)."""
+    """Group the DICOM files under a folder by SeriesInstanceUID (headers only, no pixels).
+
+    Files that do not claim to be DICOM (no ``.dcm``/``.ima`` suffix, no ``DICM`` magic) and
+    do not parse are skipped: series folders often hold notes or thumbnails. A file that does
+    claim to be DICOM but cannot be parsed, or parses without a SeriesInstanceUID (pydicom
+    reads a file cut inside its header as a shorter dataset without complaint), is an error:
+    skipping it would silently drop a slice, which the gap check cannot see at either end of
+    the series.
+
+    Raises:
+        DataError: naming the first unreadable DICOM file.
+    """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     series: dict[str, list[_DicomSlice]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
             continue
+        claims_dicom = _looks_like_dicom(path)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError):
-            continue  # not a DICOM file (notes, thumbnails...): ignore it
+        except Exception as err:  # pydicom raises many types (struct.error, KeyError...) on damage
+            if claims_dicom:
+                # Only the exception type: pydicom messages may quote header bytes.
+                raise DataError(
+                    path,
+                    f"unreadable DICOM file (truncated or corrupt: {type(err).__name__}); replace it with an "
+                    "intact copy, or move it out of the series folder",
+                ) from err
+            log.debug("%s: skipped, not a DICOM file", path)
+            continue
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not uid:
+            sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+            if claims_dicom and sop_class != _MEDIA_DIRECTORY_SOP_CLASS:
+                raise DataError(
+                    path,
+                    "unreadable DICOM file (no SeriesInstanceUID: truncated or corrupt header); replace it "
+                    "with an intact copy, or move it out of the series folder",
+                )
+            log.debug("%s: skipped, a DICOM file without a series (a directory record)", path)
             continue
         pos = getattr(ds, "ImagePositionPatient", None)
         ori = getattr(ds, "ImageOrientationPatient", None)
@@ -444,6 +531,26 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
             )
         )
     return series
+
+
+def _series_slices(folder: Path, series_uid: str | None) -> tuple[str, list[_DicomSlice]]:
+    """Choose the series of a folder and return its UID and its slices, sorted and checked (headers only)."""
+    series = _scan_dicom_folder(folder)
+    if not series:
+        raise DataError(folder, "no DICOM files with a SeriesInstanceUID found in this folder")
+    if series_uid is None:
+        if len(series) > 1:
+            raise DataError(
+                folder,
+                f"holds {len(series)} DICOM series; convert the one you want with `fewlabel convert "
+                f"FOLDER OUTPUT.nii.gz --series UID` (series_uid=... in Python) and use the NIfTI file, "
+                f"or give each series its own folder:\n{_describe_series(series)}",
+            )
+        series_uid = next(iter(series))
+    elif series_uid not in series:
+        raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found:\n{_describe_series(series)}")
+    slices, _ = _sort_slices(folder, series[series_uid])
+    return series_uid, slices
 
 
 def _describe_series(series: dict[str, list[_DicomSlice]]) -> str:
@@ -521,29 +628,16 @@ def read_dicom_series(
 
     Raises:
         DataError: if the folder has no DICOM series, several series and no ``series_uid`` (the
-            message lists them), an unknown ``series_uid``, missing/duplicated slices, or pixel
-            data SimpleITK cannot decode.
+            message lists them), an unknown ``series_uid``, missing/duplicated slices, a file
+            claiming to be DICOM (``.dcm``/``.ima`` suffix or ``DICM`` magic) that cannot be
+            parsed, or pixel data SimpleITK cannot decode.
     """
     import SimpleITK as sitk
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "DICOM series folder not found")
-    series = _scan_dicom_folder(folder)
-    if not series:
-        raise DataError(folder, "no DICOM files with a SeriesInstanceUID found in this folder")
-    if series_uid is None:
-        if len(series) > 1:
-            raise DataError(
-                folder,
-                f"holds {len(series)} DICOM series; choose one with series_uid=... "
-                f"(--series-uid on the command line):\n{_describe_series(series)}",
-            )
-        series_uid = next(iter(series))
-    elif series_uid not in series:
-        raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found:\n{_describe_series(series)}")
-    slices, _ = _sort_slices(folder, series[series_uid])
-
+    series_uid, slices = _series_slices(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in slices])
     try:
@@ -603,8 +697,9 @@ def _nifti_bytes(img: nib.Nifti1Image, path: Path) -> bytes:
 def write_mask(mask: np.ndarray, reference: Study, path: str | Path, dtype: Any = np.uint8) -> Path:
     """Write a mask on the voxel grid of the study it was predicted from (atomically).
 
-    Volumes are written as NIfTI with the reference's affine (and header when the reference was
-    NIfTI, minus intensity scaling and description); 2D references give a PNG. Reopened with
+    Volumes are written as NIfTI with the reference's affine (and, when the reference was NIfTI,
+    its geometry fields: qform/sform with their codes, voxel sizes and units; none of its text
+    fields or extensions); 2D references give a PNG. Reopened with
     :func:`read_label`, the mask overlays the source voxel for voxel.
 
     Args:
@@ -638,18 +733,51 @@ def write_mask(mask: np.ndarray, reference: Study, path: str | Path, dtype: Any 
     info = np.iinfo(dtype)
     if mask.size and (mask.min() < info.min or mask.max() > info.max):
         raise ValueError(f"{path}: mask values {mask.min()}..{mask.max()} do not fit {np.dtype(dtype).name}")
-    header = reference.header.copy() if reference.header is not None else None
+    header = _geometry_header(reference.header)
     img = nib.Nifti1Image(mask.astype(dtype), reference.affine, header=header)
     img.set_data_dtype(dtype)
     hdr = img.header
     hdr.set_slope_inter(1.0, 0.0)  # masks are stored as is, never rescaled
-    hdr["cal_min"], hdr["cal_max"] = 0, 0
     hdr["descrip"] = b"fewlabel mask"
-    hdr["intent_code"] = 0
     if header is None:
         img.set_qform(reference.affine, code=1)
         img.set_sform(reference.affine, code=1)
     return atomic_write(path, lambda p: p.write_bytes(_nifti_bytes(img, path)))
+
+
+# Header fields that place the voxels in space (with their codes and units); nothing else of a
+# source header reaches a mask.
+_GEOMETRY_FIELDS = (
+    "pixdim",
+    "xyzt_units",
+    "qform_code",
+    "sform_code",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+)
+
+
+def _geometry_header(source: Any) -> nib.Nifti1Header | None:
+    """A fresh NIfTI-1 header carrying only the geometry of ``source`` (``None`` stays ``None``).
+
+    Text fields (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) and header extensions
+    can hold anything the source's writer put there, identifiers included, so they are not
+    copied; qform and sform are copied verbatim (with their codes) so that the mask's affine
+    is the source's to the bit.
+    """
+    if source is None:
+        return None
+    header = nib.Nifti1Header()
+    for key in _GEOMETRY_FIELDS:
+        header[key] = source[key]
+    return header
 
 
 def write_study(study: Study, path: str | Path, dtype: Any = None) -> Path:

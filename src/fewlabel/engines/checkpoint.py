@@ -44,7 +44,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         The checkpoint dict.
 
     Raises:
-        CheckpointError: if the file is missing, truncated, or would execute code on load.
+        CheckpointError: if the file is missing, is not a torch file at all (e.g. a saved HTML
+            page), is truncated or corrupt, or would execute code on load.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,16 +53,77 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains pickled Python objects that could execute "
-            f"code when loaded (only tensors and plain values are accepted). Re-export it from a "
-            f"trusted source. Details: {str(err).splitlines()[0]}"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        # torch raises UnpicklingError both for a pickle naming a forbidden global (the one
+        # case that would run code) and for bytes that are no pickle at all.
+        details = _unpickling_details(err)
+        if "GLOBAL" in details.upper() or _pickle_names_globals(path):
+            raise CheckpointError(
+                f"{path}: refused to load: the file contains pickled Python objects that could execute "
+                f"code when loaded (only tensors and plain values are accepted). Re-export it from a "
+                f"trusted source. Details: {details}"
+            ) from err
+        if not _has_torch_magic(path):
+            raise CheckpointError(_not_a_checkpoint(path)) from err
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {details}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        if not _has_torch_magic(path):
+            raise CheckpointError(_not_a_checkpoint(path)) from err
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
     return obj
+
+
+def _unpickling_details(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that says what was refused."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for line in lines:
+        if "GLOBAL" in line.upper() or line.startswith("Unsupported"):
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+def _has_torch_magic(path: Path) -> bool:
+    """Whether a file starts like something ``torch.save`` writes: a zip archive or a pickle."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _pickle_names_globals(path: Path) -> bool:
+    """Whether a plain pickle file imports or calls Python objects.
+
+    torch's safe loader stops at the first opcode it does not know (e.g. the framing of
+    pickle protocol 4), before it sees what the pickle would import; ``pickletools`` lists the
+    opcodes without executing any, so such a pickle is still recognised as code.
+    """
+    import pickletools
+
+    if not _has_torch_magic(path) or _is_zip(path):
+        return False
+    code_ops = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name in code_ops for op, _, _ in pickletools.genops(fh))
+    except Exception:  # a damaged pickle: whatever was read before the damage held no code
+        return False
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"PK"
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    if path.stat().st_size == 0:
+        what = "it is an empty file (0 bytes)"
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip().lower()
+        what = "it is not a valid torch zip or pickle file"
+        if head.startswith(b"<"):
+            what += "; it looks like an HTML/XML page (a failed download?)"
+    return f"{path}: not a checkpoint (expected a file written by torch.save / fewlabel): {what}"
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

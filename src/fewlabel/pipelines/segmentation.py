@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from fewlabel.config.segmentation import SegmentationData, SegmentationExperimen
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.runs import RunDir
 from fewlabel.utils.files import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from fewlabel.data.segmentation import SegmentationDatalist
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def train(cfg: SegmentationExperiment, run: RunDir, resume: bool = False) -> dic
 
     Raises:
         ConfigError: if the config does not fit the data (input mode, patch size, device).
-        DataError: for unreadable or inconsistent data.
+        DataError: for unreadable or inconsistent data; every study of every split is checked
+            before the first training step.
     """
     device = _device(cfg.run.device)
     with _torch_threads(cfg.run.num_threads):
@@ -110,6 +114,7 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
         raise DataError(cfg.data.path, "no labelled training studies left after the validation/test split")
     spatial_dims = records_spatial_dims(datalist.train + datalist.val + datalist.test + datalist.unlabeled)
     check_input_mode(cfg, spatial_dims)
+    _check_studies(datalist, classes)
     in_channels = _in_channels(cfg)
     net = build_segmentation_net(cfg.model, 3 if cfg.input.mode == "3d" else 2, in_channels, len(classes))
     log.info(
@@ -173,6 +178,35 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     )
     out.update(report=str(evaluation["report"]), metrics=evaluation["summary"])
     return out
+
+
+def _check_studies(datalist: SegmentationDatalist, classes: list[str]) -> None:
+    """Read every study the run will use, before training, so that a bad one costs no training time.
+
+    Labelled studies (training, validation and test) are read in full with their labels: the
+    checks of :func:`~fewlabel.data.readers.read_study`, :func:`~fewlabel.data.readers.read_label`
+    (label range) and :func:`~fewlabel.data.readers.check_pair` (same grid). The test split in
+    particular is otherwise read only after training. Unlabelled studies can be many, so they
+    are only opened (:func:`~fewlabel.data.readers.check_study_opens`); with ``data.cache`` they
+    are read in full while the datasets are built, still before training.
+    """
+    import time
+
+    from fewlabel.data.readers import check_pair, check_study_opens, read_label, read_study
+
+    start = time.perf_counter()
+    labelled = datalist.train + datalist.val + datalist.test
+    for record in labelled:
+        image = read_study(record["image"])
+        if record.get("label"):
+            check_pair(image, read_label(record["label"], classes))
+        del image
+    for record in datalist.unlabeled:
+        check_study_opens(record["image"])
+    log.info(
+        "checked %d labelled and %d unlabelled studies in %.1f s",
+        len(labelled), len(datalist.unlabeled), time.perf_counter() - start,
+    )
 
 
 def check_input_mode(cfg: SegmentationExperiment, spatial_dims: int) -> None:
