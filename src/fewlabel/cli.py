@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from fewlabel import __version__
 from fewlabel.errors import FewLabelError
@@ -31,27 +32,68 @@ def _pipeline(task: str):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fewlabel.config import dump_config, load_config
-    from fewlabel.runs import create_run_dir, open_run_dir, track_run
+    from fewlabel.config import load_config
+    from fewlabel.utils.distributed import distributed_session
 
     if args.resume:
         if args.config or args.set:
             raise FewLabelError("--resume continues a run with its saved config; do not pass a config or --set")
-        run = open_run_dir(args.resume)
-        cfg = load_config(run.config_file)
-        resume = True
+        from fewlabel.runs import open_run_dir
+
+        cfg = load_config(open_run_dir(args.resume).config_file)
     else:
         if not args.config:
             raise FewLabelError("train needs a config file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.set)
         if args.output_dir:
             cfg.run.output_dir = args.output_dir
-        run = create_run_dir(cfg.run.output_dir, cfg.run.name, Path(args.config).stem, args.overwrite)
-        dump_config(cfg, run.config_file)
-        resume = False
-    print(f"run folder: {run.path}", flush=True)
-    with track_run(run):
-        result = _pipeline(cfg.task).train(cfg, run, resume=resume)
+    # Under torchrun every process runs this; rank 0 alone creates the run folder and writes
+    # config.yaml and status.json, and the others train into the folder it announces.
+    with distributed_session(_train_device(cfg.run.device)):
+        return _train_in_session(args, cfg)
+
+
+def _train_device(name: str) -> str:
+    from fewlabel.utils.runtime import select_device
+
+    try:
+        return str(select_device(name))
+    except ValueError:
+        return name  # the pipeline reports the bad device as a config error
+
+
+def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
+    from contextlib import nullcontext
+
+    from fewlabel.config import dump_config
+    from fewlabel.runs import RunDir, create_run_dir, open_run_dir, track_run
+    from fewlabel.utils.distributed import broadcast_str, is_main_process
+
+    main_process = is_main_process()
+    if not main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    outcome, failure = "", None
+    if main_process:
+        try:
+            if args.resume:
+                run = open_run_dir(args.resume)
+            else:
+                run = create_run_dir(cfg.run.output_dir, cfg.run.name, Path(args.config).stem, args.overwrite)
+                dump_config(cfg, run.config_file)
+            outcome = f"ok:{run.path}"
+        except FewLabelError as err:
+            outcome, failure = f"error:{err}", err
+    # The other ranks learn the folder (or the error), instead of waiting for rank 0 forever.
+    outcome = broadcast_str(outcome)
+    if failure is not None:
+        raise failure
+    if outcome.startswith("error:"):
+        raise FewLabelError(outcome[len("error:"):])
+    run = RunDir(Path(outcome[len("ok:"):]))
+    if main_process:
+        print(f"run folder: {run.path}", flush=True)
+    with track_run(run) if main_process else nullcontext(run):
+        result = _pipeline(cfg.task).train(cfg, run, resume=bool(args.resume))
     report = result.get("report") if isinstance(result, dict) else None
     if report:
         print(f"report: {report}")

@@ -54,6 +54,16 @@ from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, ConfigError
 from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
 from fewlabel.runs import RunDir
+from fewlabel.utils.distributed import (
+    barrier,
+    gather_sharded,
+    is_distributed,
+    is_main_process,
+    per_rank_batch_size,
+    rank,
+    world_size,
+    wrap_model,
+)
 from fewlabel.utils.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -146,7 +156,27 @@ def _train_sampler(labels: Sequence[int], num_classes: int, seed: int, balanced:
         # Every class is drawn equally often on average: each sample weighs 1 / (its class count).
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
         weights = [1.0 / counts[int(y)] for y in labels]
-    return ResumableSampler(len(labels), seed=seed, shuffle=True, weights=weights)
+    # Each rank draws its share of the same global order, so N processes see the batches one would.
+    return ResumableSampler(
+        len(labels), seed=seed, shuffle=True, weights=weights, num_replicas=world_size(), rank=rank()
+    )
+
+
+class _Bound(nn.Module):
+    """A method of the classifier exposed as ``forward``, for ``DistributedDataParallel``.
+
+    DDP averages gradients only for computations that run through its own ``forward``, while
+    training calls ``forward_train`` (main and auxiliary logits) or ``head_forward`` (cached
+    features). Only ``owners`` are registered, so DDP synchronises exactly their parameters.
+    """
+
+    def __init__(self, method: Callable[..., Any], *owners: nn.Module) -> None:
+        super().__init__()
+        self.owners = nn.ModuleList(owners)
+        self.method = method
+
+    def forward(self, *args: Any) -> Any:
+        return self.method(*args)
 
 
 def build_optimizer(groups: list[dict], cfg: ClassificationTrain) -> torch.optim.Optimizer:
@@ -366,13 +396,45 @@ def run_evaluator(engine: Engine, loader: Any) -> ClassifierOutputs:
     probs = torch.cat([o["probs"] for o in outs]).numpy().astype(np.float64)
     ids = [i for o in outs for i in o["ids"]]
     labels = None
-    loss = None
     if all(o["label"] is not None for o in outs):
         labels = torch.cat([o["label"] for o in outs]).numpy().astype(np.int64)
+    return _outputs(probs, labels, ids)
+
+
+def _outputs(probs: np.ndarray, labels: np.ndarray | None, ids: list[str]) -> ClassifierOutputs:
+    loss = None
+    if labels is not None:
         # NLL of the (possibly rotation-averaged) probabilities, so TTA and plain runs compare.
         picked = probs[np.arange(len(labels)), labels]
         loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
     return ClassifierOutputs(probs=probs, labels=labels, ids=ids, loss=loss)
+
+
+def _shard(dataset: Any) -> Any:
+    """This rank's validation items: every ``world_size``-th one, from ``rank`` on."""
+    if not is_distributed():
+        return dataset
+    return torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
+
+
+def _validate(evaluator: Engine, loader: Any, num_classes: int) -> ClassifierOutputs:
+    """Run the evaluator on this rank's shard; with several ranks, gather every rank's rows.
+
+    Each rank predicts its own shard (:func:`_shard`), and the probabilities and labels of
+    all shards are gathered in the dataset's order, so every rank computes the same metrics
+    (and takes the same best-checkpoint and early-stopping decisions) as one process would.
+    """
+    if not is_distributed():
+        return run_evaluator(evaluator, loader)
+    total = len(loader.dataset.dataset)  # the full validation set behind this rank's Subset
+    if len(loader.dataset):
+        outs = run_evaluator(evaluator, loader)
+        probs, labels = torch.from_numpy(outs.probs), torch.from_numpy(outs.labels)
+    else:  # fewer validation images than ranks
+        probs, labels = torch.zeros((0, num_classes), dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    probs = gather_sharded(probs, total).numpy()
+    labels = gather_sharded(labels, total).numpy()
+    return _outputs(probs, labels, [str(i) for i in range(total)])
 
 
 # --------------------------------------------------------------------------- bottleneck features
@@ -453,7 +515,8 @@ def _cached_features(
                 return cached
             log.info("feature cache %s is for other images; extracting again", path)
     feats = make()
-    save_checkpoint(feats, path)
+    if is_main_process():
+        save_checkpoint(feats, path)
     return feats
 
 
@@ -543,7 +606,8 @@ def train_classifier(
     metric = best_metric_key(cfg.train.best_metric, len(classes)) if has_val else None
     if not has_val:
         log.warning("no validation images: best.pt will be the model after the last epoch")
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
     ctx = _Context(
         cfg=cfg,
         run=run,
@@ -577,7 +641,9 @@ def train_classifier(
             _run_finetune_stage(ctx, dataset, epoch_offset, stage_state)
 
     best_path = run.checkpoints / BEST_CHECKPOINT
-    if not best_path.is_file():  # pragma: no cover - every stage writes it at its first validation
+    # Rank 0 writes the checkpoints; the other ranks may read them only once it is done.
+    barrier()
+    if is_main_process() and not best_path.is_file():  # pragma: no cover - written at the first validation
         raise CheckpointError(f"{best_path}: training finished without writing a best checkpoint")
     return TrainingResult(
         best_checkpoint=best_path,
@@ -653,10 +719,11 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
     generator = torch.Generator().manual_seed(cfg.run.seed)
     labels = [int(r["label"]) for r in train_records]
     sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
+    batch_size = per_rank_batch_size(cfg.train.batch_size)
     train_loader = _loader(
-        train_ds, cfg.train.batch_size, True, cfg.data.num_workers, sampler, generator,
+        train_ds, batch_size, True, cfg.data.num_workers, sampler, generator,
         # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes.
-        drop_last=len(train_records) % cfg.train.batch_size == 1 and len(train_records) > 1,
+        drop_last=len(sampler) % batch_size == 1 and len(sampler) > 1,
         device=ctx.device,
     )
     val_loader = None
@@ -665,7 +732,7 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
             dataset.splits["val"], decode, build_augment_transforms(False, cfg.augment, ctx.mean, ctx.std),
             cache=cfg.data.cache,
         )
-        val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device)
+        val_loader = _loader(_shard(val_ds), cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device)
     return train_loader, val_loader
 
 
@@ -687,6 +754,8 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
     criterion = _criterion(ctx, [int(r["label"]) for r in dataset.splits["train"]], cfg.model.aux_weight)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
     model, device = ctx.model, ctx.device
+    # DistributedDataParallel under torchrun (BatchNorm synchronised on CUDA); the bare pass alone.
+    forward_train = wrap_model(_Bound(model.forward_train, model), device, sync_bn=True)
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
@@ -694,7 +763,7 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).view(-1)
         with autocast(device, ctx.amp):
-            logits, aux = model.forward_train(x)
+            logits, aux = forward_train(x)
         loss = criterion(logits, aux, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -738,13 +807,13 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
     sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     train_loader = _loader(
         _FeatureDataset(train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True),
-        cfg.train.batch_size, True, 0, sampler, generator,
+        per_rank_batch_size(cfg.train.batch_size), True, 0, sampler, generator,
     )
     val_loader = evaluator = None
     if dataset.splits.get("val"):
         val_feats = features_of("val", 1)
         val_loader = _loader(
-            _FeatureDataset(val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False),
+            _shard(_FeatureDataset(val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False)),
             cfg.train.batch_size, False, 0,
         )
         evaluator = create_evaluator(model, device, amp=ctx.amp, features=True)
@@ -761,6 +830,7 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
     optimizer = build_optimizer(groups, cfg.train)
     criterion = _criterion(ctx, labels, 0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
+    head_forward = wrap_model(_Bound(model.head_forward, model.net.fc), device)
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
@@ -768,7 +838,7 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
         f = batch["features"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).view(-1)
         with autocast(device, ctx.amp):
-            logits = model.head_forward(f)
+            logits = head_forward(f)
         loss = criterion(logits, [], y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -828,7 +898,9 @@ def _run_stage(
         sampler = getattr(train_loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
             done = iteration % len(train_loader) if iteration else 0
-            sampler.resume(epoch=int(engine_state["epoch"]), samples_done=done * train_loader.batch_size)
+            # Iterations count global batches whatever the number of processes; the sampler
+            # counts this rank's samples, so a run may resume on a different number of processes.
+            sampler.resume(epoch=int(engine_state["epoch"]), samples_done=done * cfg.train.batch_size // world_size())
         set_rng_state(state["rng"])
 
     def lrs() -> dict[str, float]:
@@ -839,6 +911,8 @@ def _run_stage(
         return out
 
     def save_last(engine: Engine, at_epoch_end: bool) -> None:
+        if not is_main_process():
+            return
         ctx.last.save(
             {
                 "model": ctx.model.state_dict(),
@@ -884,7 +958,7 @@ def _run_stage(
         validate = evaluator is not None and (epoch % cfg.train.val_every == 0 or epoch == max_epochs)
         improved = False
         if validate:
-            outs = run_evaluator(evaluator, val_loader)
+            outs = _validate(evaluator, val_loader, len(ctx.classes))
             m = classification_metrics(outs.labels, outs.probs, ctx.classes)
             m["loss"] = outs.loss
             for key in ("loss", "accuracy", "balanced_accuracy", "kappa", "auc"):
@@ -908,22 +982,27 @@ def _run_stage(
             # Without validation the latest model is the best available; with it, a metric
             # that is undefined at the first validation still needs a checkpoint to exist.
             ctx.best_epoch = global_epoch
-            save_checkpoint(
-                {
-                    "model": ctx.model.state_dict(),
-                    "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage),
-                },
-                ctx.run.checkpoints / BEST_CHECKPOINT,
-            )
+            if is_main_process():
+                save_checkpoint(
+                    {
+                        "model": ctx.model.state_dict(),
+                        "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage),
+                    },
+                    ctx.run.checkpoints / BEST_CHECKPOINT,
+                )
             ctx.best_saved = True
         if scheduler is not None:
             scheduler.step()
         # Redrawing the PNG costs ~0.5 s: about ten times per stage, and at its end.
         last_epoch = epoch >= max_epochs or engine.should_terminate
-        ctx.history.append(row, plot=last_epoch or epoch % max(1, max_epochs // 10) == 0)
+        plot = last_epoch or epoch % max(1, max_epochs // 10) == 0
+        if is_main_process():
+            ctx.history.append(row, plot=plot)
+        else:
+            ctx.history.rows.append(dict(row))
         save_last(engine, at_epoch_end=True)
 
-    if progress:
+    if progress and is_main_process():
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False, desc=stage).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})

@@ -49,11 +49,12 @@ def _num_threads(n: int) -> Iterator[None]:
 
 
 def _configure_runtime(cfg: ClassificationExperiment) -> torch.device:
+    from fewlabel.utils.distributed import rank_device
     from fewlabel.utils.runtime import seed_everything, select_device
 
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     try:
-        return select_device(cfg.run.device)
+        return rank_device(select_device(cfg.run.device))
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"run.device={cfg.run.device!r}: {err}") from err
 
@@ -86,6 +87,7 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
     from fewlabel.data.classification import class_counts, load_classification_dataset
     from fewlabel.engines.checkpoint import load_checkpoint
     from fewlabel.engines.classification import model_from_checkpoint, train_classifier
+    from fewlabel.utils.distributed import is_main_process
 
     device = _configure_runtime(cfg)
     dataset = load_classification_dataset(cfg.data, cfg.run.seed)
@@ -94,6 +96,9 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
     log.info("classes %s, device %s, mode %s", dataset.classes, device, cfg.train.mode)
 
     result = train_classifier(cfg, run, dataset, device, resume=resume)
+    if not is_main_process():
+        # Under torchrun the final evaluation and its report are rank 0's alone.
+        return {"report": None, "metrics": None, "checkpoint": result.best_checkpoint}
 
     split = next((s for s in ("test", "val", "train") if dataset.splits.get(s)), "train")
     model, meta = model_from_checkpoint(load_checkpoint(result.best_checkpoint), result.best_checkpoint)
