@@ -140,19 +140,31 @@ def test_every_documented_command_and_option_exists():
 _PAGES_WRITTEN_SEPARATELY = {DOCS / "results.md"}
 
 
-def test_relative_links_point_at_existing_files():
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page (outside code blocks)."""
+    text = re.sub(r"^```[^\n]*\n.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower().replace("`", "")).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_relative_links_point_at_existing_files_and_headings():
     broken, pending = [], set()
     for page in _pages():
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"^[a-z]+:", target):
                 continue
-            path = (page.parent / target.split("#", 1)[0]).resolve()
-            if path.exists():
-                continue
-            if path in _PAGES_WRITTEN_SEPARATELY:
-                pending.add(path.name)
-            else:
-                broken.append(f"{page.name}: {target}")
+            file_part, _, anchor = target.partition("#")
+            path = (page.parent / file_part).resolve() if file_part else page
+            if not path.exists():
+                if path in _PAGES_WRITTEN_SEPARATELY:
+                    pending.add(path.name)
+                else:
+                    broken.append(f"{page.name}: {target}")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, f"broken links: {broken}"
     if pending:
         pytest.skip(f"linked pages not written yet: {sorted(pending)}")
