@@ -103,3 +103,16 @@ def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_exported_and_saved_files_follow_the_umask(tmp_path):
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        ckpt = save_checkpoint({"w": torch.zeros(1)}, tmp_path / "c.pt")
+        weights = export_safetensors({"w": torch.zeros(1)}, {}, tmp_path / "m")
+    finally:
+        os.umask(previous)
+    for path in (ckpt, weights, weights.with_suffix(".json")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

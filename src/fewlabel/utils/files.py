@@ -26,10 +26,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; results are shared with colleagues, so honour the umask instead.
-    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         write(tmp_path)
+        # mkstemp creates 0600 files (and some writers recreate the file): results are shared
+        # with colleagues, so honour the umask instead.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
