@@ -105,3 +105,14 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.task in ("classification", "segmentation")
+
+
+def test_cropped_slices_need_a_slice_size():
+    with pytest.raises(ConfigError, match="preprocess.slice_size"):
+        parse_config(
+            {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True, "slice_size": None}}
+        )
+    cfg = parse_config(
+        {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True, "slice_size": [64, 64]}}
+    )
+    assert cfg.preprocess.slice_size == (64, 64)

@@ -250,3 +250,14 @@ class SegmentationExperiment(StrictModel):
     train: SegmentationTrain = SegmentationTrain()
     tcsm: TCSMConfig = TCSMConfig()
     eval: SegmentationEval = SegmentationEval()
+
+    @model_validator(mode="after")
+    def _slices_stack(self) -> SegmentationExperiment:
+        # Cropping to the foreground gives every study its own in-plane size; slices can only
+        # be batched when they are resized to one size.
+        if self.input.mode != "3d" and self.preprocess.crop_foreground and self.preprocess.slice_size is None:
+            raise ValueError(
+                "preprocess.slice_size must be set when preprocess.crop_foreground is on in 2D/2.5D mode "
+                "(cropped slices differ in size and cannot be batched)"
+            )
+        return self
