@@ -1,0 +1,165 @@
+"""Label-efficiency study on COVID-SemiSeg: supervised vs TCSM with 10 and 50 labelled slices.
+
+Arms (same network, same iteration budget, same seed):
+
+* ``sup10``  — supervised, 10 labelled training slices;
+* ``tcsm10`` — TCSM, the same 10 labelled + the other 40 training slices and the 1600
+  unlabelled slices as unlabelled data;
+* ``sup50``  — supervised, all 50 labelled slices;
+* ``tcsm50`` — TCSM, 50 labelled + 1600 unlabelled.
+
+No validation split is held out (every labelled slice trains; the model after the last
+iteration is scored), so the arms differ only in labels and in the consistency term. Each
+arm is scored on the 48 test slices: per-class Dice (GGO, consolidation) and infection
+(GGO or consolidation), argmax masks at native resolution, mean over slices.
+
+Usage::
+
+    .venv/bin/python scripts/covid_label_efficiency.py --data ../shared/data/covid_semiseg \\
+        --arms sup10 tcsm10 sup50 tcsm50 --output-dir runs/covid-study
+
+Prints a markdown table and writes ``study.json`` and ``dice_vs_labels.png`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = {
+    "sup10": {"labels": 10, "tcsm": False},
+    "tcsm10": {"labels": 10, "tcsm": True},
+    "sup50": {"labels": 50, "tcsm": False},
+    "tcsm50": {"labels": 50, "tcsm": True},
+}
+PUBLISHED = {"Semi-Inf-Net (50 + 1600)": {"infection": 0.739, "ggo": 0.646, "consolidation": 0.362}}
+
+
+def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train and score one arm.
+
+    Args:
+        name: arm name (key of ``ARMS``).
+        seed: run seed (also picks the labelled slices).
+        args: parsed command-line arguments.
+
+    Returns:
+        Dice per class and wall time.
+    """
+    from fewlabel.cli import main as fewlabel_main
+
+    arm = ARMS[name]
+    data = Path(args.data)
+    iterations = args.iterations
+    epochs = max(1, iterations // args.iterations_per_epoch)
+    run_name = f"{name}-seed{seed}"
+    overrides = {
+        "data.path": data / "train",
+        "data.test_path": data / "test",
+        "data.unlabeled_path": data / "unlabeled" / "images",
+        "data.val_fraction": 0.0,
+        "data.labeled_count": arm["labels"] if arm["labels"] < 50 else "null",
+        "preprocess.slice_size": f"[{args.slice_size}, {args.slice_size}]",
+        "train.max_epochs": epochs,
+        "train.iterations_per_epoch": args.iterations_per_epoch,
+        "train.val_every": epochs,
+        "tcsm.enabled": str(arm["tcsm"]).lower(),
+        "run.seed": seed,
+        "run.num_threads": args.threads,
+        "run.output_dir": args.output_dir,
+        "run.name": run_name,
+        **dict(item.split("=", 1) for item in args.set),
+    }
+    argv = ["train", str(REPO / "configs" / "covid2d_supervised.yaml"), "--overwrite"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    start = time.perf_counter()
+    status = fewlabel_main(argv)
+    minutes = (time.perf_counter() - start) / 60
+    if status != 0:
+        raise SystemExit(f"arm {name} failed (exit {status})")
+    summary = json.loads((Path(args.output_dir) / run_name / "eval" / "summary.json").read_text())
+    dice = {cls: summary["mean"][idx]["Dice"] for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))}
+    return {"arm": name, "seed": seed, "labels": arm["labels"], "tcsm": arm["tcsm"], "minutes": round(minutes, 2), **dice}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Dice against the number of labelled slices, one line per method and class.
+
+    Args:
+        results: rows from :func:`run_arm`.
+        path: PNG destination.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
+    for ax, cls in zip(axes, ("infection", "ggo", "consolidation"), strict=True):
+        for tcsm, style in ((False, "o--"), (True, "s-")):
+            rows = [r for r in results if r["tcsm"] == tcsm]
+            xs = sorted({r["labels"] for r in rows})
+            ys = [np.mean([r[cls] for r in rows if r["labels"] == x]) for x in xs]
+            if xs:
+                ax.plot(xs, ys, style, label="TCSM" if tcsm else "supervised")
+        for name, values in PUBLISHED.items():
+            ax.axhline(values[cls], color="grey", lw=0.8, ls=":", label=name)
+        ax.set_title(cls)
+        ax.set_xlabel("labelled training slices")
+        ax.set_xticks([10, 50])
+    axes[0].set_ylabel("mean test Dice (48 slices)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study.
+
+    Args:
+        argv: command-line arguments.
+
+    Returns:
+        Exit status.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "covid_semiseg"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--iterations", type=int, default=600, help="training iterations per arm")
+    parser.add_argument("--iterations-per-epoch", type=int, default=50)
+    parser.add_argument("--slice-size", type=int, default=192)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--output-dir", default="runs/covid-study")
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides KEY=VALUE")
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        print(f"COVID-SemiSeg not found at {args.data}", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in args.seeds:
+        for name in args.arms:
+            results.append(run_arm(name, seed, args))
+            (out / "study.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
+    plot(results, out / "dice_vs_labels.png")
+    print("\n| arm | labelled | seed | infection | GGO | consolidation | minutes |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['infection']:.3f} | {r['ggo']:.3f} | "
+              f"{r['consolidation']:.3f} | {r['minutes']:.1f} |")
+    for name, v in PUBLISHED.items():
+        print(f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
