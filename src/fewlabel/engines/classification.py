@@ -868,7 +868,10 @@ def _run_stage(
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: no complete training batch; lower it")
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, max_epochs, cfg.train.warmup_epochs)
     trainer = Engine(step)
-    Average(output_transform=lambda out: out["loss"]).attach(trainer, "train_loss")
+    train_loss = Average(output_transform=lambda out: out["loss"])
+    train_loss.attach(trainer, "train_loss")
+    # The loss sum and count of an epoch interrupted part-way, continued after resuming.
+    resumed_loss: dict[str, Any] = {}
     mode = "min" if ctx.metric == "loss" else "max"
     current: dict[str, float] = {}
     stopper = None
@@ -901,6 +904,10 @@ def _run_stage(
             # Iterations count global batches whatever the number of processes; the sampler
             # counts this rank's samples, so a run may resume on a different number of processes.
             sampler.resume(epoch=int(engine_state["epoch"]), samples_done=done * cfg.train.batch_size // world_size())
+        saved_loss = state.get("train_loss") or {}
+        # One process's running sum: with several, each rank holds its own and only rank 0's is saved.
+        if iteration and saved_loss.get("world_size") == 1 and world_size() == 1:
+            resumed_loss.update(saved_loss)
         set_rng_state(state["rng"])
 
     def lrs() -> dict[str, float]:
@@ -932,9 +939,23 @@ def _run_stage(
                 "early_stopping": stopper.state_dict() if stopper is not None else {},
                 "best": {"value": ctx.best_value, "epoch": ctx.best_epoch},
                 "rng": rng_state(),
+                "train_loss": {
+                    "sum": float(train_loss.accumulator),
+                    "count": int(train_loss.num_examples),
+                    "world_size": world_size(),
+                },
             },
             ctx.total_iterations,
         )
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _continue_train_loss(engine: Engine) -> None:
+        # Runs after Average's own reset at the epoch start: an epoch resumed part-way then
+        # reports the mean over all its iterations, as the uninterrupted run does.
+        if resumed_loss:
+            train_loss.accumulator = train_loss.accumulator + resumed_loss.pop("sum")
+            train_loss.num_examples += int(resumed_loss.pop("count"))
+            resumed_loss.clear()
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _count(engine: Engine) -> None:

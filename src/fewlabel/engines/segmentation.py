@@ -321,6 +321,9 @@ def train_segmentation(
             },
             "rng_state": rng_state(),
             "history": state.history,
+            # The running sums of the epoch so far, for its train_loss row after a mid-epoch resume.
+            "epoch_sums": dict(state.epoch_sums),
+            "epoch_count": int(state.epoch_count),
             "best": {"value": state.best_value, "model_name": state.best_model, "epoch": state.best_epoch},
             "meta": meta,
         }
@@ -354,8 +357,9 @@ def train_segmentation(
 
     @trainer.on(Events.EPOCH_STARTED)
     def _epoch_started(engine: Engine) -> None:
-        state.epoch_sums = {}
-        state.epoch_count = 0
+        # An epoch resumed part-way continues the sums of its first iterations (restored once).
+        state.epoch_sums, state.epoch_count = state.resumed_sums or {}, state.resumed_count
+        state.resumed_sums, state.resumed_count = None, 0
         state.epoch_start = time.perf_counter()
 
     @trainer.on(Events.ITERATION_COMPLETED)
@@ -459,6 +463,8 @@ class _RunState:
     best_epoch: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)
     epoch_count: int = 0
+    resumed_sums: dict[str, float] | None = None
+    resumed_count: int = 0
     epoch_start: float = 0.0
     saved_best: bool = False
     last_saved_iteration: int = -1
@@ -515,6 +521,9 @@ def _restore(
         set_rng_state(ckpt["rng_state"])
     iteration = int(engine_state.get("iteration", 0))
     state.last_saved_iteration = iteration
+    if iteration % epoch_length:
+        state.resumed_sums = {k: float(v) for k, v in ckpt.get("epoch_sums", {}).items()}
+        state.resumed_count = int(ckpt.get("epoch_count", 0))
     # Ignite's own method: trainers such as TCSMTrainer override load_state_dict with their full state.
     Engine.load_state_dict(trainer, {"iteration": iteration, "max_epochs": max_epochs, "epoch_length": epoch_length})
     log.info("resuming from %s at iteration %d (epoch %d)", path, iteration, iteration // epoch_length)

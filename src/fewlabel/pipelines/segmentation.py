@@ -281,6 +281,10 @@ def _loader(
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        # Each new iterator (every epoch, and once more on resuming mid-epoch) draws a base seed
+        # from this generator; drawn from torch's global one, it would shift the global stream
+        # of a resumed run against an uninterrupted one (dropout draws from that stream).
+        generator=torch.Generator().manual_seed(cfg.run.seed),
     )
 
 
