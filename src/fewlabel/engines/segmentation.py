@@ -39,6 +39,7 @@ from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.runs import RunDir
+from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
 from fewlabel.utils.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,8 @@ def train_segmentation(
     from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 
     net = net.to(device)
+    # DistributedDataParallel under torchrun (the bare network alone); checkpoints keep `net`.
+    train_net = wrap_model(net, device, sync_bn=True)
     epoch_length = cfg.train.iterations_per_epoch or _length(train_loader)
     if not epoch_length:
         raise FewLabelError("the labelled training set is empty: nothing to train on")
@@ -273,7 +276,7 @@ def train_segmentation(
             max_epochs=max_epochs,
             labeled_loader=train_loader,
             unlabeled_loader=unlabeled_loader,
-            student=net,
+            student=train_net,
             optimizer=optimizer,
             supervised_loss=loss_fn,
             tcsm=cfg.tcsm,
@@ -290,7 +293,7 @@ def train_segmentation(
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_loader,
-            network=net,
+            network=train_net,
             optimizer=optimizer,
             loss_function=loss_fn,
             epoch_length=epoch_length,
@@ -303,7 +306,8 @@ def train_segmentation(
     state = _RunState(run=run, meta=meta)
     history = TrainingHistory(run.path)
     ckpt_dir = run.checkpoints
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     def models() -> dict[str, nn.Module]:
         out = {"student": net}
@@ -338,6 +342,8 @@ def train_segmentation(
     checkpointer = ResumableCheckpointer(ckpt_dir, cfg.train.checkpoint.keep_last)
 
     def save_last(engine: Engine) -> None:
+        if not is_main_process():
+            return  # under torchrun only rank 0 writes
         if engine.state.iteration == state.last_saved_iteration:
             return  # an every-N-iterations save that coincided with the epoch end
         checkpointer.save(resumable_payload(engine), engine.state.iteration)
@@ -390,7 +396,9 @@ def train_segmentation(
             row["train_loss" if key == "loss" else key] = total / count
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - state.epoch_start, 2)
-        if val_data and (epoch % cfg.train.val_every == 0 or epoch == max_epochs):
+        # Under torchrun rank 0 validates alone (the others go on and wait for it at the next
+        # gradient all-reduce): only its best.pt and history are written.
+        if val_data and is_main_process() and (epoch % cfg.train.val_every == 0 or epoch == max_epochs):
             _validate_and_keep_best(engine, row)
         elif not val_data:
             # No validation studies: the newest model is the best one there is. With TCSM that
@@ -398,7 +406,8 @@ def train_segmentation(
             name = "teacher" if "teacher" in models() else "student"
             _save_best(engine, models()[name], name, math.nan, epoch)
         state.history.append(row)
-        _write_history(history, state.history, plot=("val_dice" in row) or epoch == max_epochs)
+        if is_main_process():
+            _write_history(history, state.history, plot=("val_dice" in row) or epoch == max_epochs)
         save_last(engine)
 
     def _validate_and_keep_best(engine: Engine, row: dict[str, Any]) -> None:
@@ -425,11 +434,12 @@ def train_segmentation(
     def _save_best(engine: Engine, model: nn.Module, name: str, value: float, epoch: int) -> None:
         state.best_value, state.best_model, state.best_epoch = value, name, epoch
         best_meta = dict(meta, best_value=None if math.isnan(value) else float(value), model_name=name, epoch=epoch)
-        save_checkpoint({"model": model.state_dict(), "meta": best_meta}, ckpt_dir / "best.pt")
+        if is_main_process():
+            save_checkpoint({"model": model.state_dict(), "meta": best_meta}, ckpt_dir / "best.pt")
         if not math.isnan(value):
             log.info("epoch %d: new best %s %.4f (%s) saved", epoch, BEST_METRIC, value, name)
 
-    if progress:
+    if progress and is_main_process():
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(
@@ -442,7 +452,8 @@ def train_segmentation(
         trainer.run()
 
     best_path = ckpt_dir / "best.pt"
-    if not best_path.is_file():  # pragma: no cover - every completed epoch writes it
+    barrier()  # the other ranks may read rank 0's checkpoints once they are written
+    if is_main_process() and not best_path.is_file():  # pragma: no cover - every completed epoch writes it
         raise CheckpointError(f"{best_path}: training finished without a best checkpoint")
     return TrainingResult(
         best_checkpoint=best_path,

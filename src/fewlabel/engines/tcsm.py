@@ -33,6 +33,7 @@ from fewlabel.engines.ramps import sigmoid_rampup
 from fewlabel.errors import CheckpointError, DataError
 from fewlabel.losses.consistency import ConsistencyLoss
 from fewlabel.transforms.consistency import apply_per_sample, sample_transforms
+from fewlabel.utils.distributed import unwrap_model
 
 __all__ = ["TCSMTrainer"]
 
@@ -98,7 +99,9 @@ class TCSMTrainer(Trainer):
         labeled_loader: iterable of labelled batches (dicts with ``image`` and ``label``).
         unlabeled_loader: iterable of unlabelled batches (dicts with ``image``; a ``label`` is
             ignored), or ``None``.
-        student: the network being trained; it outputs logits ``(N, K, ...)``.
+        student: the network being trained; it outputs logits ``(N, K, ...)``. It may be a
+            ``DistributedDataParallel`` wrapper: the teacher and the saved state use the
+            wrapped network.
         optimizer: optimizer over the student's parameters.
         supervised_loss: ``loss(logits, label)`` on the labelled batch.
         tcsm: TCSM settings (weights, ramp-up, EMA, transformations).
@@ -211,7 +214,7 @@ class TCSMTrainer(Trainer):
             if teacher is not None:
                 self.ema.ema_model = teacher
         elif teacher is None:
-            teacher = deepcopy(student)
+            teacher = deepcopy(unwrap_model(student))
         teacher = self.ema.ema_model if self.ema is not None else teacher
         assert teacher is not None
         teacher.requires_grad_(False)
@@ -365,7 +368,8 @@ class TCSMTrainer(Trainer):
         warmup = getattr(self.ema, "momentum_scheduler", None) if self.ema is not None else None
         return {
             "engine": dict(Engine.state_dict(self)),
-            "student": self.student.state_dict(),
+            # The bare network's weights: a DistributedDataParallel student would prefix "module.".
+            "student": unwrap_model(self.student).state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
@@ -401,7 +405,7 @@ class TCSMTrainer(Trainer):
             engine_state["epoch_length"] = self.state.epoch_length
         try:
             Engine.load_state_dict(self, engine_state)
-            self.student.load_state_dict(state_dict["student"])
+            unwrap_model(self.student).load_state_dict(state_dict["student"])
             self.teacher.load_state_dict(state_dict["teacher"])
         except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"cannot restore the TCSM trainer: {err}") from err

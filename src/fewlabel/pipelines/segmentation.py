@@ -81,7 +81,9 @@ def train(cfg: SegmentationExperiment, run: RunDir, resume: bool = False) -> dic
         DataError: for unreadable or inconsistent data; every study of every split is checked
             before the first training step.
     """
-    device = _device(cfg.run.device)
+    from fewlabel.utils.distributed import rank_device
+
+    device = rank_device(_device(cfg.run.device))
     with _torch_threads(cfg.run.num_threads):
         return _train(cfg, run, resume, device)
 
@@ -104,6 +106,7 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     from fewlabel.data.slices import build_volume_dataset, records_spatial_dims
     from fewlabel.engines.segmentation import train_segmentation
     from fewlabel.networks.segmentation import build_segmentation_net, size_divisor
+    from fewlabel.utils.distributed import is_main_process
     from fewlabel.utils.runtime import seed_everything
 
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -165,6 +168,9 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     }
     if not records:
         log.warning("no test or validation studies: skipping the final evaluation")
+        return out
+    if not is_main_process():
+        out["eval_split"] = None  # under torchrun the final evaluation is rank 0's alone
         return out
     model = load_segmentation_model(result.best_checkpoint, device)
     eval_dir = run.path / "eval"
@@ -267,17 +273,20 @@ def _loader(
 
     from fewlabel.data.sampling import ResumableSampler
     from fewlabel.data.slices import build_training_dataset
+    from fewlabel.utils.distributed import per_rank_batch_size, rank, world_size
 
     dataset = build_training_dataset(records, cfg, train=True, labeled=labeled, classes=classes)
     if len(dataset) == 0:
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
+    # batch_size is the global batch: under torchrun each rank loads its share of every batch.
     sampler = ResumableSampler(
-        len(dataset), seed=cfg.run.seed + (0 if labeled else 7919), num_samples=iterations * batch_size
+        len(dataset), seed=cfg.run.seed + (0 if labeled else 7919), num_samples=iterations * batch_size,
+        num_replicas=world_size(), rank=rank(),
     )
     return DataLoader(
         _SeededSamples(dataset),
-        batch_size=batch_size,
+        batch_size=per_rank_batch_size(batch_size, "train.batch_size" if labeled else "tcsm.unlabeled_batch_size"),
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
