@@ -195,3 +195,71 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     for key in ("n", "accuracy", "balanced_accuracy", "kappa", "auc", "loss"):
         _assert_close(m1[key], m2[key], f"metrics {key}")
     assert m1["confusion_matrix"] == m2["confusion_matrix"]
+
+
+def test_resume_position_converts_between_process_counts() -> None:
+    from fewlabel.data.sampling import ResumableSampler
+
+    # An epoch of 12 samples in global batches of 4, interrupted after one iteration.
+    single = ResumableSampler(12, seed=5)
+    single.resume(epoch=0, samples_done=1 * 4)
+    rest = list(single)
+    shards = []
+    for r in range(2):
+        sampler = ResumableSampler(12, seed=5, num_replicas=2, rank=r)
+        # What the engine does: global batches done x global batch / processes.
+        sampler.resume(epoch=0, samples_done=1 * 4 // 2)
+        shards.append(list(sampler))
+    # The two ranks together continue with exactly the samples (and augmentation seeds) one
+    # process would have drawn next.
+    assert [s for pair in zip(*shards, strict=True) for s in pair] == rest
+
+
+def _collectives(local_rank: int) -> None:
+    from fewlabel.errors import ConfigError
+    from fewlabel.utils.distributed import (
+        gather_sharded,
+        is_main_process,
+        per_rank_batch_size,
+        rank,
+        world_size,
+    )
+
+    assert world_size() == 2 and is_main_process() == (rank() == 0)
+    # Five rows dealt round-robin: rank 0 holds 0, 2, 4 and rank 1 holds 1, 3.
+    local = torch.tensor([[float(i), -float(i)] for i in range(rank(), 5, 2)])
+    assert gather_sharded(local, 5).tolist() == [[float(i), -float(i)] for i in range(5)]
+    assert per_rank_batch_size(8) == 4
+    with pytest.raises(ConfigError, match="multiple of the 2"):
+        per_rank_batch_size(5)
+
+
+@pytest.mark.slow
+def test_gather_and_batch_split_on_two_processes() -> None:
+    import ignite.distributed as idist
+
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_collectives)
+
+
+def test_single_process_helpers_are_no_ops() -> None:
+    from torch import nn
+
+    from fewlabel.utils.distributed import (
+        gather_sharded,
+        is_main_process,
+        per_rank_batch_size,
+        rank_zero_only,
+        unwrap_model,
+        world_size,
+        wrap_model,
+    )
+
+    assert world_size() == 1 and is_main_process()
+    assert per_rank_batch_size(5) == 5
+    rows = torch.arange(6.0).view(3, 2)
+    assert gather_sharded(rows, 3) is rows
+    net = nn.Linear(2, 2)
+    assert wrap_model(net, torch.device("cpu"), sync_bn=True) is net
+    assert unwrap_model(nn.DataParallel(net)) is net
+    assert rank_zero_only(lambda: "written")() == "written"

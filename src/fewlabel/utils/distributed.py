@@ -297,8 +297,12 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     if expected < per_rank:
         pad = local.new_zeros((per_rank - expected, *local.shape[1:]))
         local = torch.cat([local, pad])
+    source_device = local.device
+    if idist.backend() == "nccl":
+        local = local.to(idist.device())  # NCCL gathers GPU tensors only
     gathered = idist.all_gather(local.contiguous())
     assert isinstance(gathered, torch.Tensor)
+    gathered = gathered.to(source_device)
     # (W * m, ...) in rank order -> (m, W, ...) interleaved -> global order.
     ordered = gathered.reshape(n, per_rank, *local.shape[1:]).transpose(0, 1).reshape(n * per_rank, *local.shape[1:])
     return ordered[:total]
