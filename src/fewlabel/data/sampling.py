@@ -16,6 +16,7 @@ random states, which is what makes resumed augmentations identical.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -142,6 +143,9 @@ class SeededDataset(Dataset):
         sample = self.data[index]
         if self.transform is None:
             return sample
+        # A cached sample must survive its augmentation: some MONAI transforms (channel-wise
+        # normalisation among them) write into their input, which would compound every epoch.
+        sample = copy.deepcopy(sample)
         if seed is not None and isinstance(self.transform, Randomizable):
             self.transform.set_random_state(seed=seed % 2**32)
         if isinstance(self.transform, Compose):
