@@ -23,7 +23,7 @@ e. CUDA only: classifier training with AMP on and off (images/s and
 
 Usage::
 
-    python scripts/bench.py                 # full run (about 10-20 minutes on 2 CPU cores)
+    python scripts/bench.py                 # full run (about 11 minutes on 2 busy CPU cores)
     python scripts/bench.py --quick         # smoke run at toy sizes (a minute or two)
     python scripts/bench.py --json bench.json --only a c
 
