@@ -116,3 +116,7 @@ def test_cropped_slices_need_a_slice_size():
         {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True, "slice_size": [64, 64]}}
     )
     assert cfg.preprocess.slice_size == (64, 64)
+    one = parse_config(
+        {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True}, "train": {"batch_size": 1}}
+    )
+    assert one.preprocess.slice_size is None

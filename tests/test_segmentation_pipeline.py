@@ -173,7 +173,11 @@ def test_prediction_overlays_a_reoriented_cropped_study_voxel_for_voxel(tmp_path
     nib.save(nib.Nifti1Image(hu, affine), study)
 
     # Window [-1000, 400]: -800 HU -> 0.14, 100 HU -> 0.79; the net marks values above 0.5.
-    raw = {"preprocess": {"orientation": "RAS", "crop_foreground": True}, "input": {"mode": "2.5d", "slab": 3, "axis": 2}}
+    raw = {
+        "preprocess": {"orientation": "RAS", "crop_foreground": True},
+        "input": {"mode": "2.5d", "slab": 3, "axis": 2},
+        "train": {"batch_size": 1},  # cropped slices keep their own size
+    }
     labels, probs, reference = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
     assert labels.shape == hu.shape and probs.shape == (2, *hu.shape)
     np.testing.assert_array_equal(labels, (hu > 0).astype(np.uint8))

@@ -255,9 +255,10 @@ class SegmentationExperiment(StrictModel):
     def _slices_stack(self) -> SegmentationExperiment:
         # Cropping to the foreground gives every study its own in-plane size; slices can only
         # be batched when they are resized to one size.
-        if self.input.mode != "3d" and self.preprocess.crop_foreground and self.preprocess.slice_size is None:
+        cropped = self.input.mode != "3d" and self.preprocess.crop_foreground
+        if cropped and self.preprocess.slice_size is None and self.train.batch_size > 1:
             raise ValueError(
                 "preprocess.slice_size must be set when preprocess.crop_foreground is on in 2D/2.5D mode "
-                "(cropped slices differ in size and cannot be batched)"
+                "(cropped slices differ in size and cannot be batched), or train.batch_size must be 1"
             )
         return self
