@@ -127,3 +127,54 @@ def test_modes_that_do_not_fit_the_data_are_refused():
         )
     with pytest.raises(ValueError, match="channel-first"):
         predict_volume(CentreChannelNet(), torch.rand(8, 8, 8), InputConfig(), SegmentationEval(), 3, "cpu")
+
+
+class _PixelwiseNet(nn.Module):
+    """A 1x1 convolution: equivariant to every rotation and flip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _ShiftedNet(nn.Module):
+    """Looks one pixel to the right: not equivariant, so test-time augmentation changes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        right = torch.roll(x, shifts=-1, dims=-1)
+        return torch.cat([x, right, x - right], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["2d", "2.5d"])
+def test_tta_keeps_equivariant_predictions_and_shapes(mode):
+    volume = torch.rand(1, 7, 10, 3)  # non-square slices
+    net = _PixelwiseNet()
+    if mode == "2.5d":
+        net.conv = nn.Conv2d(3, 3, 1)
+    cfg = InputConfig(mode=mode, slab=3 if mode == "2.5d" else 1)
+    plain = predict_volume(net, volume, cfg, SegmentationEval(), 3, "cpu")
+    tta = predict_volume(net, volume, cfg, SegmentationEval(tta=True), 3, "cpu")
+    assert tta.shape == plain.shape == (3, 7, 10, 3)
+    torch.testing.assert_close(tta, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_tta_averages_the_eight_views():
+    image = torch.rand(1, 6, 6)
+    cfg = InputConfig(mode="2d")
+    plain = predict_volume(_ShiftedNet(), image, cfg, SegmentationEval(), 2, "cpu")
+    tta = predict_volume(_ShiftedNet(), image, cfg, SegmentationEval(tta=True), 2, "cpu")
+    assert not torch.allclose(tta, plain)
+    torch.testing.assert_close(tta.sum(0), torch.ones(6, 6))
+    views = []
+    for k in range(4):
+        for flip in (False, True):
+            x = torch.rot90(image[None], k, (2, 3))
+            x = x.flip(3) if flip else x
+            p = torch.softmax(_ShiftedNet()(x), 1)
+            p = p.flip(3) if flip else p
+            views.append(torch.rot90(p, -k, (2, 3)))
+    torch.testing.assert_close(tta, torch.stack(views).mean(0)[0])

@@ -225,6 +225,8 @@ class SegmentationEval(StrictModel):
         save_probabilities: also write per-class probability maps.
         sw_batch_size: sliding-window batch size (3D).
         sw_overlap: sliding-window overlap (3D).
+        tta: average 2D/2.5D predictions over the eight in-plane rotations and flips (8× the
+            prediction time; 3D sliding-window prediction ignores it).
         merge: extra classes scored as the union of label values, e.g. ``{infection: [1, 2]}``
             (reported beside the configured classes, left out of the foreground mean).
     """
@@ -233,6 +235,7 @@ class SegmentationEval(StrictModel):
     save_probabilities: bool = False
     sw_batch_size: int = Field(4, ge=1)
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    tta: bool = False
     merge: dict[str, list[int]] = {}
 
 

@@ -45,6 +45,9 @@ def predict_volume(
 ) -> torch.Tensor:
     """Predict class probabilities for a whole (preprocessed) study.
 
+    With ``eval_cfg.tta`` (2D and 2.5D), each slice's probabilities are averaged over the eight
+    in-plane rotations and flips.
+
     Args:
         net: the segmentation network (logits out); put in eval mode for the call and
             returned to its previous mode afterwards.
@@ -85,12 +88,12 @@ def predict_volume(
                     raise ConfigError(
                         f"input.mode is {input_cfg.mode!r} but the study is a 2D image; 2D images need mode '2d'"
                     )
-                probs = _predict_slices(net, image[None], device, slice_size, size_divisor)[0]
+                probs = _predict_slices(net, image[None], device, slice_size, size_divisor, eval_cfg.tta)[0]
             elif input_cfg.mode == "3d":
                 probs = _predict_3d(net, image, input_cfg, eval_cfg, device, size_divisor)
             else:
                 probs = _predict_volume_by_slice(
-                    net, image, input_cfg, device, slice_size, size_divisor, slice_batch_size
+                    net, image, input_cfg, device, slice_size, size_divisor, slice_batch_size, eval_cfg.tta
                 )
     finally:
         net.train(was_training)
@@ -138,6 +141,7 @@ def _predict_volume_by_slice(
     slice_size: tuple[int, int] | None,
     size_divisor: int,
     slice_batch_size: int,
+    tta: bool = False,
 ) -> torch.Tensor:
     from fewlabel.data.slices import extract_slab
 
@@ -148,7 +152,7 @@ def _predict_volume_by_slice(
     for start in range(0, n_slices, max(1, slice_batch_size)):
         indices = range(start, min(start + slice_batch_size, n_slices))
         batch = torch.stack([extract_slab(volume, i, slab, axis) for i in indices])
-        probs = _predict_slices(net, batch, device, slice_size, size_divisor)
+        probs = _predict_slices(net, batch, device, slice_size, size_divisor, tta)
         if out is None:
             shape = list(volume.shape)
             shape[0] = probs.shape[1]
@@ -167,19 +171,35 @@ def _predict_slices(
     device: torch.device,
     slice_size: tuple[int, int] | None,
     size_divisor: int,
+    tta: bool = False,
 ) -> torch.Tensor:
-    """Probabilities ``(B, K, H, W)`` on the CPU for a CPU batch ``(B, C, H, W)``."""
+    """Probabilities ``(B, K, H, W)`` on the CPU for a CPU batch ``(B, C, H, W)``.
+
+    With ``tta`` the probabilities are averaged over the eight in-plane rotations and flips
+    (each prediction mapped back with the inverse transform), the same group TCSM trains on.
+    """
+    from fewlabel.transforms.consistency import InPlaneTransform
+
     height, width = batch.shape[-2:]
     x = batch.to(device)
     if slice_size is not None and (height, width) != tuple(slice_size):
         x = F.interpolate(x, size=tuple(slice_size), mode="bilinear", align_corners=False)
+    transforms = [InPlaneTransform(k, flip) for k in range(4) for flip in (False, True)] if tta else []
+    probs = _softmax_padded(net, x, size_divisor)
+    for t in transforms[1:]:  # the first is the identity, already computed
+        probs += t.inverse(_softmax_padded(net, t(x), size_divisor))
+    if transforms:
+        probs /= len(transforms)
+    if probs.shape[-2:] != (height, width):
+        # Interpolating probabilities (not logits) keeps them summing to one.
+        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+    return probs.cpu()
+
+
+def _softmax_padded(net: nn.Module, x: torch.Tensor, size_divisor: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     logits = _plain(net(x))[..., :h, :w].float()
-    probs = torch.softmax(logits, dim=1)
-    if probs.shape[-2:] != (height, width):
-        # Interpolating probabilities (not logits) keeps them summing to one.
-        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
-    return probs.cpu()
+    return torch.softmax(logits, dim=1)
