@@ -104,6 +104,12 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     # Without --data: the checkpoint's own dataset and its held-out test patient.
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir), "--overwrite"]) == 0
     assert [c["case"] for c in json.loads((report_dir / "summary.json").read_text())["metric_per_case"]] == [case]
+    # Evaluation settings can change after training (test-time augmentation); training settings cannot.
+    tta_dir = tmp_path / "eval_tta"
+    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tta_dir), "--set", "eval.tta=true"]) == 0
+    assert (tta_dir / "summary.json").is_file()
+    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tmp_path / "x"), "--set", "train.lr=1"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):

@@ -122,10 +122,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
         result = _pipeline(task).evaluate(
-            Path(args.checkpoint), args.data, Path(args.output), split=args.split, overwrite=args.overwrite
+            Path(args.checkpoint), args.data, Path(args.output), split=args.split, overwrite=args.overwrite,
+            **_eval_overrides(task, args.set),
         )
     print(f"report: {result['report']}")
     return 0
+
+
+def _eval_overrides(task: str, items: list[str]) -> dict:
+    if not items:
+        return {}
+    if task != "segmentation":
+        raise FewLabelError("--set after training applies to segmentation checkpoints (eval.* keys)")
+    return {"eval_overrides": list(items)}
 
 
 def _parse_merge(items: list[str]) -> dict[str, list[int]] | None:
@@ -146,7 +155,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
     out = _pipeline(task).predict(
-        Path(args.checkpoint), [Path(p) for p in args.inputs], Path(args.output), overwrite=args.overwrite
+        Path(args.checkpoint), [Path(p) for p in args.inputs], Path(args.output), overwrite=args.overwrite,
+        **_eval_overrides(task, args.set),
     )
     print(f"predictions: {out}")
     return 0
@@ -215,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score the union of label values, e.g. infection=1,2",
     )
     p.add_argument("--output", required=True, help="folder for metrics and report")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="eval.KEY=VALUE",
+        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -222,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model checkpoint")
     p.add_argument("inputs", nargs="+", help="images, folders of images, a .txt list, or studies")
     p.add_argument("--output", required=True, help="CSV file (classification) or folder (segmentation)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="eval.KEY=VALUE",
+        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_predict)
 

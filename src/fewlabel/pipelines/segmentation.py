@@ -349,12 +349,16 @@ class LoadedModel:
         self.path = path
 
 
-def load_segmentation_model(checkpoint: str | Path, device: torch.device | str | None = None) -> LoadedModel:
+def load_segmentation_model(
+    checkpoint: str | Path, device: torch.device | str | None = None, eval_overrides: list[str] | None = None
+) -> LoadedModel:
     """Rebuild a network from a checkpoint written by segmentation training.
 
     Args:
         checkpoint: ``best.pt`` (or ``last.pt``) of a segmentation run.
         device: where to run; default the config's ``run.device``.
+        eval_overrides: ``eval.KEY=VALUE`` changes to the stored config's evaluation section
+            (e.g. ``eval.tta=true``); other sections describe how the model was trained and stay.
 
     Returns:
         The :class:`LoadedModel`.
@@ -376,9 +380,19 @@ def load_segmentation_model(checkpoint: str | Path, device: torch.device | str |
             raise CheckpointError(f"{path}: checkpoint metadata lacks {key!r}")
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: holds no model weights")
+    stored = meta["config"]
+    if eval_overrides:
+        from fewlabel.config import apply_overrides
+
+        outside = [o for o in eval_overrides if not o.startswith("eval.")]
+        if outside:
+            raise ConfigError(f"--set {outside[0]!r}: only eval.* keys can change after training")
+        stored = apply_overrides(stored, eval_overrides)
     try:
-        cfg = parse_config(meta["config"], source=f"{path} (stored config)")
+        cfg = parse_config(stored, source=f"{path} (stored config)")
     except ConfigError as err:
+        if eval_overrides:
+            raise
         raise CheckpointError(str(err)) from err
     device = _device(cfg.run.device) if device is None else torch.device(device)
     net = build_segmentation_net(
@@ -612,7 +626,12 @@ def _source_axis(affine: np.ndarray, cfg: SegmentationExperiment, spatial_dims: 
 
 
 def evaluate(
-    checkpoint: Path, data: str | None, output: Path, split: str = "test", overwrite: bool = False
+    checkpoint: Path,
+    data: str | None,
+    output: Path,
+    split: str = "test",
+    overwrite: bool = False,
+    eval_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Score a trained model on a labelled dataset split.
 
@@ -625,6 +644,7 @@ def evaluate(
         output: the report folder (must not exist unless ``overwrite``).
         split: ``train``, ``val``, ``test`` or ``all``.
         overwrite: replace an existing report folder.
+        eval_overrides: ``eval.KEY=VALUE`` changes (test-time augmentation, merged classes...).
 
     Returns:
         ``{"report": path, "summary": summary dict}``.
@@ -637,7 +657,7 @@ def evaluate(
 
     if split not in _SPLITS:
         raise ConfigError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
-    model = load_segmentation_model(checkpoint)
+    model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
     cfg = model.cfg
     if data is None:
         data_cfg = cfg.data
@@ -707,7 +727,9 @@ def evaluate_masks(
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool = False) -> Path:
+def predict(
+    checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool = False, eval_overrides: list[str] | None = None
+) -> Path:
     """Write a mask for every study given, on the study's own voxel grid.
 
     Volumes give ``<case>.nii.gz`` (the source's affine and shape), 2D images ``<case>.png``.
@@ -730,7 +752,7 @@ def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool 
         DataError: for missing or unreadable inputs, duplicate case names, outputs that exist
             already (without ``overwrite``) or an output folder inside an input folder.
     """
-    model = load_segmentation_model(checkpoint)
+    model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
     studies = collect_studies(inputs)
     output = Path(output)
     _refuse_inside_inputs(output, [p if p.is_dir() else p.parent for p in studies])
