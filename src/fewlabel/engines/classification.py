@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1023,7 +1024,9 @@ def _run_stage(
             ctx.history.rows.append(dict(row))
         save_last(engine, at_epoch_end=True)
 
-    if progress and is_main_process():
+    # A bar redrawn every iteration only helps on a terminal; in a log file it would add a
+    # line per iteration, and the per-epoch log lines already report progress there.
+    if progress and is_main_process() and sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False, desc=stage).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -439,7 +440,9 @@ def train_segmentation(
         if not math.isnan(value):
             log.info("epoch %d: new best %s %.4f (%s) saved", epoch, BEST_METRIC, value, name)
 
-    if progress and is_main_process():
+    # A bar redrawn every iteration only helps on a terminal; in a log file it would add a
+    # line per iteration, and the per-epoch log lines already report progress there.
+    if progress and is_main_process() and sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(
