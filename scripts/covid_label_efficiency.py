@@ -39,6 +39,24 @@ ARMS = {
 PUBLISHED = {"Semi-Inf-Net (50 + 1600)": {"infection": 0.739, "ggo": 0.646, "consolidation": 0.362}}
 
 
+def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None = None) -> dict:
+    """Read one finished arm's test Dice from its run folder.
+
+    Args:
+        name: arm name (key of ``ARMS``).
+        seed: run seed.
+        output_dir: the study's output folder.
+        minutes: wall time of the arm, when known.
+
+    Returns:
+        Dice per class (GGO, consolidation, infection) and the arm's settings.
+    """
+    arm = ARMS[name]
+    summary = json.loads((Path(output_dir) / f"{name}-seed{seed}" / "eval" / "summary.json").read_text())
+    dice = {cls: summary["mean"][idx]["Dice"] for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))}
+    return {"arm": name, "seed": seed, "labels": arm["labels"], "tcsm": arm["tcsm"], "minutes": minutes, **dice}
+
+
 def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Train and score one arm.
 
@@ -82,9 +100,7 @@ def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
     minutes = (time.perf_counter() - start) / 60
     if status != 0:
         raise SystemExit(f"arm {name} failed (exit {status})")
-    summary = json.loads((Path(args.output_dir) / run_name / "eval" / "summary.json").read_text())
-    dice = {cls: summary["mean"][idx]["Dice"] for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))}
-    return {"arm": name, "seed": seed, "labels": arm["labels"], "tcsm": arm["tcsm"], "minutes": round(minutes, 2), **dice}
+    return read_arm(name, seed, args.output_dir, round(minutes, 2))
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -139,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--output-dir", default="runs/covid-study")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides KEY=VALUE")
+    parser.add_argument(
+        "--collect", action="store_true", help="train nothing: tabulate and plot the arms already in --output-dir"
+    )
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"COVID-SemiSeg not found at {args.data}", file=sys.stderr)
@@ -148,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in args.seeds:
         for name in args.arms:
-            results.append(run_arm(name, seed, args))
+            results.append(read_arm(name, seed, out) if args.collect else run_arm(name, seed, args))
             (out / "study.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
     plot(results, out / "dice_vs_labels.png")
     print("\n| arm | labelled | seed | infection | GGO | consolidation | minutes |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
+        minutes = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         print(f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['infection']:.3f} | {r['ggo']:.3f} | "
-              f"{r['consolidation']:.3f} | {r['minutes']:.1f} |")
+              f"{r['consolidation']:.3f} | {minutes} |")
     for name, v in PUBLISHED.items():
         print(f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – |")
     return 0
