@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}; wall time {minutes:.1f} min")
     print("| model | test AUC | test ACC |")
     print("|---|---|---|")
-    print(f"| fewlabel GoogLeNet (64 px, from scratch) | {m['auc']:.3f} | {m['accuracy']:.3f} |")
+    import yaml
+
+    size = yaml.safe_load((run / "config.yaml").read_text())["model"]["image_size"]
+    print(f"| fewlabel GoogLeNet ({size} px, from scratch) | {m['auc']:.3f} | {m['accuracy']:.3f} |")
     for name, (auc, acc) in PUBLISHED.items():
         print(f"| {name} | {auc:.3f} | {acc:.3f} |")
     summary = {"auc": m["auc"], "accuracy": m["accuracy"], "kappa": m.get("kappa"), "minutes": round(minutes, 2)}
