@@ -5,12 +5,15 @@ Everything here writes into a folder the test owns (``tmp_path``); nothing is do
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -198,3 +201,20 @@ def snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def checkpoint_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested checkpoint dict/list, by dotted path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(checkpoint_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def history_without_timing(history: bytes) -> list[dict]:
+    """Rows of a history.csv without wall-clock columns, the one thing allowed to differ between runs."""
+    rows = list(csv.DictReader(io.StringIO(history.decode())))
+    return [{k: v for k, v in row.items() if k not in ("seconds", "time", "duration")} for row in rows]

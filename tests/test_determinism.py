@@ -8,44 +8,24 @@ The evaluation files must be byte-identical and every tensor of the final checkp
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from _factories import tiny_classification_config, tiny_segmentation_config, write_config
+from _factories import (
+    checkpoint_tensors,
+    history_without_timing,
+    tiny_classification_config,
+    tiny_segmentation_config,
+    write_config,
+)
 from fewlabel.cli import main
 from fewlabel.data.synthetic_ct import make_synthetic_ct
 from fewlabel.data.synthetic_fundus import make_synthetic_fundus
 from fewlabel.engines.checkpoint import load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag() -> Iterator[None]:
-    # run.deterministic switches torch's global flag on; later tests should not inherit it.
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in a nested checkpoint dict/list, by dotted path."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
-    out: dict[str, torch.Tensor] = {}
-    for key, value in items:
-        out.update(_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _without_timing(history: bytes) -> list[dict]:
-    """Rows of a history.csv without wall-clock columns, the one thing allowed to differ."""
-    rows = list(csv.DictReader(io.StringIO(history.decode())))
-    return [{k: v for k, v in row.items() if k not in ("seconds", "time", "duration")} for row in rows]
+pytestmark = pytest.mark.usefixtures("restore_determinism_flag")
 
 
 def _train_twice(config: Path, run: Path, patterns: list[str]) -> tuple[dict, dict]:
@@ -60,9 +40,9 @@ def _train_twice(config: Path, run: Path, patterns: list[str]) -> tuple[dict, di
             assert found, f"no {pattern} in {run}"
             outputs.update({p.relative_to(run).as_posix(): p.read_bytes() for p in found})
         if "history.csv" in outputs:
-            outputs["history.csv"] = _without_timing(outputs["history.csv"])
+            outputs["history.csv"] = history_without_timing(outputs["history.csv"])
         weights = {
-            name: _tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
+            name: checkpoint_tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
             for name in ("best.pt", "last.pt")
         }
         results.append((outputs, weights))

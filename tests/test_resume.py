@@ -20,8 +20,6 @@ which fewlabel promises bitwise reproducibility.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -30,13 +28,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from _factories import tiny_classification_config, tiny_segmentation_config, write_config
+from _factories import (
+    checkpoint_tensors,
+    history_without_timing,
+    tiny_classification_config,
+    tiny_segmentation_config,
+    write_config,
+)
 from fewlabel.cli import main
 from fewlabel.data.synthetic_ct import make_synthetic_ct
 from fewlabel.data.synthetic_fundus import make_synthetic_fundus
@@ -47,29 +50,7 @@ _NUMBERED = re.compile(r"^last-(\d+)\.pt$")
 _KILL_TIMEOUT_S = 120.0
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag() -> Iterator[None]:
-    # run.deterministic switches torch's global flag on; later tests should not inherit it.
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in a nested checkpoint dict/list, by dotted path."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
-    out: dict[str, torch.Tensor] = {}
-    for key, value in items:
-        out.update(_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _without_timing(history: bytes) -> list[dict]:
-    """Rows of a history.csv without its wall-clock column, the one thing allowed to differ."""
-    rows = list(csv.DictReader(io.StringIO(history.decode())))
-    return [{k: v for k, v in row.items() if k not in ("seconds", "time", "duration")} for row in rows]
+pytestmark = pytest.mark.usefixtures("restore_determinism_flag")
 
 
 def _results(run: Path, patterns: list[str]) -> tuple[dict[str, object], dict[str, dict[str, torch.Tensor]]]:
@@ -79,9 +60,9 @@ def _results(run: Path, patterns: list[str]) -> tuple[dict[str, object], dict[st
         found = sorted(run.glob(pattern))
         assert found, f"no {pattern} in {run}"
         files.update({p.relative_to(run).as_posix(): p.read_bytes() for p in found})
-    files["history.csv"] = _without_timing(files["history.csv"])  # type: ignore[arg-type]
+    files["history.csv"] = history_without_timing(files["history.csv"])  # type: ignore[arg-type]
     weights = {
-        name: _tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
+        name: checkpoint_tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
         for name in ("best.pt", "last.pt")
     }
     return files, weights
