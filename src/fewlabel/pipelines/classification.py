@@ -26,6 +26,7 @@ import torch
 from fewlabel.config.classification import ClassificationAugment, ClassificationExperiment
 from fewlabel.errors import ConfigError, DataError, FewLabelError
 from fewlabel.runs import RunDir
+from fewlabel.utils.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,6 @@ __all__ = ["evaluate", "predict", "train"]
 
 EVAL_DIR = "eval"
 _GALLERY_MAX_SIDE = 256
-
-
-@contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    """Use ``n`` torch CPU threads inside the block (0: leave as is), then restore."""
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(previous)
 
 
 def _configure_runtime(cfg: ClassificationExperiment) -> torch.device:
@@ -79,7 +67,7 @@ def train(cfg: ClassificationExperiment, run: RunDir, resume: bool = False) -> d
         ConfigError: if a setting cannot be honoured on this machine.
         CheckpointError: if resuming from an unusable checkpoint.
     """
-    with _num_threads(cfg.run.num_threads):
+    with torch_threads(cfg.run.num_threads):
         return _train(cfg, run, resume)
 
 

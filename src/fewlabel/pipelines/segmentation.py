@@ -22,8 +22,7 @@ import io
 import logging
 import math
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from fewlabel.config.segmentation import SegmentationData, SegmentationExperimen
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.runs import RunDir
 from fewlabel.utils.files import atomic_write, atomic_write_text
+from fewlabel.utils.runtime import torch_threads
 
 if TYPE_CHECKING:
     from fewlabel.data.segmentation import SegmentationDatalist
@@ -84,21 +84,8 @@ def train(cfg: SegmentationExperiment, run: RunDir, resume: bool = False) -> dic
     from fewlabel.utils.distributed import rank_device
 
     device = rank_device(_device(cfg.run.device))
-    with _torch_threads(cfg.run.num_threads):
+    with torch_threads(cfg.run.num_threads):
         return _train(cfg, run, resume, device)
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Use ``run.num_threads`` CPU threads (0: torch's default) for the duration of a call."""
-    threads = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        # The thread count is process-wide; a library call leaves it as it found it.
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch.device) -> dict[str, Any]:
@@ -683,7 +670,7 @@ def evaluate(
         )
     _refuse_inside_inputs(output, [Path(data_cfg.path)])
     _prepare_output(Path(output), overwrite)
-    with _torch_threads(cfg.run.num_threads):
+    with torch_threads(cfg.run.num_threads):
         result = evaluate_studies(
             model,
             records,
@@ -773,7 +760,7 @@ def predict(
 
     preprocessing = build_preprocessing(model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims)
     rows = []
-    with _torch_threads(model.cfg.run.num_threads):
+    with torch_threads(model.cfg.run.num_threads):
         for name, path in zip(names, studies, strict=True):
             labels, probs, reference = predict_study(model, path, preprocessing)
             mask_path = write_mask(labels, reference, output / planned[name][0])

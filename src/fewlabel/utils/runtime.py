@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -27,6 +29,28 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Use ``count`` torch CPU threads inside the block (0: torch's default), then restore.
+
+    The thread count is process-wide; a library call leaves it as it found it.
+
+    Args:
+        count: ``run.num_threads``.
+
+    Yields:
+        Nothing.
+    """
+    previous = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count > 0:
+            torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
