@@ -155,3 +155,17 @@ def test_half_precision_input_does_not_overflow():
     loss = ContinuousDiceLoss()(logits, target)
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(0.0, abs=1e-4)  # the prediction covers the truth exactly
+
+
+def test_loss_config_reaches_the_loss():
+    from fewlabel.config.segmentation import SegmentationLoss
+    from fewlabel.engines.segmentation import build_loss
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 3, 8, 8, generator=gen)
+    labels = torch.randint(0, 3, (3, 1, 8, 8), generator=gen)
+    cfg = SegmentationLoss(include_background=True, ce_weight=0.5, batch=True)
+    expected = ContinuousDiceLoss(include_background=True, ce_weight=0.5, batch=True)(logits, labels)
+    assert build_loss(cfg)(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    per_sample = build_loss(SegmentationLoss(include_background=True, ce_weight=0.5))(logits, labels)
+    assert per_sample.item() != pytest.approx(expected.item(), rel=1e-6)

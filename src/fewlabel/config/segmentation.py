@@ -136,10 +136,14 @@ class SegmentationLoss(StrictModel):
     Attributes:
         include_background: count the background class in the Dice term.
         ce_weight: weight of the cross-entropy term (0 disables it).
+        batch: compute the Dice term over the whole batch per class (as
+            ``monai.losses.DiceLoss(batch=True)``) instead of per sample; steadier for small,
+            rare classes that many samples do not contain.
     """
 
     include_background: bool = False
     ce_weight: float = Field(0.0, ge=0.0)
+    batch: bool = False
 
 
 class SegmentationAugment(StrictModel):

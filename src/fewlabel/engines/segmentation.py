@@ -28,14 +28,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from fewlabel.config.segmentation import SegmentationExperiment, SegmentationTrain
+from fewlabel.config.segmentation import SegmentationExperiment, SegmentationLoss, SegmentationTrain
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, FewLabelError
@@ -43,11 +43,15 @@ from fewlabel.runs import RunDir
 from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
 from fewlabel.utils.runtime import rng_state, set_rng_state
 
+if TYPE_CHECKING:
+    from fewlabel.losses.continuous_dice import ContinuousDiceLoss
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BEST_METRIC",
     "TrainingResult",
+    "build_loss",
     "build_optimizer",
     "build_scheduler",
     "checkpoint_meta",
@@ -92,6 +96,25 @@ def build_optimizer(train_cfg: SegmentationTrain, params: Iterable[nn.Parameter]
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return torch.optim.SGD(params, lr=train_cfg.lr, momentum=0.9, nesterov=True, weight_decay=train_cfg.weight_decay)
+
+
+def build_loss(loss_cfg: SegmentationLoss) -> ContinuousDiceLoss:
+    """The supervised loss of the ``loss`` config section.
+
+    Args:
+        loss_cfg: the ``loss`` section.
+
+    Returns:
+        Continuous Dice on the softmax of the logits, plus the configured cross-entropy.
+    """
+    from fewlabel.losses.continuous_dice import ContinuousDiceLoss
+
+    return ContinuousDiceLoss(
+        include_background=loss_cfg.include_background,
+        softmax=True,
+        ce_weight=loss_cfg.ce_weight,
+        batch=loss_cfg.batch,
+    )
 
 
 def build_scheduler(
@@ -250,7 +273,6 @@ def train_segmentation(
         CheckpointError: if ``resume`` and there is no usable ``last.pt``.
         FewLabelError: if the loss becomes NaN/infinite, or the training set is empty.
     """
-    from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 
     net = net.to(device)
     # DistributedDataParallel under torchrun (the bare network alone); checkpoints keep `net`.
@@ -263,9 +285,7 @@ def train_segmentation(
     amp = bool(cfg.train.amp and device.type == "cuda")
     optimizer = build_optimizer(cfg.train, net.parameters())
     scheduler = build_scheduler(cfg.train, optimizer, total_iterations)
-    loss_fn = ContinuousDiceLoss(
-        include_background=cfg.loss.include_background, softmax=True, ce_weight=cfg.loss.ce_weight
-    )
+    loss_fn = build_loss(cfg.loss)
     tcsm_trainer = None
     if cfg.tcsm.enabled:
         from fewlabel.engines.tcsm import TCSMTrainer
