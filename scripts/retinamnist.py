@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fewlabel.metrics.classification import classification_metrics
+from fewlabel.utils.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = {
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [{"model": label, "auc": m["auc"], "accuracy": m["accuracy"], "kappa": m["kappa"]} for label, m in rows],
     }
     out = Path(args.output_dir) / f"{args.name}_summary.json"
-    out.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out, json.dumps(summary, indent=2))
     print(f"summary: {out}")
     return 0
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +39,10 @@ from fewlabel.config.segmentation import SegmentationExperiment, SegmentationLos
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, FewLabelError
+from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 from fewlabel.runs import RunDir
 from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
 from fewlabel.utils.runtime import rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +105,6 @@ def build_loss(loss_cfg: SegmentationLoss) -> ContinuousDiceLoss:
     Returns:
         Continuous Dice on the softmax of the logits, plus the configured cross-entropy.
     """
-    from fewlabel.losses.continuous_dice import ContinuousDiceLoss
-
     return ContinuousDiceLoss(
         include_background=loss_cfg.include_background,
         softmax=True,
@@ -273,7 +269,6 @@ def train_segmentation(
         CheckpointError: if ``resume`` and there is no usable ``last.pt``.
         FewLabelError: if the loss becomes NaN/infinite, or the training set is empty.
     """
-
     net = net.to(device)
     # DistributedDataParallel under torchrun (the bare network alone); checkpoints keep `net`.
     train_net = wrap_model(net, device, sync_bn=True)
