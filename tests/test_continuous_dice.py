@@ -98,6 +98,34 @@ def test_ce_weight_adds_cross_entropy():
     assert with_ce.item() == pytest.approx(dice_only.item() + 0.5 * ce.item(), rel=1e-6)
 
 
+def test_soft_dice_weight_adds_monai_soft_dice_over_the_same_classes():
+    from monai.losses import DiceLoss
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = torch.randint(0, 3, (2, 1, 6, 6), generator=gen)
+    cdice = ContinuousDiceLoss()(logits, labels)
+    combined = ContinuousDiceLoss(soft_dice_weight=0.5)(logits, labels)
+    # background excluded in both terms, as include_background=False says
+    soft = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)(logits, labels)
+    assert combined.item() == pytest.approx(cdice.item() + 0.5 * soft.item(), rel=1e-5)
+
+
+def test_soft_dice_term_rewards_confidence_on_the_true_region():
+    # A prediction of 0.6 exactly on the truth already scores cDC = 1; the soft-Dice term
+    # adds a stronger pull towards confidence there than continuous Dice alone gives.
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    target[..., 2:6, 2:6] = 1
+    fg = (target == 1).float() * 0.6
+    probs = torch.cat([1.0 - fg, fg], dim=1).requires_grad_(True)
+    ContinuousDiceLoss(softmax=False)(probs, target).backward()
+    cdice_pull = probs.grad[0, 1, 2:6, 2:6].clone()
+    probs.grad = None
+    ContinuousDiceLoss(softmax=False, soft_dice_weight=1.0)(probs, target).backward()
+    combined_pull = probs.grad[0, 1, 2:6, 2:6]
+    assert (combined_pull < cdice_pull - 1e-3).all()  # descending the loss raises the probability
+
+
 def test_gradients_finite_with_empty_masks():
     target = torch.zeros(2, 1, 8, 8, dtype=torch.long)  # all background
     logits = torch.zeros(2, 2, 8, 8)
@@ -137,6 +165,10 @@ def test_bad_inputs_raise():
         ContinuousDiceLoss(reduction="max")
     with pytest.raises(ValueError, match="none"):
         ContinuousDiceLoss(reduction="none", ce_weight=1.0)
+    with pytest.raises(ValueError, match="none"):
+        ContinuousDiceLoss(reduction="none", soft_dice_weight=1.0)
+    with pytest.raises(ValueError, match="soft_dice_weight"):
+        ContinuousDiceLoss(soft_dice_weight=-1.0)
     with pytest.raises(ValueError, match="labels must lie"):
         ContinuousDiceLoss()(torch.zeros(1, 2, 4, 4), torch.full((1, 1, 4, 4), 2))
     with pytest.raises(ValueError, match="does not match"):
@@ -169,3 +201,7 @@ def test_loss_config_reaches_the_loss():
     assert build_loss(cfg)(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
     per_sample = build_loss(SegmentationLoss(include_background=True, ce_weight=0.5))(logits, labels)
     assert per_sample.item() != pytest.approx(expected.item(), rel=1e-6)
+    with_soft = build_loss(SegmentationLoss(soft_dice_weight=0.25))(logits, labels)
+    expected_soft = ContinuousDiceLoss(soft_dice_weight=0.25)(logits, labels)
+    assert with_soft.item() == pytest.approx(expected_soft.item(), rel=1e-6)
+    assert with_soft.item() != pytest.approx(build_loss(SegmentationLoss())(logits, labels).item(), rel=1e-6)

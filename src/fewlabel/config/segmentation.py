@@ -131,11 +131,14 @@ class SegmentationModel(StrictModel):
 
 
 class SegmentationLoss(StrictModel):
-    """Supervised loss: continuous Dice, optionally plus cross-entropy.
+    """Supervised loss: continuous Dice, optionally plus cross-entropy and soft Dice.
 
     Attributes:
         include_background: count the background class in the Dice term.
         ce_weight: weight of the cross-entropy term (0 disables it).
+        soft_dice_weight: weight of a soft-Dice term (``monai.losses.DiceLoss``) beside the
+            continuous Dice (0 disables it); continuous Dice ignores confidence on the true
+            region, soft Dice rewards it, which helps large faint lesions.
         batch: compute the Dice term over the whole batch per class (as
             ``monai.losses.DiceLoss(batch=True)``) instead of per sample; steadier for small,
             rare classes that many samples do not contain.
@@ -143,6 +146,7 @@ class SegmentationLoss(StrictModel):
 
     include_background: bool = False
     ce_weight: float = Field(0.0, ge=0.0)
+    soft_dice_weight: float = Field(0.0, ge=0.0)
     batch: bool = False
 
 

@@ -103,12 +103,13 @@ def build_loss(loss_cfg: SegmentationLoss) -> ContinuousDiceLoss:
         loss_cfg: the ``loss`` section.
 
     Returns:
-        Continuous Dice on the softmax of the logits, plus the configured cross-entropy.
+        Continuous Dice on the softmax of the logits, plus the configured cross-entropy and soft Dice.
     """
     return ContinuousDiceLoss(
         include_background=loss_cfg.include_background,
         softmax=True,
         ce_weight=loss_cfg.ce_weight,
+        soft_dice_weight=loss_cfg.soft_dice_weight,
         batch=loss_cfg.batch,
     )
 

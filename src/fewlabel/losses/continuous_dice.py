@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
@@ -69,7 +70,14 @@ def continuous_dice(a: Tensor, b: Tensor, dims: int | Sequence[int], eps: float 
 
 
 class ContinuousDiceLoss(nn.Module):
-    """``1 − cDC``, averaged over classes (and samples), optionally plus cross-entropy.
+    """``1 − cDC``, averaged over classes (and samples), optionally plus cross-entropy and soft Dice.
+
+    cDC scores overlap, not confidence: with softmax outputs ``c`` is the mean probability
+    on the true region, so ``cDC = 2I / (2I + FP)`` where ``I`` is the probability mass on
+    the true region and ``FP`` the mass outside it. The term therefore pushes hard against
+    false positives but only weakly against missed lesion. The optional soft-Dice term
+    (``monai.losses.DiceLoss``) adds the missing pull towards full confidence on large,
+    faint lesions such as ground-glass opacity; the cross-entropy does the same per voxel.
 
     Works for 2D ``(N, K, H, W)`` and 3D ``(N, K, H, W, D)`` inputs.
 
@@ -78,6 +86,9 @@ class ContinuousDiceLoss(nn.Module):
         softmax: apply a softmax over the channel dimension to ``logits``; ``False`` means the
             input holds probabilities already.
         ce_weight: weight of the cross-entropy term added to the Dice term (0 disables it).
+        soft_dice_weight: weight of a soft-Dice term (``monai.losses.DiceLoss`` over the same
+            classes, per sample or pooled like ``batch``) added to the continuous Dice term
+            (0 disables it).
         reduction: ``mean``, ``sum`` or ``none`` (per-sample, per-class values of ``1 − cDC``,
             shape ``(N, K)``, or ``(K,)`` with ``batch=True``; not combinable with ``ce_weight``).
         batch: pool the whole batch before computing cDC per class, as ``monai.losses.DiceLoss(batch=True)``;
@@ -95,6 +106,7 @@ class ContinuousDiceLoss(nn.Module):
         include_background: bool = False,
         softmax: bool = True,
         ce_weight: float = 0.0,
+        soft_dice_weight: float = 0.0,
         reduction: str = "mean",
         batch: bool = False,
         eps: float = 1e-6,
@@ -104,11 +116,16 @@ class ContinuousDiceLoss(nn.Module):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
-        if reduction == "none" and ce_weight > 0:
-            raise ValueError("reduction='none' cannot be combined with ce_weight > 0")
+        if soft_dice_weight < 0:
+            raise ValueError(f"soft_dice_weight must be >= 0, got {soft_dice_weight}")
+        if reduction == "none" and (ce_weight > 0 or soft_dice_weight > 0):
+            raise ValueError("reduction='none' cannot be combined with ce_weight > 0 or soft_dice_weight > 0")
         self.include_background = include_background
         self.softmax = softmax
         self.ce_weight = float(ce_weight)
+        self.soft_dice_weight = float(soft_dice_weight)
+        # The probabilities and one-hot target are prepared by forward(), background already removed.
+        self._soft_dice = DiceLoss(include_background=True, softmax=False, batch=batch)
         self.reduction = reduction
         self.batch = batch
         self.eps = eps
@@ -166,6 +183,8 @@ class ContinuousDiceLoss(nn.Module):
         if self.reduction == "none":
             return loss
         loss = loss.mean() if self.reduction == "mean" else loss.sum()
+        if self.soft_dice_weight > 0:
+            loss = loss + self.soft_dice_weight * self._soft_dice(dice_probs, dice_target)
         if self.ce_weight > 0:
             loss = loss + self.ce_weight * self._cross_entropy(logits, probs, labels, n_classes)
         return loss
