@@ -106,10 +106,6 @@ class ClassificationTrain(StrictModel):
         warmup_epochs: raise the learning rates linearly from 10% over the first epochs before the
             schedule starts (stabilises training from scratch at high rates).
         label_smoothing: cross-entropy label smoothing (0 disables it).
-        ema_decay: fine-tuning keeps an exponential moving average of the weights with this
-            decay per iteration (e.g. 0.99 averages over the last ~100 iterations); it is the
-            model that is validated, saved as best.pt, evaluated and used for prediction.
-            0 disables it.
         amp: mixed precision on CUDA (ignored on CPU).
         val_every: validate every N epochs.
         best_metric: validation metric that picks the best checkpoint: ``auto`` (quadratic
@@ -130,7 +126,6 @@ class ClassificationTrain(StrictModel):
     scheduler: SchedulerName = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = True
     val_every: int = Field(1, ge=1)
     best_metric: Literal["auto", "kappa", "auc", "accuracy", "balanced_accuracy", "loss"] = "auto"

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from ignite.handlers import EarlyStopping, EMAHandler, EpochOutputStore
+from ignite.handlers import EarlyStopping, EpochOutputStore
 from ignite.metrics import Average
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
@@ -85,7 +85,6 @@ __all__ = [
     "model_from_checkpoint",
     "run_evaluator",
     "train_classifier",
-    "weight_average",
 ]
 
 BEST_CHECKPOINT = "best.pt"
@@ -772,34 +771,9 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
         scaler.update()
         return {"loss": float(loss.detach())}
 
-    ema = weight_average(model, cfg.train.ema_decay)
-    # With a weight average, validation, best.pt and so evaluation and prediction use the average.
-    eval_model = ema.ema_model if ema is not None else model
-    evaluator = create_evaluator(eval_model, device, amp=ctx.amp) if val_loader is not None else None
+    evaluator = create_evaluator(model, device, amp=ctx.amp) if val_loader is not None else None
     _run_stage(ctx, "finetune", step, train_loader, val_loader, evaluator, optimizer, scaler,
-               cfg.train.max_epochs, epoch_offset, state, ema=ema)
-
-
-def weight_average(model: nn.Module, decay: float) -> EMAHandler | None:
-    """An exponential moving average of ``model``'s weights, or ``None`` when ``decay`` is 0.
-
-    Ignite's ``EMAHandler`` keeps ``average = decay·average + (1 − decay)·weights`` after every
-    optimizer step. Batch-norm running statistics are averaged the same way
-    (``handle_buffers="update"``), so they belong to the averaged weights rather than to the
-    last few batches. Trained from scratch on a thousand images, the weights of consecutive
-    epochs score very differently on a small validation set even late in a cosine schedule;
-    the average smooths that noise out of model selection.
-
-    Args:
-        model: the trained network (not wrapped for distributed training).
-        decay: weight of the old average at each step, in ``[0, 1)``.
-
-    Returns:
-        The handler (its ``ema_model`` is the average), not yet attached to an engine.
-    """
-    if decay <= 0.0:
-        return None
-    return EMAHandler(model, momentum=1.0 - decay, handle_buffers="update")
+               cfg.train.max_epochs, epoch_offset, state)
 
 
 def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
@@ -889,18 +863,12 @@ def _run_stage(
     epoch_offset: int,
     state: dict[str, Any] | None,
     progress: bool = True,
-    ema: EMAHandler | None = None,
 ) -> None:
     cfg = ctx.cfg
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: no complete training batch; lower it")
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, max_epochs, cfg.train.warmup_epochs)
     trainer = Engine(step)
-    if ema is not None:
-        # First of the iteration handlers: a checkpoint saved after an iteration holds its update.
-        ema.attach(trainer, name="ema_momentum")
-    # The weights that are validated and kept as best.pt.
-    kept = ema.ema_model if ema is not None else ctx.model
     train_loss = Average(output_transform=lambda out: out["loss"])
     train_loss.attach(trainer, "train_loss")
     # The loss sum and count of an epoch interrupted part-way, continued after resuming.
@@ -925,10 +893,6 @@ def _run_stage(
             scaler.load_state_dict(state["scaler"])
         if stopper is not None and state.get("early_stopping"):
             stopper.load_state_dict(state["early_stopping"])
-        if ema is not None:
-            if "ema_model" not in state:
-                raise CheckpointError(f"{ctx.last.path}: holds no weight average, but train.ema_decay > 0")
-            ema.ema_model.load_state_dict(state["ema_model"])
         engine_state = dict(state["engine"])
         if engine_state["epoch"] >= max_epochs:
             return
@@ -975,7 +939,6 @@ def _run_stage(
                 "scaler": scaler.state_dict(),
                 "early_stopping": stopper.state_dict() if stopper is not None else {},
                 "best": {"value": ctx.best_value, "epoch": ctx.best_epoch},
-                **({"ema_model": ema.ema_model.state_dict()} if ema is not None else {}),
                 "rng": rng_state(),
                 "train_loss": {
                     "sum": float(train_loss.accumulator),
@@ -1044,7 +1007,7 @@ def _run_stage(
             if is_main_process():
                 save_checkpoint(
                     {
-                        "model": kept.state_dict(),
+                        "model": ctx.model.state_dict(),
                         "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage),
                     },
                     ctx.run.checkpoints / BEST_CHECKPOINT,
