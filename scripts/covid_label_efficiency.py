@@ -11,7 +11,9 @@ Arms (same network, same iteration budget, same seed):
 No validation split is held out (every labelled slice trains; the model after the last
 iteration is scored), so the arms differ only in labels and in the consistency term. Each
 arm is scored on the 48 test slices: per-class Dice (GGO, consolidation) and infection
-(GGO or consolidation), argmax masks at native resolution, mean over slices.
+(GGO or consolidation), argmax masks at native resolution, mean over slices. Every arm uses
+the loss of ``configs/covid2d_supervised.yaml``; the study in docs/results.md pins the loss it
+was measured with through ``--set``.
 
 Usage::
 
