@@ -11,6 +11,9 @@ Usage::
 
     .venv/bin/python scripts/covid_monai_reference.py --data ../shared/data/covid_semiseg \\
         --output-dir runs/covid-monai-reference --threads 1
+
+``--cases`` restricts training to some labelled slices (the 10-label arm of the
+label-efficiency study, for example).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-size", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--cases", nargs="+", default=None, metavar="ID",
+        help="train on these labelled slices only (file stems), e.g. the ones a fewlabel run with "
+        "data.labeled_count logs as 'labelled training cases'",
+    )
     args = parser.parse_args(argv)
 
     from monai.data import DataLoader, Dataset
@@ -81,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     set_determinism(args.seed)
+    images = sorted((data / "train" / "images").glob("*.jpg"))
+    if args.cases is not None:
+        wanted = {case.strip(",") for case in args.cases}
+        missing = sorted(wanted - {p.stem for p in images})
+        if missing:
+            print(f"--cases: no training slice named {', '.join(missing)} in {data / 'train' / 'images'}",
+                  file=sys.stderr)
+            return 2
+        images = [p for p in images if p.stem in wanted]
+    train = [load_pair(p, data / "train" / "masks" / f"{p.stem}.png", args.slice_size) for p in images]
+    print(f"training on {len(train)} labelled slices", flush=True)
     out = Path(args.output_dir)
     (out / "pred").mkdir(parents=True, exist_ok=True)
-
-    train = [
-        load_pair(p, data / "train" / "masks" / f"{p.stem}.png", args.slice_size)
-        for p in sorted((data / "train" / "images").glob("*.jpg"))
-    ]
     keys = ["image", "label"]
     augment = Compose([
         RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     mean = json.loads((out / "eval" / "summary.json").read_text())["mean"]
     dice = {name: mean[idx]["Dice"] for idx, name in (("3", "infection"), ("1", "ggo"), ("2", "consolidation"))}
-    result = {"seed": args.seed, "train_minutes": round(minutes, 2), **dice}
+    result = {"seed": args.seed, "labelled": len(train), "train_minutes": round(minutes, 2), **dice}
     (out / "reference.json").write_text(json.dumps(result, indent=2))
     print(f"plain MONAI, seed {args.seed}: infection {dice['infection']:.3f}, GGO {dice['ggo']:.3f}, "
           f"consolidation {dice['consolidation']:.3f}; training {minutes:.1f} min")
