@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from fewlabel.utils.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {
     "sup10": {"labels": 10, "tcsm": False},
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for name in args.arms:
             results.append(read_arm(name, seed, out) if args.collect else run_arm(name, seed, args))
-            (out / "study.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
+            atomic_write_text(out / "study.json", json.dumps({"settings": vars(args), "results": results}, indent=2))
     plot(results, out / "dice_vs_labels.png")
     print("\n| arm | labelled | seed | infection | GGO | consolidation | minutes |")
     print("|---|---|---|---|---|---|---|")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fewlabel.utils.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("background", "ggo", "consolidation")
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = json.loads((out / "eval" / "summary.json").read_text())["mean"]
     dice = {name: mean[idx]["Dice"] for idx, name in (("3", "infection"), ("1", "ggo"), ("2", "consolidation"))}
     result = {"seed": args.seed, "labelled": len(train), "train_minutes": round(minutes, 2), **dice}
-    (out / "reference.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "reference.json", json.dumps(result, indent=2))
     print(f"plain MONAI, seed {args.seed}: infection {dice['infection']:.3f}, GGO {dice['ggo']:.3f}, "
           f"consolidation {dice['consolidation']:.3f}; training {minutes:.1f} min")
     return 0
