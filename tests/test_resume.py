@@ -157,7 +157,13 @@ def test_classification_survives_sigkill_mid_epoch(tmp_path: Path) -> None:
         tmp_path / "runs",
         run={"seed": 3, "deterministic": True},
         model={"aux_logits": False},
-        train={"max_epochs": 3, "batch_size": 2, "checkpoint": {"every_n_iterations": 1, "keep_last": 2}},
+        # Mixup too: its draws come from the RNG state the checkpoints carry.
+        train={
+            "max_epochs": 3,
+            "batch_size": 2,
+            "mixup_alpha": 0.4,
+            "checkpoint": {"every_n_iterations": 1, "keep_last": 2},
+        },
     )
     config = write_config(tmp_path / "exp.yaml", cfg)
     run = tmp_path / "runs" / "run"

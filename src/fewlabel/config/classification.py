@@ -106,6 +106,10 @@ class ClassificationTrain(StrictModel):
         warmup_epochs: raise the learning rates linearly from 10% over the first epochs before the
             schedule starts (stabilises training from scratch at high rates).
         label_smoothing: cross-entropy label smoothing (0 disables it).
+        mixup_alpha: mixup while fine-tuning: each training image is blended with another of
+            its batch, and the one-hot labels alike, with weights drawn from
+            ``Beta(alpha, alpha)`` (0 disables it; 0.2-0.4 is usual). Not applied to the
+            bottleneck stage, which trains on cached features.
         amp: mixed precision on CUDA (ignored on CPU).
         val_every: validate every N epochs.
         best_metric: validation metric that picks the best checkpoint: ``auto`` (quadratic
@@ -126,6 +130,7 @@ class ClassificationTrain(StrictModel):
     scheduler: SchedulerName = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup_alpha: float = Field(0.0, ge=0.0)
     amp: bool = True
     val_every: int = Field(1, ge=1)
     best_metric: Literal["auto", "kappa", "auc", "accuracy", "balanced_accuracy", "loss"] = "auto"

@@ -55,6 +55,7 @@ from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, ConfigError
 from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
 from fewlabel.runs import RunDir
+from fewlabel.transforms.mixup import mixup_batch
 from fewlabel.utils.distributed import (
     barrier,
     gather_sharded,
@@ -122,7 +123,7 @@ class AuxiliaryLoss(nn.Module):
         Args:
             logits: main logits, ``N x K``.
             aux: auxiliary logits (possibly empty).
-            target: class indices, ``N``.
+            target: class indices, ``N``, or class probabilities, ``N x K`` (mixup targets).
 
         Returns:
             The scalar loss.
@@ -757,12 +758,15 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
     model, device = ctx.model, ctx.device
     # DistributedDataParallel under torchrun (BatchNorm synchronised on CUDA); the bare pass alone.
     forward_train = wrap_model(_Bound(model.forward_train, model), device, sync_bn=True)
+    mixup_alpha = cfg.train.mixup_alpha
 
     def step(engine: Engine, batch: dict) -> dict:
         model.train()
         optimizer.zero_grad(set_to_none=True)
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True).view(-1)
+        if mixup_alpha > 0:
+            x, y = mixup_batch(x, y, len(ctx.classes), mixup_alpha)
         with autocast(device, ctx.amp):
             logits, aux = forward_train(x)
         loss = criterion(logits, aux, y)
