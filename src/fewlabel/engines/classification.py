@@ -764,9 +764,11 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
         model.train()
         optimizer.zero_grad(set_to_none=True)
         x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True).view(-1)
+        y = batch["label"].view(-1)
         if mixup_alpha > 0:
+            # Labels still on the host: the range check and the one-hot targets cost no device sync.
             x, y = mixup_batch(x, y, len(ctx.classes), mixup_alpha)
+        y = y.to(device, non_blocking=True)
         with autocast(device, ctx.amp):
             logits, aux = forward_train(x)
         loss = criterion(logits, aux, y)
