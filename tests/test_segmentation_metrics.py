@@ -90,6 +90,31 @@ def test_class_absent_from_study_is_nan():
     assert metrics["dice"][1] == 0.0 and metrics["voldice"][1] == 0.0
 
 
+def test_precision_and_sensitivity_hand_built():
+    metrics = evaluate_case(PRED_2D, GT_2D, 3, spatial_dims=2, merge={"infection": [1, 2]})
+    # class 1: 3 predicted, all right, of 4 true; class 2: 1 of 2 right, 1 of 2 found;
+    # union: 4 of 5 predicted right, 4 of 6 true found
+    assert metrics["precision"] == pytest.approx({1: 1.0, 2: 0.5, 3: 0.8})
+    assert metrics["sensitivity"] == pytest.approx({1: 0.75, 2: 0.5, 3: 4 / 6})
+    # a 3D study counts voxels over the whole volume: 8 of 9 right and 8 of 9 found
+    pred, gt = _volume()
+    metrics = evaluate_case(pred, gt, 2)
+    assert metrics["precision"][1] == pytest.approx(8 / 9)
+    assert metrics["sensitivity"][1] == pytest.approx(8 / 9)
+
+
+def test_precision_and_sensitivity_empty_rules():
+    gt = np.zeros((4, 4, 2), dtype=np.uint8)
+    pred = np.zeros_like(gt)
+    metrics = evaluate_case(pred, gt, 2)
+    assert math.isnan(metrics["precision"][1]) and math.isnan(metrics["sensitivity"][1])
+    pred[0, 0, 0] = 1  # a lesion predicted in a healthy study: wrong, but nothing to find
+    metrics = evaluate_case(pred, gt, 2)
+    assert metrics["precision"][1] == 0.0 and math.isnan(metrics["sensitivity"][1])
+    metrics = evaluate_case(gt, pred, 2)  # the lesion missed: nothing predicted, nothing found
+    assert math.isnan(metrics["precision"][1]) and metrics["sensitivity"][1] == 0.0
+
+
 def test_2d_case_and_merged_class():
     metrics = evaluate_case(PRED_2D, GT_2D, 3, spatial_dims=2, merge={"infection": [1, 2]})
     # union: |G| 6, |P| 5, overlap 4 -> 8/11; merged class takes index num_classes

@@ -132,7 +132,9 @@ def test_evaluate_nifti_masks_end_to_end(tmp_path):
     assert result["report"].is_file()
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     per_case = {c["case"]: c["metrics"]["1"] for c in saved["metric_per_case"]}
-    assert per_case["case_a"] == pytest.approx({"Dice": 0.5, "VolDice": 16 / 18})
+    assert per_case["case_a"] == pytest.approx(
+        {"Dice": 0.5, "VolDice": 16 / 18, "Precision": 8 / 9, "Sensitivity": 8 / 9}
+    )
     assert (tmp_path / "out" / "overlay_worst.png").is_file()
     # inputs untouched, no temporary folders left behind
     assert sorted(p.name for p in pred_dir.iterdir()) + sorted(p.name for p in gt_dir.iterdir()) == before

@@ -14,6 +14,11 @@ Rules (they decide what a number means, so they are fixed here):
   image's Dice.
 - **"voldice"**: the Dice of the whole 3D study as one mask, so large slices weigh more than in
   the slice mean. For a 2D image it equals the image's Dice.
+- **"precision"** and **"sensitivity"**: voxel counts over the whole study/image,
+  ``|P∩G| / |P|`` (the share of the predicted class that is right) and ``|P∩G| / |G|`` (the
+  share of the true class that is found). NaN when the denominator is empty: precision of a
+  class predicted nowhere, sensitivity of a class absent from the ground truth. They tell why
+  a Dice is low: leaks into healthy tissue lower precision, missed lesions lower sensitivity.
 - **"cdice"**: continuous Dice (Shamir et al. 2019) of the class probability map against the
   ground truth over the whole study/image. When the class is absent from the ground truth the
   probabilities alone cannot score it (any positive probability gives 0), so the hard rule of
@@ -231,7 +236,8 @@ def evaluate_case(
         include_background: also score class 0.
 
     Returns:
-        ``{"dice": {k: v}, "voldice": {k: v}[, "cdice": {k: v}]}``.
+        ``{"dice": {k: v}, "voldice": {k: v}, "precision": {k: v}, "sensitivity": {k: v}
+        [, "cdice": {k: v}]}``.
 
     Raises:
         ValueError: on mismatched shapes, a dimensionality other than ``spatial_dims``, or
@@ -244,7 +250,7 @@ def evaluate_case(
         raise ValueError(f"expected {spatial_dims}D label maps, got shape {gt_labels.shape}")
     groups = _class_groups(num_classes, merge, include_background)
 
-    result: dict[str, dict[int, float]] = {"dice": {}, "voldice": {}}
+    result: dict[str, dict[int, float]] = {"dice": {}, "voldice": {}, "precision": {}, "sensitivity": {}}
     for index, members in groups.items():
         p, g = np.isin(pred_labels, members), np.isin(gt_labels, members)
         whole = dice_score(p, g)
@@ -254,6 +260,9 @@ def evaluate_case(
         else:
             result["dice"][index] = whole
         result["voldice"][index] = whole
+        overlap = float(np.count_nonzero(p & g))
+        result["precision"][index] = _ratio(overlap, np.count_nonzero(p))
+        result["sensitivity"][index] = _ratio(overlap, np.count_nonzero(g))
 
     if prob is not None:
         prob = np.asarray(prob, dtype=np.float64)
@@ -408,6 +417,10 @@ def _cdice_binary(b: np.ndarray, a: np.ndarray, predicted: np.ndarray) -> float:
     support = float((a * (b > 0)).sum())
     c = inter / support if support > 0 else 1.0
     return 2.0 * inter / (c * float(a.sum()) + float(b.sum()))
+
+
+def _ratio(numerator: float, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
 
 
 def _nanmean(values: np.ndarray) -> float:

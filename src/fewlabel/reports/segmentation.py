@@ -42,7 +42,13 @@ __all__ = [
 ]
 
 #: How each metric key is named in ``summary.json`` and the report (nnU-Net spells Dice so).
-METRIC_NAMES = {"dice": "Dice", "voldice": "VolDice", "cdice": "cDice"}
+METRIC_NAMES = {
+    "dice": "Dice",
+    "voldice": "VolDice",
+    "precision": "Precision",
+    "sensitivity": "Sensitivity",
+    "cdice": "cDice",
+}
 
 # Distinct, colour-blind-friendly contour colours (Okabe-Ito), one per label value.
 _COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
@@ -377,6 +383,9 @@ def _summary_html(summary: Mapping[str, Any], context: Mapping[str, Any]) -> str
                 "ground truth; such cases are left out of that class's statistics (n counts the others).",
                 "3D studies: Dice is the mean over the slices that hold the class in the prediction or the "
                 "ground truth; VolDice scores the whole study as one mask. 2D images: both are the image's Dice.",
+                "Precision (share of the predicted class that is right) and sensitivity (share of the true "
+                "class that is found) count voxels over the whole case; precision is undefined where the class "
+                "is predicted nowhere, sensitivity where it is absent from the ground truth.",
                 f"95% CI: {summary['ci_method']}.",
             ]
         )
