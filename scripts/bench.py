@@ -197,15 +197,21 @@ def _manual_epochs(cfg, dataset, epochs: int, device: torch.device) -> list[list
         len(dataset.classes), cfg.model.weights, cfg.model.freeze, cfg.model.dropout, cfg.model.aux_logits
     ).to(device)
     ds = make_dataset(
-        records, build_decode_transforms(cfg.model.image_size),
-        build_augment_transforms(True, cfg.augment, mean, std), cache=cfg.data.cache, seed=cfg.run.seed,
+        records,
+        build_decode_transforms(cfg.model.image_size),
+        build_augment_transforms(True, cfg.augment, mean, std),
+        cache=cfg.data.cache,
+        seed=cfg.run.seed,
     )
     sampler = ResumableSampler(len(records), seed=cfg.run.seed, shuffle=True)
-    loader = DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0, pin_memory=device.type == "cuda"
+    )
     groups = parameter_groups(model, cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.weight_decay)
     optimizer = build_optimizer(groups, cfg.train)
-    criterion = AuxiliaryLoss(aux_weight=cfg.model.aux_weight, label_smoothing=cfg.train.label_smoothing).to(device)
+    criterion = AuxiliaryLoss(aux_weight=cfg.model.aux_weight, label_smoothing=cfg.train.label_smoothing).to(
+        device
+    )
     amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     times: list[list[float]] = []
@@ -241,23 +247,37 @@ def bench_classifier(args: argparse.Namespace, work: Path, device: torch.device)
     for r in range(repeats):
         # Alternating runs, first epoch of each as warm-up: a change in machine load hits both
         # loops alike, and the median iteration ignores bursts from other processes.
-        ours += [t for epoch in _fewlabel_epochs(cfg, dataset, work / "cls", timed + 1, device)[1:] for t in epoch]
+        ours += [
+            t for epoch in _fewlabel_epochs(cfg, dataset, work / "cls", timed + 1, device)[1:] for t in epoch
+        ]
         manual += [t for epoch in _manual_epochs(cfg, dataset, timed + 1, device)[1:] for t in epoch]
-        log.info("classifier repeat %d/%d: median iteration fewlabel %.3f s, hand-written %.3f s", r + 1, repeats,
-                 statistics.median(ours), statistics.median(manual))
+        log.info(
+            "classifier repeat %d/%d: median iteration fewlabel %.3f s, hand-written %.3f s",
+            r + 1,
+            repeats,
+            statistics.median(ours),
+            statistics.median(manual),
+        )
     a, b = batch / statistics.median(ours), batch / statistics.median(manual)
     ratio = b / a
-    return [{
-        "id": "a",
-        "measure": f"GoogLeNet training, {size} px, batch {batch} (images/s: fewlabel engine vs hand-written loop)",
-        "value": f"{a:.2f}",
-        "reference": f"{b:.2f}",
-        "ratio": f"{ratio:.3f}x time",
-        "target": "<= 1.05x",
-        "met": ratio <= 1.05,
-        "raw": {"fewlabel_iteration_s": ours, "manual_iteration_s": manual, "iterations_per_epoch": iters,
-                "fewlabel_mean_img_s": batch / statistics.mean(ours), "manual_mean_img_s": batch / statistics.mean(manual)},
-    }]
+    return [
+        {
+            "id": "a",
+            "measure": f"GoogLeNet training, {size} px, batch {batch} (images/s: fewlabel engine vs hand-written loop)",
+            "value": f"{a:.2f}",
+            "reference": f"{b:.2f}",
+            "ratio": f"{ratio:.3f}x time",
+            "target": "<= 1.05x",
+            "met": ratio <= 1.05,
+            "raw": {
+                "fewlabel_iteration_s": ours,
+                "manual_iteration_s": manual,
+                "iterations_per_epoch": iters,
+                "fewlabel_mean_img_s": batch / statistics.mean(ours),
+                "manual_mean_img_s": batch / statistics.mean(manual),
+            },
+        }
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -290,7 +310,13 @@ def bench_cache(args: argparse.Namespace, work: Path) -> list[dict]:
         cfg = {
             "task": "segmentation",
             "run": {"output_dir": str(work / "seg"), "name": f"cache-{cache}", "seed": 0, "device": "cpu"},
-            "data": {"path": str(data), "val_fraction": 0.0, "test_fraction": 0.0, "cache": cache, "num_workers": 0},
+            "data": {
+                "path": str(data),
+                "val_fraction": 0.0,
+                "test_fraction": 0.0,
+                "cache": cache,
+                "num_workers": 0,
+            },
             # Synthetic spacing is 0.8 x 0.8 x 2.5 mm: resampling to 1 x 1 x 2 mm costs real work.
             "preprocess": {"modality": "ct", "orientation": "RAS", "spacing": [1.0, 1.0, 2.0]},
             "input": {"mode": "3d", "patch_size": patch, "patches_per_volume": 2},
@@ -309,30 +335,37 @@ def bench_cache(args: argparse.Namespace, work: Path) -> list[dict]:
         seconds[cache] += [float(r["seconds"]) for r in rows[1:]]  # from the second epoch on
         log.info("segmentation epochs (cache=%s): %s s", cache, [r["seconds"] for r in rows])
         loading[cache] += _loader_epochs(parse_config(cfg), epochs)[1:]
-        log.info("data loading alone (cache=%s): %s s", cache, [round(t, 2) for t in loading[cache][-epochs + 1:]])
+        log.info(
+            "data loading alone (cache=%s): %s s", cache, [round(t, 2) for t in loading[cache][-epochs + 1 :]]
+        )
     cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
     speedup = uncached / cached
     load_cached, load_uncached = statistics.median(loading[True]), statistics.median(loading[False])
-    return [{
-        "id": "b",
-        "measure": (f"segmentation epoch, {n_vol} CT volumes {'x'.join(map(str, shape))} resampled, 3D patches "
-                    f"{'x'.join(map(str, patch))} (s: cached vs uncached)"),
-        "value": f"{cached:.2f}",
-        "reference": f"{uncached:.2f}",
-        "ratio": f"{speedup:.1f}x faster",
-        "target": ">= 3x faster",
-        "met": speedup >= 3.0,
-        "raw": {"cached_s": seconds[True], "uncached_s": seconds[False]},
-    }, {
-        "id": "b2",
-        "measure": "the same epoch's data loading alone (s: cached vs uncached; the training loader iterated, no step)",
-        "value": f"{load_cached:.2f}",
-        "reference": f"{load_uncached:.2f}",
-        "ratio": f"{load_uncached / load_cached:.1f}x faster",
-        "target": "",
-        "met": None,
-        "raw": {"cached_s": loading[True], "uncached_s": loading[False]},
-    }]
+    return [
+        {
+            "id": "b",
+            "measure": (
+                f"segmentation epoch, {n_vol} CT volumes {'x'.join(map(str, shape))} resampled, 3D patches "
+                f"{'x'.join(map(str, patch))} (s: cached vs uncached)"
+            ),
+            "value": f"{cached:.2f}",
+            "reference": f"{uncached:.2f}",
+            "ratio": f"{speedup:.1f}x faster",
+            "target": ">= 3x faster",
+            "met": speedup >= 3.0,
+            "raw": {"cached_s": seconds[True], "uncached_s": seconds[False]},
+        },
+        {
+            "id": "b2",
+            "measure": "the same epoch's data loading alone (s: cached vs uncached; the training loader iterated, no step)",
+            "value": f"{load_cached:.2f}",
+            "reference": f"{load_uncached:.2f}",
+            "ratio": f"{load_uncached / load_cached:.1f}x faster",
+            "target": "",
+            "met": None,
+            "raw": {"cached_s": loading[True], "uncached_s": loading[False]},
+        },
+    ]
 
 
 def _loader_epochs(cfg: Any, epochs: int) -> list[float]:
@@ -385,19 +418,25 @@ def bench_tcsm(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for key, name, seconds in (
         ("c1", f"TCSM iteration, consistency on the same labelled batch only ({setting})", labelled_only),
-        ("c2", f"TCSM iteration with an equal-size unlabelled batch ({setting} + {batch} unlabelled)", with_unlabelled),
+        (
+            "c2",
+            f"TCSM iteration with an equal-size unlabelled batch ({setting} + {batch} unlabelled)",
+            with_unlabelled,
+        ),
     ):
         ratio = seconds / supervised
-        rows.append({
-            "id": key,
-            "measure": name + " (ms: TCSM vs supervised)",
-            "value": f"{seconds * 1e3:.1f}",
-            "reference": f"{supervised * 1e3:.1f}",
-            "ratio": f"{ratio:.2f}x time",
-            "target": "<= 1.6x",
-            "met": ratio <= 1.6,
-            "raw": {"tcsm_s": seconds, "supervised_s": supervised},
-        })
+        rows.append(
+            {
+                "id": key,
+                "measure": name + " (ms: TCSM vs supervised)",
+                "value": f"{seconds * 1e3:.1f}",
+                "reference": f"{supervised * 1e3:.1f}",
+                "ratio": f"{ratio:.2f}x time",
+                "target": "<= 1.6x",
+                "met": ratio <= 1.6,
+                "raw": {"tcsm_s": seconds, "supervised_s": supervised},
+            }
+        )
     return rows
 
 
@@ -476,18 +515,22 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict]:
         raise RuntimeError(f"prediction failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     _, _rc, seconds, maxrss_kb = line.split()
     peak_gb = int(maxrss_kb) / 1024**2
-    setting = (f"{raw['input']['mode']} slab {raw['input']['slab']}, slices {raw['preprocess']['slice_size']}, "
-               f"crop_foreground {raw['preprocess']['crop_foreground']}, 3 classes")
-    return [{
-        "id": "d",
-        "measure": f"fewlabel predict, int16 NIfTI {'x'.join(map(str, shape))} ({setting}): peak RSS GB (time s)",
-        "value": f"{peak_gb:.2f}",
-        "reference": f"{float(seconds):.1f} s",
-        "ratio": "",
-        "target": "<= 4 GB",
-        "met": peak_gb <= 4.0,
-        "raw": {"peak_rss_gb": peak_gb, "seconds": float(seconds), "shape": list(shape)},
-    }]
+    setting = (
+        f"{raw['input']['mode']} slab {raw['input']['slab']}, slices {raw['preprocess']['slice_size']}, "
+        f"crop_foreground {raw['preprocess']['crop_foreground']}, 3 classes"
+    )
+    return [
+        {
+            "id": "d",
+            "measure": f"fewlabel predict, int16 NIfTI {'x'.join(map(str, shape))} ({setting}): peak RSS GB (time s)",
+            "value": f"{peak_gb:.2f}",
+            "reference": f"{float(seconds):.1f} s",
+            "ratio": "",
+            "target": "<= 4 GB",
+            "met": peak_gb <= 4.0,
+            "raw": {"peak_rss_gb": peak_gb, "seconds": float(seconds), "shape": list(shape)},
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,28 +540,41 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def bench_amp(args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
     if device.type != "cuda":
-        return [{
-            "id": "e", "measure": "AMP on vs off (CUDA only)", "value": "skipped", "reference": "",
-            "ratio": "", "target": "", "met": None, "raw": {"note": "no GPU on this machine"},
-        }]
+        return [
+            {
+                "id": "e",
+                "measure": "AMP on vs off (CUDA only)",
+                "value": "skipped",
+                "reference": "",
+                "ratio": "",
+                "target": "",
+                "met": None,
+                "raw": {"note": "no GPU on this machine"},
+            }
+        ]
     size, batch, iters = (64, 8, 3) if args.quick else (224, 32, 10)
     results = {}
     for amp in (True, False):
         cfg, dataset = _classification_setup(work / f"amp-{amp}", size, batch, iters, amp=amp)
         torch.cuda.reset_peak_memory_stats(device)
         times = _fewlabel_epochs(cfg, dataset, work / f"amp-{amp}", 3, device)[1:]
-        results[amp] = (batch * iters / statistics.median(times), torch.cuda.max_memory_allocated(device) / 1024**3)
+        results[amp] = (
+            batch * iters / statistics.median(times),
+            torch.cuda.max_memory_allocated(device) / 1024**3,
+        )
     (on, mem_on), (off, mem_off) = results[True], results[False]
-    return [{
-        "id": "e",
-        "measure": f"GoogLeNet training {size} px batch {batch}, AMP on vs off (images/s; peak GPU memory GB)",
-        "value": f"{on:.1f} ({mem_on:.2f} GB)",
-        "reference": f"{off:.1f} ({mem_off:.2f} GB)",
-        "ratio": f"{on / off:.2f}x faster",
-        "target": "",
-        "met": None,
-        "raw": {"amp_img_s": on, "fp32_img_s": off, "amp_gb": mem_on, "fp32_gb": mem_off},
-    }]
+    return [
+        {
+            "id": "e",
+            "measure": f"GoogLeNet training {size} px batch {batch}, AMP on vs off (images/s; peak GPU memory GB)",
+            "value": f"{on:.1f} ({mem_on:.2f} GB)",
+            "reference": f"{off:.1f} ({mem_off:.2f} GB)",
+            "ratio": f"{on / off:.2f}x faster",
+            "target": "",
+            "met": None,
+            "raw": {"amp_img_s": on, "fp32_img_s": off, "amp_gb": mem_on, "fp32_gb": mem_off},
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +583,15 @@ def bench_amp(args: argparse.Namespace, work: Path, device: torch.device) -> lis
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| | measurement | fewlabel | reference | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| | measurement | fewlabel | reference | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         met = "n/a" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['id']} | {r['measure']} | {r['value']} | {r['reference']} | {r['ratio']} | {r['target']} | {met} |")
+        lines.append(
+            f"| {r['id']} | {r['measure']} | {r['value']} | {r['reference']} | {r['ratio']} | {r['target']} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -541,7 +602,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=list("abcde"), help="run only these measurements")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (a, c, e)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (0: torch's default); one thread is far steadier on a machine shared with other jobs",
     )
     parser.add_argument("--image-size", type=int, default=96, help="(a) classifier input size")
@@ -583,8 +646,10 @@ def main() -> None:
             rows.extend(steps[key]())
             log.info("%s took %.0f s", key, time.perf_counter() - start)
     info["load_after"] = _uptime()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
-          f"threads, MONAI {info['monai']}, device {info['device']}{' (quick run)' if args.quick else ''}")
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
+        f"threads, MONAI {info['monai']}, device {info['device']}{' (quick run)' if args.quick else ''}"
+    )
     print(f"before: {info['load_before']}")
     print(f"after:  {info['load_after']}")
     print()

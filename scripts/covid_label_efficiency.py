@@ -57,8 +57,18 @@ def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None
     """
     arm = ARMS[name]
     summary = json.loads((Path(output_dir) / f"{name}-seed{seed}" / "eval" / "summary.json").read_text())
-    dice = {cls: summary["mean"][idx]["Dice"] for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))}
-    return {"arm": name, "seed": seed, "labels": arm["labels"], "tcsm": arm["tcsm"], "minutes": minutes, **dice}
+    dice = {
+        cls: summary["mean"][idx]["Dice"]
+        for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))
+    }
+    return {
+        "arm": name,
+        "seed": seed,
+        "labels": arm["labels"],
+        "tcsm": arm["tcsm"],
+        "minutes": minutes,
+        **dice,
+    }
 
 
 def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -160,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/covid-study")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides KEY=VALUE")
     parser.add_argument(
-        "--collect", action="store_true", help="train nothing: tabulate and plot the arms already in --output-dir"
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate and plot the arms already in --output-dir",
     )
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
@@ -172,14 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for name in args.arms:
             results.append(read_arm(name, seed, out) if args.collect else run_arm(name, seed, args))
-            atomic_write_text(out / "study.json", json.dumps({"settings": vars(args), "results": results}, indent=2))
+            atomic_write_text(
+                out / "study.json", json.dumps({"settings": vars(args), "results": results}, indent=2)
+            )
     plot(results, out / "dice_vs_labels.png")
     print("\n| arm | labelled | seed | infection | GGO | consolidation | minutes |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         minutes = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        print(f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['infection']:.3f} | {r['ggo']:.3f} | "
-              f"{r['consolidation']:.3f} | {minutes} |")
+        print(
+            f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['infection']:.3f} | {r['ggo']:.3f} | "
+            f"{r['consolidation']:.3f} | {minutes} |"
+        )
     for name, v in PUBLISHED.items():
         print(f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – |")
     return 0

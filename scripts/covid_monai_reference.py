@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
-        "--cases", nargs="+", default=None, metavar="ID",
+        "--cases",
+        nargs="+",
+        default=None,
+        metavar="ID",
         help="train on these labelled slices only (file stems), e.g. the ones a fewlabel run with "
         "data.labeled_count logs as 'labelled training cases'",
     )
@@ -96,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {case.strip(",") for case in args.cases}
         missing = sorted(wanted - {p.stem for p in images})
         if missing:
-            print(f"--cases: no training slice named {', '.join(missing)} in {data / 'train' / 'images'}",
-                  file=sys.stderr)
+            print(
+                f"--cases: no training slice named {', '.join(missing)} in {data / 'train' / 'images'}",
+                file=sys.stderr,
+            )
             return 2
         images = [p for p in images if p.stem in wanted]
     train = [load_pair(p, data / "train" / "masks" / f"{p.stem}.png", args.slice_size) for p in images]
@@ -105,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     (out / "pred").mkdir(parents=True, exist_ok=True)
     keys = ["image", "label"]
-    augment = Compose([
-        RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-    ])
+    augment = Compose(
+        [
+            RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+        ]
+    )
     loader = DataLoader(Dataset(train, augment), batch_size=args.batch_size, shuffle=True, drop_last=True)
     net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=len(CLASSES))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -142,18 +149,34 @@ def main(argv: list[str] | None = None) -> int:
 
     from fewlabel.cli import main as fewlabel_main
 
-    status = fewlabel_main([
-        "evaluate", "--pred", str(out / "pred"), "--gt", str(data / "test" / "masks"),
-        "--classes", *CLASSES, "--merge", "infection=1,2", "--output", str(out / "eval"), "--overwrite",
-    ])
+    status = fewlabel_main(
+        [
+            "evaluate",
+            "--pred",
+            str(out / "pred"),
+            "--gt",
+            str(data / "test" / "masks"),
+            "--classes",
+            *CLASSES,
+            "--merge",
+            "infection=1,2",
+            "--output",
+            str(out / "eval"),
+            "--overwrite",
+        ]
+    )
     if status != 0:
         return status
     mean = json.loads((out / "eval" / "summary.json").read_text())["mean"]
-    dice = {name: mean[idx]["Dice"] for idx, name in (("3", "infection"), ("1", "ggo"), ("2", "consolidation"))}
+    dice = {
+        name: mean[idx]["Dice"] for idx, name in (("3", "infection"), ("1", "ggo"), ("2", "consolidation"))
+    }
     result = {"seed": args.seed, "labelled": len(train), "train_minutes": round(minutes, 2), **dice}
     atomic_write_text(out / "reference.json", json.dumps(result, indent=2))
-    print(f"plain MONAI, seed {args.seed}: infection {dice['infection']:.3f}, GGO {dice['ggo']:.3f}, "
-          f"consolidation {dice['consolidation']:.3f}; training {minutes:.1f} min")
+    print(
+        f"plain MONAI, seed {args.seed}: infection {dice['infection']:.3f}, GGO {dice['ggo']:.3f}, "
+        f"consolidation {dice['consolidation']:.3f}; training {minutes:.1f} min"
+    )
     return 0
 
 

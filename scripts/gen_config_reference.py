@@ -423,8 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         0 on success; 1 when ``--check`` finds the page out of date.
     """
     parser = argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "").splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if the page is out of date")
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="destination (default docs/configuration.md)")
+    parser.add_argument(
+        "--check", action="store_true", help="only compare; exit 1 if the page is out of date"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, help="destination (default docs/configuration.md)"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

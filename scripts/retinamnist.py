@@ -59,9 +59,19 @@ def train_seed(seed: int, args: argparse.Namespace) -> Path:
     """
     run = Path(args.output_dir) / f"{args.name}-seed{seed}"
     argv = [
-        sys.executable, "-m", "fewlabel", "train", str(REPO / "configs" / "retinamnist_googlenet.yaml"),
-        "--set", f"data.path={args.data}", "--set", f"run.output_dir={args.output_dir}",
-        "--set", f"run.name={run.name}", "--set", f"run.seed={seed}",
+        sys.executable,
+        "-m",
+        "fewlabel",
+        "train",
+        str(REPO / "configs" / "retinamnist_googlenet.yaml"),
+        "--set",
+        f"data.path={args.data}",
+        "--set",
+        f"run.output_dir={args.output_dir}",
+        "--set",
+        f"run.name={run.name}",
+        "--set",
+        f"run.seed={seed}",
         *[x for s in args.set for x in ("--set", s)],
         *(["--overwrite"] if args.overwrite else []),
     ]
@@ -102,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         Exit status.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "retinamnist" / "retinamnist.npz"))
+    parser.add_argument(
+        "--data", default=str(REPO.parent / "shared" / "data" / "retinamnist" / "retinamnist.npz")
+    )
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default="retinamnist")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one network per seed; >1 adds the ensemble")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="one network per seed; >1 adds the ensemble"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="networks trained at the same time")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     parser.add_argument("--overwrite", action="store_true")
@@ -138,15 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         ids0, y0 = ids, y_true
         all_probs.append(probs)
         classes = [str(i) for i in range(probs.shape[1])]
-        rows.append((f"fewlabel GoogLeNet ({size} px, from scratch), seed {seed}", classification_metrics(y_true, probs, classes)))
+        rows.append(
+            (
+                f"fewlabel GoogLeNet ({size} px, from scratch), seed {seed}",
+                classification_metrics(y_true, probs, classes),
+            )
+        )
     if len(runs) > 1:
         ensemble = classification_metrics(y0, np.mean(all_probs, axis=0), classes)
         rows.append((f"fewlabel GoogLeNet ({size} px, from scratch), {len(runs)}-seed ensemble", ensemble))
 
     print()
     if not args.collect:
-        print(f"machine: {platform.processor() or platform.machine()}, {args.jobs} job(s); "
-              f"wall time {minutes:.1f} min for {len(runs)} network(s)")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {args.jobs} job(s); "
+            f"wall time {minutes:.1f} min for {len(runs)} network(s)"
+        )
     print("| model | test AUC | test ACC | kappa |")
     print("|---|---|---|---|")
     for label, m in rows:
@@ -156,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "seeds": args.seeds,
         "minutes": None if args.collect else round(minutes, 2),
-        "results": [{"model": label, "auc": m["auc"], "accuracy": m["accuracy"], "kappa": m["kappa"]} for label, m in rows],
+        "results": [
+            {"model": label, "auc": m["auc"], "accuracy": m["accuracy"], "kappa": m["kappa"]}
+            for label, m in rows
+        ],
     }
     out = Path(args.output_dir) / f"{args.name}_summary.json"
     atomic_write_text(out, json.dumps(summary, indent=2))

@@ -150,15 +150,19 @@ def tiny_classification_config(
         "run": {"output_dir": str(output_dir), "name": "run", "device": "cpu", "num_threads": 1},
         "data": {"path": str(data_path), "val_fraction": 0.25, "test_fraction": 0.25, "cache": False},
         "model": {"weights": "none", "image_size": 32, "freeze": "none"},
-        "train": {"max_epochs": 1, "batch_size": 4, "optimizer": "adam", "lr_head": 1e-3, "lr_backbone": 1e-3},
+        "train": {
+            "max_epochs": 1,
+            "batch_size": 4,
+            "optimizer": "adam",
+            "lr_head": 1e-3,
+            "lr_backbone": 1e-3,
+        },
         "eval": {"gallery_size": 2},
     }
     return _merge(base, sections)
 
 
-def tiny_segmentation_config(
-    data_path: Path, output_dir: Path, **sections: dict[str, Any]
-) -> dict[str, Any]:
+def tiny_segmentation_config(data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A 2D segmentation experiment with a tiny BasicUNet for 32x32 in-plane volumes.
 
     Args:

@@ -12,7 +12,9 @@ import torch
 # Small CI machines have two cores; oversubscribing them makes every test slower.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED_DATA = Path(os.environ.get("FEWLABEL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("FEWLABEL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 @pytest.fixture
@@ -26,6 +28,9 @@ def shared_data() -> Path:
 @pytest.fixture
 def restore_determinism_flag() -> Iterator[None]:
     """run.deterministic switches torch's global flag on; later tests should not inherit it."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -136,7 +136,9 @@ def mask_shape_mismatch(inp: Path, out: Path) -> Case:
     pred, gt = _mask_folders(inp)
     save_nifti(gt / "case1.nii.gz", _good_mask())
     save_nifti(pred / "case1.nii.gz", np.zeros((8, 8, 5), np.uint8))
-    return Case(_evaluate(pred, gt, out), ["case1.nii.gz"], r"shape \(8, 8, 5\) differs .*\(8, 8, 4\)", "report")
+    return Case(
+        _evaluate(pred, gt, out), ["case1.nii.gz"], r"shape \(8, 8, 5\) differs .*\(8, 8, 4\)", "report"
+    )
 
 
 def mask_affine_mismatch(inp: Path, out: Path) -> Case:
@@ -207,7 +209,9 @@ def dicom_missing_slice(inp: Path, out: Path) -> Case:
 def dicom_mixed_series(inp: Path, out: Path) -> Case:
     uid_a = write_dicom_series(inp / "mixed", description="lung kernel")
     uid_b = write_dicom_series(inp / "mixed" / "extra", n=3, description="soft tissue")
-    return Case(_convert(inp / "mixed", out), [str(inp / "mixed"), uid_a, uid_b], r"holds 2 DICOM series", "file")
+    return Case(
+        _convert(inp / "mixed", out), [str(inp / "mixed"), uid_a, uid_b], r"holds 2 DICOM series", "file"
+    )
 
 
 def dicom_none_in_folder(inp: Path, out: Path) -> Case:
@@ -232,7 +236,9 @@ def dicom_unreadable_end_slice(inp: Path, out: Path) -> Case:
     files = sorted((inp / "series").glob("*.dcm"))
     top = max(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     top.write_bytes(top.read_bytes()[:300])  # cut inside the header: a damaged copy
-    return Case(_convert(inp / "series", out), [top.name], r"truncated|corrupt|cannot read|unreadable", "file")
+    return Case(
+        _convert(inp / "series", out), [top.name], r"truncated|corrupt|cannot read|unreadable", "file"
+    )
 
 
 def convert_into_input(inp: Path, out: Path) -> Case:

@@ -35,7 +35,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def fundus(tmp_path_factory) -> Path:
     """3 grades x 8 images at 48 px (two images per patient)."""
-    return make_synthetic_fundus(tmp_path_factory.mktemp("fundus") / "data", n_per_class=8, num_classes=3, size=SIZE)
+    return make_synthetic_fundus(
+        tmp_path_factory.mktemp("fundus") / "data", n_per_class=8, num_classes=3, size=SIZE
+    )
 
 
 def _write_config(path: Path, data: Path, **sections) -> Path:
@@ -44,7 +46,13 @@ def _write_config(path: Path, data: Path, **sections) -> Path:
         "run": {"output_dir": str(path.parent / "runs"), "num_threads": 1},
         "data": {"path": str(data), "val_fraction": 0.25, "test_fraction": 0.25, "cache": False},
         "model": {"weights": "none", "image_size": SIZE, "freeze": "none", "dropout": 0.2},
-        "train": {"max_epochs": 2, "batch_size": 6, "optimizer": "adam", "lr_head": 1e-3, "lr_backbone": 1e-3},
+        "train": {
+            "max_epochs": 2,
+            "batch_size": 6,
+            "optimizer": "adam",
+            "lr_head": 1e-3,
+            "lr_backbone": 1e-3,
+        },
         "eval": {"gallery_size": 4},
     }
     for key, value in sections.items():
@@ -87,14 +95,32 @@ def _calibrated_weights(path: Path) -> Path:
 @pytest.mark.slow
 def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
     cfg = _write_config(tmp_path / "exp.yaml", fundus)
-    rc = main(["train", str(cfg), "--set", "run.name=e2e", "--set", "train.val_every=1", "--set", "data.class_balance=weighted_loss"])
+    rc = main(
+        [
+            "train",
+            str(cfg),
+            "--set",
+            "run.name=e2e",
+            "--set",
+            "train.val_every=1",
+            "--set",
+            "data.class_balance=weighted_loss",
+        ]
+    )
     assert rc == 0
     run = tmp_path / "runs" / "e2e"
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     for rel in (
-        "checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "learning_curves.png",
-        "eval/metrics.json", "eval/report.html", "eval/confusion_matrix.csv", "eval/confusion_matrix.png",
-        "eval/roc_curves.png", "eval/predictions.csv",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "history.csv",
+        "learning_curves.png",
+        "eval/metrics.json",
+        "eval/report.html",
+        "eval/confusion_matrix.csv",
+        "eval/confusion_matrix.png",
+        "eval/roc_curves.png",
+        "eval/predictions.csv",
     ):
         assert (run / rel).is_file(), rel
     assert not list(run.glob(".eval.partial-*"))
@@ -130,13 +156,39 @@ def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(out)]) == 2
     out2 = tmp_path / "ev_all"
-    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data", str(fundus), "--output", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run / "checkpoints" / "best.pt"),
+                "--data",
+                str(fundus),
+                "--output",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out2 / "metrics.json").read_text())["n"] == 24
 
     # predict: a folder plus a single image; probabilities are a distribution.
     pred = tmp_path / "pred.csv"
     single = next((fundus / "grade_2").glob("*.png"))
-    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(fundus / "grade_0"), str(single), "--output", str(pred)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoints" / "best.pt"),
+                str(fundus / "grade_0"),
+                str(single),
+                "--output",
+                str(pred),
+            ]
+        )
+        == 0
+    )
     rows = _read_csv(pred)
     assert len(rows) == 9 and rows[-1]["image"] == str(single)
     for row in rows:
@@ -144,7 +196,19 @@ def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert row["predicted"] == CLASSES[max(range(3), key=probs.__getitem__)]
     before = pred.read_text()
-    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(single), "--output", str(pred)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoints" / "best.pt"),
+                str(single),
+                "--output",
+                str(pred),
+            ]
+        )
+        == 2
+    )
     assert pred.read_text() == before
 
 
@@ -155,8 +219,14 @@ def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fund
         tmp_path / "bn.yaml",
         fundus,
         model={"weights": str(weights), "freeze": "inception4e", "aux_logits": True},
-        train={"mode": "bottleneck_then_finetune", "bottleneck_epochs": 12, "max_epochs": 1, "lr_head": 0.05,
-               "optimizer": "adam", "scheduler": "none"},
+        train={
+            "mode": "bottleneck_then_finetune",
+            "bottleneck_epochs": 12,
+            "max_epochs": 1,
+            "lr_head": 0.05,
+            "optimizer": "adam",
+            "scheduler": "none",
+        },
         eval={"tta_rotations": True, "gallery_size": 2},
     )
     assert main(["train", str(cfg), "--set", "run.name=bn"]) == 0
@@ -177,7 +247,19 @@ def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fund
 
     # The checkpoint rebuilds offline with the pretrained input convention.
     pred = tmp_path / "p.csv"
-    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(fundus / "grade_1"), "--output", str(pred)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoints" / "best.pt"),
+                str(fundus / "grade_1"),
+                "--output",
+                str(pred),
+            ]
+        )
+        == 0
+    )
     assert len(_read_csv(pred)) == 8
 
 
@@ -227,7 +309,9 @@ def _fake_checkpoint(tmp_path: Path, data: Path) -> Path:
 
     cfg = parse_config(yaml.safe_load(_write_config(tmp_path / "fake.yaml", data).read_text()))
     model = build_googlenet(3, "none", "none", 0.2, True)
-    meta = checkpoint_meta(cfg, CLASSES, 3, (0.5,) * 3, (0.5,) * 3, best_metric="kappa", best_value=None, epoch=0)
+    meta = checkpoint_meta(
+        cfg, CLASSES, 3, (0.5,) * 3, (0.5,) * 3, best_metric="kappa", best_value=None, epoch=0
+    )
     return save_checkpoint({"model": model.state_dict(), "meta": meta}, tmp_path / "fake.pt")
 
 
@@ -246,7 +330,9 @@ def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, c
     assert rc == 2
     assert "severe" in capsys.readouterr().err
 
-    rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(fundus), "--output", str(fundus / "report")])
+    rc = main(
+        ["evaluate", "--checkpoint", str(ckpt), "--data", str(fundus), "--output", str(fundus / "report")]
+    )
     assert rc == 2
     assert not (fundus / "report").exists()
 
@@ -260,8 +346,12 @@ def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert not out.exists()
 
-    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "missing.png"), "--output", str(out)]) == 2
-    assert main(["predict", "--checkpoint", str(ckpt), str(fundus / "grade_0"), "--output", str(tmp_path)]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "missing.png"), "--output", str(out)]) == 2
+    )
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), str(fundus / "grade_0"), "--output", str(tmp_path)]) == 2
+    )
 
     weird = save_checkpoint({"model": {}, "meta": {"task": "segmentation"}}, tmp_path / "seg.pt")
     from fewlabel.engines.classification import model_from_checkpoint
@@ -301,4 +391,6 @@ def test_training_history_round_trip(tmp_path):
 
     resumed = TrainingHistory(tmp_path)
     resumed.load(upto=1)
-    assert resumed.rows == [{"stage": "finetune", "epoch": 1, "train_loss": 1.5, "val_kappa": None, "lr_head": None}]
+    assert resumed.rows == [
+        {"stage": "finetune", "epoch": 1, "train_loss": 1.5, "val_kappa": None, "lr_head": None}
+    ]

@@ -81,7 +81,10 @@ def test_evaluate_and_predict_need_a_readable_checkpoint(tmp_path, capsys):
     missing = tmp_path / "missing.pt"
     assert main(["evaluate", "--checkpoint", str(missing), "--output", str(tmp_path / "ev")]) == 2
     assert "missing.pt" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", str(missing), str(tmp_path), "--output", str(tmp_path / "p.csv")]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(missing), str(tmp_path), "--output", str(tmp_path / "p.csv")])
+        == 2
+    )
     assert not (tmp_path / "ev").exists() and not (tmp_path / "p.csv").exists()
 
 
@@ -107,9 +110,13 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(demo.DEMO_FUNDUS, "n_per_class", 4)
     monkeypatch.setitem(demo.DEMO_FUNDUS, "num_classes", 3)
     monkeypatch.setitem(demo.DEMO_FUNDUS, "size", 32)
-    monkeypatch.setitem(demo.DEMO_CLASSIFICATION, "model", {**demo.DEMO_CLASSIFICATION["model"], "image_size": 32})
     monkeypatch.setitem(
-        demo.DEMO_CLASSIFICATION, "train", {**demo.DEMO_CLASSIFICATION["train"], "max_epochs": 1, "batch_size": 4}
+        demo.DEMO_CLASSIFICATION, "model", {**demo.DEMO_CLASSIFICATION["model"], "image_size": 32}
+    )
+    monkeypatch.setitem(
+        demo.DEMO_CLASSIFICATION,
+        "train",
+        {**demo.DEMO_CLASSIFICATION["train"], "max_epochs": 1, "batch_size": 4},
     )
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--skip-segmentation"]) == 0

@@ -29,7 +29,9 @@ def test_minimal_classification_config_gets_defaults(tmp_path):
 
 def test_dotted_overrides_are_typed(tmp_path):
     path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
-    cfg = load_config(path, ["train.max_epochs=3", "train.lr_head=0.5", "data.classes=[a, b]", "model.weights=none"])
+    cfg = load_config(
+        path, ["train.max_epochs=3", "train.lr_head=0.5", "data.classes=[a, b]", "model.weights=none"]
+    )
     assert cfg.train.max_epochs == 3
     assert cfg.train.lr_head == 0.5
     assert cfg.data.classes == ["a", "b"]
@@ -110,13 +112,26 @@ def test_shipped_configs_validate(path):
 def test_cropped_slices_need_a_slice_size():
     with pytest.raises(ConfigError, match="preprocess.slice_size"):
         parse_config(
-            {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True, "slice_size": None}}
+            {
+                "task": "segmentation",
+                "data": {"path": "x"},
+                "preprocess": {"crop_foreground": True, "slice_size": None},
+            }
         )
     cfg = parse_config(
-        {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True, "slice_size": [64, 64]}}
+        {
+            "task": "segmentation",
+            "data": {"path": "x"},
+            "preprocess": {"crop_foreground": True, "slice_size": [64, 64]},
+        }
     )
     assert cfg.preprocess.slice_size == (64, 64)
     one = parse_config(
-        {"task": "segmentation", "data": {"path": "x"}, "preprocess": {"crop_foreground": True}, "train": {"batch_size": 1}}
+        {
+            "task": "segmentation",
+            "data": {"path": "x"},
+            "preprocess": {"crop_foreground": True},
+            "train": {"batch_size": 1},
+        }
     )
     assert one.preprocess.slice_size is None

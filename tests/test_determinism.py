@@ -42,7 +42,9 @@ def _train_twice(config: Path, run: Path, patterns: list[str]) -> tuple[dict, di
         if "history.csv" in outputs:
             outputs["history.csv"] = history_without_timing(outputs["history.csv"])
         weights = {
-            name: checkpoint_tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
+            name: checkpoint_tensors(
+                {k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"}
+            )
             for name in ("best.pt", "last.pt")
         }
         results.append((outputs, weights))
@@ -53,7 +55,8 @@ def _train_twice(config: Path, run: Path, patterns: list[str]) -> tuple[dict, di
         differing = [
             key
             for key, value in first_weights[name].items()
-            if value.dtype != second_weights[name][key].dtype or not torch.equal(value, second_weights[name][key])
+            if value.dtype != second_weights[name][key].dtype
+            or not torch.equal(value, second_weights[name][key])
         ]
         assert differing == [], f"{name}: tensors differ between identical runs: {differing[:5]}"
     return first_files, second_files
@@ -66,7 +69,9 @@ def test_classification_run_is_reproducible(tmp_path: Path) -> None:
         data, tmp_path / "runs", run={"seed": 3, "deterministic": True}, train={"max_epochs": 2}
     )
     config = write_config(tmp_path / "exp.yaml", cfg)
-    first, second = _train_twice(config, tmp_path / "runs" / "run", ["eval/metrics.json", "eval/predictions.csv", "history.csv"])
+    first, second = _train_twice(
+        config, tmp_path / "runs" / "run", ["eval/metrics.json", "eval/predictions.csv", "history.csv"]
+    )
     assert first == second
     assert b'"accuracy"' in first["eval/metrics.json"]
 

@@ -81,7 +81,10 @@ _AUDIT = textwrap.dedent(
 @pytest.fixture(autouse=True)
 def _restore_determinism_flag() -> Iterator[None]:
     # run.deterministic switches torch's global flag on; later tests should not inherit it.
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
@@ -136,7 +139,13 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
             tmp_path / name,
             run={"seed": 3, "deterministic": True},
             model={"weights": str(weights), "freeze": "all", "aux_logits": False, "dropout": 0.0},
-            train={"max_epochs": 2, "batch_size": 4, "optimizer": "sgd", "lr_head": 3e-4, "scheduler": "none"},
+            train={
+                "max_epochs": 2,
+                "batch_size": 4,
+                "optimizer": "sgd",
+                "lr_head": 3e-4,
+                "scheduler": "none",
+            },
         )
         configs[name] = write_config(tmp_path / f"{name}.yaml", cfg)
 
@@ -173,7 +182,10 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 
     # Same weights within the tolerance explained above (the head moved, the backbone did not).
     for name in ("best.pt", "last.pt"):
-        a, b = load_checkpoint(one / "checkpoints" / name)["model"], load_checkpoint(two / "checkpoints" / name)["model"]
+        a, b = (
+            load_checkpoint(one / "checkpoints" / name)["model"],
+            load_checkpoint(two / "checkpoints" / name)["model"],
+        )
         assert a.keys() == b.keys()
         for key, value in a.items():
             if value.is_floating_point():

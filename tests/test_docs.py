@@ -28,7 +28,9 @@ CONFIG_REFERENCE = DOCS / "configuration.md"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("gen_config_reference", REPO / "scripts" / "gen_config_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_reference", REPO / "scripts" / "gen_config_reference.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)
@@ -85,7 +87,9 @@ def test_config_reference_is_up_to_date():
     )
 
 
-@pytest.mark.parametrize("schema", [ClassificationExperiment, SegmentationExperiment], ids=["classification", "segmentation"])
+@pytest.mark.parametrize(
+    "schema", [ClassificationExperiment, SegmentationExperiment], ids=["classification", "segmentation"]
+)
 def test_config_reference_names_every_key(schema):
     text = CONFIG_REFERENCE.read_text(encoding="utf-8")
     keys = list(_generator().walk_keys(schema))
@@ -112,7 +116,10 @@ def test_command_parser_finds_commands_and_options():
         "fewlabel evaluate --pred p --gt g \\\n    --merge infection=1,2 --output out  # a comment --nope\n"
         "fewlabel: error: not a command\n# puts `fewlabel` on the PATH, or .venv/bin/fewlabel\n```\nfewlabel never writes into your data.\n"
     )
-    assert sorted(_quoted_commands(text)) == [("evaluate", ["--pred", "--gt", "--merge", "--output"]), ("train", ["--set"])]
+    assert sorted(_quoted_commands(text)) == [
+        ("evaluate", ["--pred", "--gt", "--merge", "--output"]),
+        ("train", ["--set"]),
+    ]
 
 
 def test_every_documented_command_and_option_exists():

@@ -100,7 +100,12 @@ def test_3d_unet_with_volume_smaller_than_the_patch():
     cfg = SegmentationModel(name="unet", features=(4, 8, 16))
     net = build_segmentation_net(cfg, 3, 1, 2)
     probs = predict_volume(
-        net, torch.rand(1, 11, 6, 3), InputConfig(mode="3d", patch_size=(8, 8, 4)), SegmentationEval(), 3, "cpu",
+        net,
+        torch.rand(1, 11, 6, 3),
+        InputConfig(mode="3d", patch_size=(8, 8, 4)),
+        SegmentationEval(),
+        3,
+        "cpu",
         size_divisor=size_divisor(cfg),
     )
     assert probs.shape == (2, 11, 6, 3)
@@ -113,17 +118,26 @@ def test_2d_image_is_one_pass_resized_and_back():
     )
     torch.testing.assert_close(probs, reference_probs(image), rtol=0, atol=1e-6)
     net = build_segmentation_net(TINY_BASIC, 2, 1, 3)
-    resized = predict_volume(net, image, InputConfig(mode="2d"), SegmentationEval(), 2, "cpu", slice_size=(32, 32))
+    resized = predict_volume(
+        net, image, InputConfig(mode="2d"), SegmentationEval(), 2, "cpu", slice_size=(32, 32)
+    )
     assert resized.shape == (3, 15, 22)
 
 
 def test_modes_that_do_not_fit_the_data_are_refused():
     with pytest.raises(ConfigError, match="2D image"):
-        predict_volume(CentreChannelNet(), torch.rand(1, 8, 8), InputConfig(mode="2.5d"), SegmentationEval(), 2, "cpu")
+        predict_volume(
+            CentreChannelNet(), torch.rand(1, 8, 8), InputConfig(mode="2.5d"), SegmentationEval(), 2, "cpu"
+        )
     with pytest.raises(ConfigError, match="multiple of 16"):
         predict_volume(
-            CentreChannelNet(), torch.rand(1, 8, 8, 8), InputConfig(mode="3d", patch_size=(8, 8, 8)),
-            SegmentationEval(), 3, "cpu", size_divisor=16,
+            CentreChannelNet(),
+            torch.rand(1, 8, 8, 8),
+            InputConfig(mode="3d", patch_size=(8, 8, 8)),
+            SegmentationEval(),
+            3,
+            "cpu",
+            size_divisor=16,
         )
     with pytest.raises(ValueError, match="channel-first"):
         predict_volume(CentreChannelNet(), torch.rand(8, 8, 8), InputConfig(), SegmentationEval(), 3, "cpu")

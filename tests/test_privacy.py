@@ -104,7 +104,12 @@ def test_identifiers_never_reach_outputs_names_messages_or_logs(
     inputs_before = snapshot(inp)
 
     # convert
-    assert main(["-v", "convert", str(dicom_dataset / "imagesTr" / "case_a"), str(out / "converted" / "a.nii.gz")]) == 0
+    assert (
+        main(
+            ["-v", "convert", str(dicom_dataset / "imagesTr" / "case_a"), str(out / "converted" / "a.nii.gz")]
+        )
+        == 0
+    )
 
     # train (1 iteration) on the DICOM series; the held-out test study is evaluated into a report
     cfg = tiny_segmentation_config(
@@ -119,7 +124,20 @@ def test_identifiers_never_reach_outputs_names_messages_or_logs(
 
     # predict a new patient's series
     best = run / "checkpoints" / "best.pt"
-    assert main(["-v", "predict", "--checkpoint", str(best), str(inp / "new_study"), "--output", str(out / "pred")]) == 0
+    assert (
+        main(
+            [
+                "-v",
+                "predict",
+                "--checkpoint",
+                str(best),
+                str(inp / "new_study"),
+                "--output",
+                str(out / "pred"),
+            ]
+        )
+        == 0
+    )
     assert (out / "pred" / "new_study.nii.gz").is_file()
 
     # The inputs are untouched (the config is the only file added to the input folder).
@@ -146,8 +164,10 @@ def test_identifiers_never_reach_outputs_names_messages_or_logs(
         header = nib.load(str(path)).header
         for field in ("descrip", "aux_file", "intent_name", "db_name"):
             assert _leaks(bytes(header[field].tobytes())) == [], (path.name, field)
-        assert all(_leaks(ext.get_content() if isinstance(ext.get_content(), bytes) else b"") == []
-                   for ext in header.extensions)
+        assert all(
+            _leaks(ext.get_content() if isinstance(ext.get_content(), bytes) else b"") == []
+            for ext in header.extensions
+        )
 
     # everything printed and logged
     captured = capsys.readouterr()
@@ -184,6 +204,8 @@ def test_text_fields_of_a_nifti_source_do_not_reach_its_mask(tmp_path: Path) -> 
     img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", secrets["InstitutionName"].encode()))
     nib.save(img, str(tmp_path / "source.nii.gz"))
     # What `predict` does with every NIfTI study: the mask is written on the source's grid and header.
-    mask = write_mask(np.zeros((8, 8, 4), np.uint8), read_study(tmp_path / "source.nii.gz"), tmp_path / "m.nii.gz")
+    mask = write_mask(
+        np.zeros((8, 8, 4), np.uint8), read_study(tmp_path / "source.nii.gz"), tmp_path / "m.nii.gz"
+    )
     assert _file_leaks(tmp_path / "source.nii.gz")  # the search sees them in the source
     assert _file_leaks(mask) == []

@@ -62,7 +62,9 @@ def _results(run: Path, patterns: list[str]) -> tuple[dict[str, object], dict[st
         files.update({p.relative_to(run).as_posix(): p.read_bytes() for p in found})
     files["history.csv"] = history_without_timing(files["history.csv"])  # type: ignore[arg-type]
     weights = {
-        name: checkpoint_tensors({k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"})
+        name: checkpoint_tensors(
+            {k: v for k, v in load_checkpoint(run / "checkpoints" / name).items() if k != "meta"}
+        )
         for name in ("best.pt", "last.pt")
     }
     return files, weights
@@ -168,7 +170,9 @@ def test_classification_survives_sigkill_mid_epoch(tmp_path: Path) -> None:
     config = write_config(tmp_path / "exp.yaml", cfg)
     run = tmp_path / "runs" / "run"
     # 6 training images in batches of 2: 3 iterations per epoch; kill in the middle of epoch 2.
-    _check_kill_and_resume(config, run, ["eval/metrics.json", "eval/predictions.csv", "history.csv"], kill_at=5)
+    _check_kill_and_resume(
+        config, run, ["eval/metrics.json", "eval/predictions.csv", "history.csv"], kill_at=5
+    )
 
 
 @pytest.mark.slow

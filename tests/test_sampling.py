@@ -51,7 +51,10 @@ def test_augmentation_is_identical_across_worker_counts():
 
     def run(workers: int):
         loader = DataLoader(
-            SeededDataset(data, transform), batch_size=2, sampler=ResumableSampler(6, seed=5), num_workers=workers
+            SeededDataset(data, transform),
+            batch_size=2,
+            sampler=ResumableSampler(6, seed=5),
+            num_workers=workers,
         )
         return [batch["image"].numpy() for batch in loader]
 

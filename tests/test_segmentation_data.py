@@ -39,7 +39,11 @@ def _msd(root: Path, labels: dict, cases: list[str], unlabeled: list[str] = ()) 
         training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     for case in unlabeled:
         _touch(root / "imagesUnl" / f"{case}.nii.gz")
-    meta = {"labels": labels, "training": training, "unlabeled": [f"./imagesUnl/{c}.nii.gz" for c in unlabeled]}
+    meta = {
+        "labels": labels,
+        "training": training,
+        "unlabeled": [f"./imagesUnl/{c}.nii.gz" for c in unlabeled],
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -239,7 +243,9 @@ def test_unlabelled_studies_of_held_out_patients_are_dropped(tmp_path: Path) -> 
 
 
 def test_make_synthetic_ct(tmp_path: Path) -> None:
-    root = make_synthetic_ct(tmp_path / "syn", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2)
+    root = make_synthetic_ct(
+        tmp_path / "syn", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2
+    )
     labelled, unlabelled, classes = load_records(root)
     assert classes == ["background", "ggo", "consolidation"]
     assert len(labelled) == 2 and len(unlabelled) == 1
@@ -255,7 +261,9 @@ def test_make_synthetic_ct(tmp_path: Path) -> None:
     assert lesion_hu.mean() > -650  # lesions are denser than the lung around them
     assert np.median(image.array[image.array < -700]) < -840  # lung and air
     before = (root / "imagesTr" / "synct_000.nii.gz").read_bytes()
-    again = make_synthetic_ct(tmp_path / "syn2", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2)
+    again = make_synthetic_ct(
+        tmp_path / "syn2", n_labeled=2, n_unlabeled=1, shape=(24, 24, 8), num_lesion_classes=2
+    )
     assert (again / "imagesTr" / "synct_000.nii.gz").read_bytes() == before
     with pytest.raises(DataError, match="already holds"):
         make_synthetic_ct(root)
@@ -274,7 +282,9 @@ def _pair(tmp_path: Path, affine: np.ndarray, image: np.ndarray, label: np.ndarr
 
 def test_preprocessing_is_invertible_to_source_geometry(tmp_path: Path) -> None:
     # Non-RAS (axes along -Y, +Z, -X) with 2 mm voxels; preprocessing resamples to 1 mm RAS.
-    affine = np.array([[0.0, -2.0, 0.0, 10.0], [0.0, 0.0, 2.0, -20.0], [-2.0, 0.0, 0.0, 30.0], [0, 0, 0, 1.0]])
+    affine = np.array(
+        [[0.0, -2.0, 0.0, 10.0], [0.0, 0.0, 2.0, -20.0], [-2.0, 0.0, 0.0, 30.0], [0, 0, 0, 1.0]]
+    )
     rng = np.random.default_rng(0)
     image = np.full((10, 8, 6), -1000, np.int16)
     image[1:9, 1:7, 1:5] = rng.integers(-900, 300, size=(8, 6, 4))
@@ -297,7 +307,9 @@ def test_preprocessing_is_invertible_to_source_geometry(tmp_path: Path) -> None:
     assert tuple(back.shape) == (1, 10, 8, 6)
     np.testing.assert_array_equal(back[0].numpy().round().astype(np.uint8), label)
     np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-5)
-    inv_image = Invertd("image", transform=transform, orig_keys="image", nearest_interp=True)(dict(out))["image"]
+    inv_image = Invertd("image", transform=transform, orig_keys="image", nearest_interp=True)(dict(out))[
+        "image"
+    ]
     expected = np.clip((image.astype(np.float32) + 1000.0) / 1400.0, 0.0, 1.0)
     np.testing.assert_allclose(inv_image[0].numpy(), expected, atol=1e-5)
 
@@ -333,7 +345,9 @@ def test_2d_preprocessing_scales_images(tmp_path: Path) -> None:
 
 
 def test_train_augmentation_moves_image_and_label_together() -> None:
-    aug = build_train_augmentation(SegmentationAugment(rotate90=True, flip=True, intensity=False), spatial_dims=2)
+    aug = build_train_augmentation(
+        SegmentationAugment(rotate90=True, flip=True, intensity=False), spatial_dims=2
+    )
     base = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8)
     seen = set()
     for seed in range(12):

@@ -55,13 +55,24 @@ def _train(msd: Path, out: Path, name: str, *extra: str) -> Path:
 
 def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     run = _train(
-        msd, tmp_path, "sup", "tcsm.enabled=false",
-        "train.checkpoint.every_n_iterations=2", "train.checkpoint.keep_last=2",
+        msd,
+        tmp_path,
+        "sup",
+        "tcsm.enabled=false",
+        "train.checkpoint.every_n_iterations=2",
+        "train.checkpoint.keep_last=2",
     )
 
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
-    for name in ("checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "learning_curves.png",
-                 "eval/summary.json", "eval/report.html", "eval/metrics_per_case.csv"):
+    for name in (
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "history.csv",
+        "learning_curves.png",
+        "eval/summary.json",
+        "eval/report.html",
+        "eval/metrics_per_case.csv",
+    ):
         assert (run / name).is_file(), name
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     meta = best["meta"]
@@ -98,17 +109,38 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
 
     # evaluate on every labelled study of the dataset.
     report_dir = tmp_path / "eval_all"
-    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(msd), "--split", "all", "--output", str(report_dir)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                ckpt,
+                "--data",
+                str(msd),
+                "--split",
+                "all",
+                "--output",
+                str(report_dir),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((report_dir / "summary.json").read_text())["metric_per_case"]) == 6
-    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir)]) == 2  # exists, no --overwrite
+    assert (
+        main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir)]) == 2
+    )  # exists, no --overwrite
     # Without --data: the checkpoint's own dataset and its held-out test patient.
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir), "--overwrite"]) == 0
-    assert [c["case"] for c in json.loads((report_dir / "summary.json").read_text())["metric_per_case"]] == [case]
+    assert [c["case"] for c in json.loads((report_dir / "summary.json").read_text())["metric_per_case"]] == [
+        case
+    ]
     # Evaluation settings can change after training (test-time augmentation); training settings cannot.
     tta_dir = tmp_path / "eval_tta"
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tta_dir), "--set", "eval.tta=true"]) == 0
     assert (tta_dir / "summary.json").is_file()
-    assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tmp_path / "x"), "--set", "train.lr=1"]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", ckpt, "--output", str(tmp_path / "x"), "--set", "train.lr=1"]) == 2
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -270,7 +302,9 @@ def test_evaluate_masks_entry_point_scores_masks_on_disk(tmp_path):
     for folder, mask in (("pred", pred), ("gt", gt)):
         (tmp_path / folder).mkdir()
         Image.fromarray(mask).save(tmp_path / folder / "case.png")
-    result = segmentation.evaluate_masks(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=["bg", "lesion"])
+    result = segmentation.evaluate_masks(
+        tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=["bg", "lesion"]
+    )
     assert Path(result["report"]).is_file()
     assert read_label(tmp_path / "pred" / "case.png", ["bg", "lesion"]).array.sum() == 8
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -356,7 +390,11 @@ def test_covid_config_reads_the_real_dataset(shared_data):
     root = shared_data / "covid_semiseg"
     cfg = load_config(
         REPO / "configs" / "covid2d_supervised.yaml",
-        [f"data.path={root / 'train'}", f"data.test_path={root / 'test'}", f"data.unlabeled_path={root / 'unlabeled' / 'images'}"],
+        [
+            f"data.path={root / 'train'}",
+            f"data.test_path={root / 'test'}",
+            f"data.unlabeled_path={root / 'unlabeled' / 'images'}",
+        ],
     )
     datalist = build_datalist(cfg.data, cfg.run.seed)
     assert datalist.classes == ["background", "ggo", "consolidation"]
@@ -368,7 +406,9 @@ def test_covid_config_reads_the_real_dataset(shared_data):
 def test_lidc_datalist_script_lists_every_crop_by_patient(shared_data, tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_lidc_datalist", REPO / "scripts" / "make_lidc_datalist.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_lidc_datalist", REPO / "scripts" / "make_lidc_datalist.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "lidc.csv"
@@ -380,6 +420,10 @@ def test_lidc_datalist_script_lists_every_crop_by_patient(shared_data, tmp_path)
     labelled = datalist.train + datalist.val + datalist.test
     assert len(labelled) == 992  # two crops have no mask and are listed as unlabelled
     patients = [{r["patient_id"] for r in part} for part in (datalist.train, datalist.val, datalist.test)]
-    assert not (patients[0] & patients[1]) and not (patients[0] & patients[2]) and not (patients[1] & patients[2])
+    assert (
+        not (patients[0] & patients[1])
+        and not (patients[0] & patients[2])
+        and not (patients[1] & patients[2])
+    )
     with pytest.raises(SystemExit, match="exists already"):
         script.main([str(shared_data / "lidc_voi"), str(out)])

@@ -37,7 +37,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config or args.set:
-            raise FewLabelError("--resume continues a run with its saved config; do not pass a config or --set")
+            raise FewLabelError(
+                "--resume continues a run with its saved config; do not pass a config or --set"
+            )
         from fewlabel.runs import open_run_dir
 
         cfg = load_config(open_run_dir(args.resume).config_file)
@@ -88,8 +90,8 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
     if failure is not None:
         raise failure
     if outcome.startswith("error:"):
-        raise FewLabelError(outcome[len("error:"):])
-    run = RunDir(Path(outcome[len("ok:"):]))
+        raise FewLabelError(outcome[len("error:") :])
+    run = RunDir(Path(outcome[len("ok:") :]))
     if main_process:
         print(f"run folder: {run.path}", flush=True)
     with track_run(run) if main_process else nullcontext(run):
@@ -122,7 +124,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
         result = _pipeline(task).evaluate(
-            Path(args.checkpoint), args.data, Path(args.output), split=args.split, overwrite=args.overwrite,
+            Path(args.checkpoint),
+            args.data,
+            Path(args.output),
+            split=args.split,
+            overwrite=args.overwrite,
             **_eval_overrides(task, args.set),
         )
     print(f"report: {result['report']}")
@@ -155,7 +161,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
     out = _pipeline(task).predict(
-        Path(args.checkpoint), [Path(p) for p in args.inputs], Path(args.output), overwrite=args.overwrite,
+        Path(args.checkpoint),
+        [Path(p) for p in args.inputs],
+        Path(args.output),
+        overwrite=args.overwrite,
         **_eval_overrides(task, args.set),
     )
     print(f"predictions: {out}")
@@ -174,7 +183,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from fewlabel.data.readers import convert_dicom_to_nifti
 
-    out = convert_dicom_to_nifti(Path(args.dicom_dir), Path(args.output), series_uid=args.series, overwrite=args.overwrite)
+    out = convert_dicom_to_nifti(
+        Path(args.dicom_dir), Path(args.output), series_uid=args.series, overwrite=args.overwrite
+    )
     print(f"wrote {out}")
     return 0
 
@@ -187,7 +198,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise FewLabelError(f"{args.checkpoint}: holds no model weights")
     out = Path(args.output)
     if out.with_suffix(".safetensors").exists() and not args.overwrite:
-        raise FewLabelError(f"{out.with_suffix('.safetensors')}: exists already; pass --overwrite to replace it")
+        raise FewLabelError(
+            f"{out.with_suffix('.safetensors')}: exists already; pass --overwrite to replace it"
+        )
     path = export_safetensors(ckpt["model"], ckpt.get("meta", {}), out)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
@@ -206,7 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", nargs="?", help="experiment YAML (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_epochs=3")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.max_epochs=3",
+    )
     p.add_argument("--output-dir", help="parent folder of the run folder (overrides run.output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -215,18 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained model, or masks on disk")
     p.add_argument("--checkpoint", help="model checkpoint (best.pt in a run folder)")
     p.add_argument("--data", help="dataset to evaluate on (default: the checkpoint's test split)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="which split of --data")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="which split of --data"
+    )
     p.add_argument("--pred", help="folder of predicted masks (NIfTI/PNG) to score without a model")
     p.add_argument("--gt", help="folder of ground-truth masks matching --pred by file name")
     p.add_argument("--classes", nargs="+", help="class names for --pred/--gt, index = label value")
     p.add_argument("--images", help="folder of source images for the report's overlays (with --pred/--gt)")
     p.add_argument(
-        "--merge", action="append", default=[], metavar="NAME=1,2",
+        "--merge",
+        action="append",
+        default=[],
+        metavar="NAME=1,2",
         help="also score the union of label values, e.g. infection=1,2",
     )
     p.add_argument("--output", required=True, help="folder for metrics and report")
     p.add_argument(
-        "--set", action="append", default=[], metavar="eval.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
         help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -237,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="images, folders of images, a .txt list, or studies")
     p.add_argument("--output", required=True, help="CSV file (classification) or folder (segmentation)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="eval.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
         help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -275,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)

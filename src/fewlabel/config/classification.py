@@ -10,8 +10,20 @@ from fewlabel.config.common import CheckpointConfig, OptimizerName, RunConfig, S
 
 # The lowest layers of torchvision's GoogLeNet, in forward order; ``freeze`` names the last frozen one.
 FreezePoint = Literal[
-    "none", "conv1", "conv2", "conv3", "inception3a", "inception3b", "inception4a",
-    "inception4b", "inception4c", "inception4d", "inception4e", "inception5a", "inception5b", "all",
+    "none",
+    "conv1",
+    "conv2",
+    "conv3",
+    "inception3a",
+    "inception3b",
+    "inception4a",
+    "inception4b",
+    "inception4c",
+    "inception4d",
+    "inception4e",
+    "inception5a",
+    "inception5b",
+    "all",
 ]
 
 

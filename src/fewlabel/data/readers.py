@@ -195,7 +195,8 @@ def read_study(path: str | Path, include_identifiers: bool = False) -> Study:
     if path.suffix.lower() in _DICOM_SUFFIXES or path.suffix == "":
         raise DataError(path, "looks like a single DICOM file; pass the folder that holds the whole series")
     raise DataError(
-        path, "unsupported file type; expected .nii/.nii.gz, a DICOM series folder or a PNG/JPEG/BMP/TIFF image"
+        path,
+        "unsupported file type; expected .nii/.nii.gz, a DICOM series folder or a PNG/JPEG/BMP/TIFF image",
     )
 
 
@@ -314,7 +315,8 @@ def _check_nifti_bytes(path: Path) -> None:
     compressed = path.name.lower().endswith(".gz")
     if compressed and head[:2] != b"\x1f\x8b":
         raise DataError(
-            path, f"not gzip-compressed although named .nii.gz (first bytes {head.hex()}); wrong file or suffix"
+            path,
+            f"not gzip-compressed although named .nii.gz (first bytes {head.hex()}); wrong file or suffix",
         )
     try:
         if compressed:
@@ -548,7 +550,9 @@ def _series_slices(folder: Path, series_uid: str | None) -> tuple[str, list[_Dic
             )
         series_uid = next(iter(series))
     elif series_uid not in series:
-        raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found:\n{_describe_series(series)}")
+        raise DataError(
+            folder, f"no series with SeriesInstanceUID {series_uid}; found:\n{_describe_series(series)}"
+        )
     slices, _ = _sort_slices(folder, series[series_uid])
     return series_uid, slices
 
@@ -718,7 +722,9 @@ def write_mask(mask: np.ndarray, reference: Study, path: str | Path, dtype: Any 
     path = Path(path)
     mask = np.asarray(mask)
     if tuple(mask.shape) != tuple(reference.array.shape):
-        raise ValueError(f"mask shape {mask.shape} differs from reference {reference.path} shape {reference.array.shape}")
+        raise ValueError(
+            f"mask shape {mask.shape} differs from reference {reference.path} shape {reference.array.shape}"
+        )
     if reference.is_2d:
         if path.suffix.lower() != ".png":
             raise ValueError(f"{path}: masks of 2D images are written as .png")
@@ -839,7 +845,12 @@ def convert_dicom_to_nifti(
         raise DataError(output, "exists already; pass overwrite=True (--overwrite) to replace it")
     study = read_dicom_series(dicom_dir, series_uid=series_uid)
     path = write_study(study, output)
-    log.info("converted DICOM series %s (%d slices) to %s", study.meta["series_uid"], study.meta["num_slices"], path)
+    log.info(
+        "converted DICOM series %s (%d slices) to %s",
+        study.meta["series_uid"],
+        study.meta["num_slices"],
+        path,
+    )
     return path
 
 
@@ -867,7 +878,9 @@ class FewLabelReader(ImageReader):
         series_uid: SeriesInstanceUID to read from DICOM folders holding several series.
     """
 
-    def __init__(self, label: bool = False, num_classes: int | None = None, series_uid: str | None = None) -> None:
+    def __init__(
+        self, label: bool = False, num_classes: int | None = None, series_uid: str | None = None
+    ) -> None:
         super().__init__()
         self.label = label
         self.num_classes = num_classes
@@ -882,9 +895,7 @@ class FewLabelReader(ImageReader):
         Returns:
             True when this reader can read all of them.
         """
-        return all(
-            is_nifti_file(f) or is_image_file(f) or Path(f).is_dir() for f in ensure_tuple(filename)
-        )
+        return all(is_nifti_file(f) or is_image_file(f) or Path(f).is_dir() for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Study | list[Study]:
         """Read one path, or several (later stacked as channels).

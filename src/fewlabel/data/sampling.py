@@ -88,7 +88,9 @@ class ResumableSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         out: list[int] = []
         if self.weights is not None:
-            out = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+            out = torch.multinomial(
+                self.weights, self.num_samples, replacement=True, generator=generator
+            ).tolist()
         while len(out) < self.num_samples:
             if self.shuffle:
                 out.extend(torch.randperm(self.size, generator=generator).tolist())

@@ -141,7 +141,9 @@ def _is_study_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and (is_nifti_file(path) or is_image_file(path))
 
 
-def _record(image: Path, label: Path | None, patient_id: str | None = None, case_id: str | None = None) -> dict:
+def _record(
+    image: Path, label: Path | None, patient_id: str | None = None, case_id: str | None = None
+) -> dict:
     case = case_id or _stem(image)
     return {
         "image": str(image),
@@ -225,7 +227,8 @@ def _check_unique_ids(path: Path, records: list[dict]) -> None:
     for rec in records:
         if rec["id"] in seen:
             raise DataError(
-                path, f"two cases share the id {rec['id']!r}: {seen[rec['id']]} and {rec['image']}; rename one"
+                path,
+                f"two cases share the id {rec['id']!r}: {seen[rec['id']]} and {rec['image']}; rename one",
             )
         seen[rec["id"]] = rec["image"]
 
@@ -326,7 +329,9 @@ def _scan_nnunet(root: Path) -> list[dict]:
         stem = _stem(image)
         match = channel.match(stem)
         if match and match.group("ch") != "0000":
-            raise DataError(image, "multi-channel cases (_0001, ...) are not supported; keep one channel (_0000)")
+            raise DataError(
+                image, "multi-channel cases (_0001, ...) are not supported; keep one channel (_0000)"
+            )
         case = match.group("case") if match else stem
         suffix = image.name[len(stem) :]
         label = labels_dir / f"{case}{suffix}"
@@ -356,7 +361,9 @@ def msd_test_records(root: str | Path) -> list[dict]:
     meta = _read_dataset_json(root)
     entries = meta.get("test")
     if entries:
-        paths = [_resolve(root, e.get("image") if isinstance(e, dict) else e, file, "test image") for e in entries]
+        paths = [
+            _resolve(root, e.get("image") if isinstance(e, dict) else e, file, "test image") for e in entries
+        ]
     else:
         paths = list_studies(root / "imagesTs") if (root / "imagesTs").is_dir() else []
     records = []
@@ -381,7 +388,9 @@ def _load_csv(path: Path, image_root: str | Path | None) -> tuple[list[dict], li
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(path, f"cannot read the CSV file ({err})") from err
     if "image" not in header:
-        raise DataError(path, f"CSV needs an 'image' column (and optionally label, patient_id); found {header}")
+        raise DataError(
+            path, f"CSV needs an 'image' column (and optionally label, patient_id); found {header}"
+        )
     labelled, unlabelled = [], []
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -431,7 +440,14 @@ def list_studies(folder: str | Path) -> list[Path]:
 
 def _find_mask(masks_dir: Path, image: Path) -> Path | None:
     stem = _stem(image)
-    for candidate in (image.name, f"{stem}.png", f"{stem}.nii.gz", f"{stem}.nii", f"{stem}.bmp", f"{stem}.tif"):
+    for candidate in (
+        image.name,
+        f"{stem}.png",
+        f"{stem}.nii.gz",
+        f"{stem}.nii",
+        f"{stem}.bmp",
+        f"{stem}.tif",
+    ):
         p = masks_dir / candidate
         if p.is_file():
             return p
@@ -461,7 +477,8 @@ def _load_pairs(root: Path) -> tuple[list[dict], list[dict]]:
     orphans = [p.name for p in list_studies(masks_dir) if p.name not in used]
     if orphans:
         raise DataError(
-            masks_dir, f"{len(orphans)} mask(s) without an image in {images_dir}, e.g. {orphans[:3]}; check the names"
+            masks_dir,
+            f"{len(orphans)} mask(s) without an image in {images_dir}, e.g. {orphans[:3]}; check the names",
         )
     return labelled, []
 
@@ -542,7 +559,9 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
     if cfg.classes is not None:
         classes = list(cfg.classes)
         if json_classes is not None and len(json_classes) != len(classes):
-            log.warning("data.classes %s differs in length from dataset.json labels %s", classes, json_classes)
+            log.warning(
+                "data.classes %s differs in length from dataset.json labels %s", classes, json_classes
+            )
     else:
         classes = json_classes or list(DEFAULT_CLASSES)
     if not labelled:
@@ -557,7 +576,9 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
         if not test:
             raise DataError(cfg.test_path, "test set has no labelled cases")
         if test_classes is not None and json_classes is not None and test_classes != json_classes:
-            raise DataError(cfg.test_path, f"test labels {test_classes} differ from the training labels {json_classes}")
+            raise DataError(
+                cfg.test_path, f"test labels {test_classes} differ from the training labels {json_classes}"
+            )
         if cfg.test_fraction > 0:
             log.info("data.test_path is set: data.test_fraction=%s is not used", cfg.test_fraction)
     else:
@@ -586,7 +607,9 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
             "dropped %d unlabelled studies that belong to validation/test images or patients",
             len(pool) - len(clean),
         )
-    datalist = SegmentationDatalist(classes=classes, train=kept, unlabeled=demoted + clean, val=val, test=test)
+    datalist = SegmentationDatalist(
+        classes=classes, train=kept, unlabeled=demoted + clean, val=val, test=test
+    )
     n_patients = len({r["patient_id"] for r in kept})
     log.info(
         "datalist: %d labelled training cases (%d patients) of %d, %d unlabelled (%d demoted), %d val, %d test",
@@ -600,4 +623,3 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
     )
     log.info("labelled training cases: %s", ", ".join(r["id"] for r in kept))
     return datalist
-

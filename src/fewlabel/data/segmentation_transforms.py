@@ -74,7 +74,12 @@ class StudyCompose(Compose):
     """
 
     def __call__(
-        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+        self,
+        input_: Any,
+        start: int = 0,
+        end: int | None = None,
+        threading: bool = False,
+        lazy: bool | None = None,
     ) -> Any:
         """Apply the transforms (see ``monai.transforms.Compose``).
 
@@ -160,7 +165,9 @@ class ValidatePaird(MapTransform):
         atol: affine tolerance in mm.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", atol: float = AFFINE_TOLERANCE) -> None:
+    def __init__(
+        self, image_key: str = "image", label_key: str = "label", atol: float = AFFINE_TOLERANCE
+    ) -> None:
         super().__init__([image_key, label_key])
         self.image_key, self.label_key, self.atol = image_key, label_key, atol
 
@@ -259,9 +266,7 @@ def build_preprocessing(
     interp = ["bilinear", "nearest"] if with_label else ["bilinear"]
     transforms: list[Any] = [LoadStudyd(image_key, reader=FewLabelReader())]
     if with_label:
-        transforms.append(
-            LoadStudyd(label_key, reader=FewLabelReader(label=True, num_classes=num_classes))
-        )
+        transforms.append(LoadStudyd(label_key, reader=FewLabelReader(label=True, num_classes=num_classes)))
     transforms.append(EnsureChannelFirstd(all_keys, channel_dim="no_channel"))
     if with_label:
         transforms.append(ValidatePaird(image_key, label_key))
@@ -272,11 +277,15 @@ def build_preprocessing(
             transforms.append(Spacingd(all_keys, pixdim=pre.spacing, mode=interp))
     if pre.modality == "ct":
         low, high = pre.window
-        transforms.append(ScaleIntensityRanged(image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        transforms.append(
+            ScaleIntensityRanged(image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        )
     elif pre.modality == "mr":
         transforms.append(NormalizeIntensityd(image_key, nonzero=True, channel_wise=True))
     else:
-        transforms.append(ScaleIntensityRanged(image_key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+        transforms.append(
+            ScaleIntensityRanged(image_key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
+        )
     if pre.crop_foreground:
         threshold = foreground_threshold(pre)
         select = _nonzero if threshold is None else functools.partial(_above, threshold=threshold)

@@ -218,7 +218,9 @@ class SliceDataset(torch.utils.data.Dataset):
         if label is not None:
             label = _plain(label)
             if label.shape[1:] != image.shape[1:]:
-                raise DataError(_source(item), f"label shape {tuple(label.shape)} != image {tuple(image.shape)}")
+                raise DataError(
+                    _source(item), f"label shape {tuple(label.shape)} != image {tuple(image.shape)}"
+                )
         if self.k > 1 and image.ndim == 3:
             raise ConfigError("2.5D slabs need volumes; 2D images give single slices (use input.mode: 2d)")
         n = _num_slices(image, self.axis)
@@ -511,7 +513,9 @@ def build_training_dataset(
     cache = True if spatial_dims == 3 else None
     if spatial_dims == 3 and not cfg.data.cache:
         log.info("2D/2.5D sampling keeps the preprocessed volumes in memory although data.cache is false")
-    volumes = build_volume_dataset(recs, cfg, with_label=labeled, classes=classes, cache=cache, label_dtype=compact)
+    volumes = build_volume_dataset(
+        recs, cfg, with_label=labeled, classes=classes, cache=cache, label_dtype=compact
+    )
     aug = build_train_augmentation(cfg.augment, 2) if train else None
     return SliceDataset(
         volumes,

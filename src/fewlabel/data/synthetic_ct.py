@@ -59,7 +59,11 @@ def _case(
         cx, cy, cz = lung_voxels[rng.integers(len(lung_voxels))]
         radius = rng.uniform(4.0, 8.0)  # voxels in-plane
         d2 = ((np.arange(nx)[:, None, None] - cx) ** 2 + (np.arange(ny)[None, :, None] - cy) ** 2) / radius**2
-        d2 = d2 + ((np.arange(nz)[None, None, :] - cz) * SYNTHETIC_SPACING[2] / SYNTHETIC_SPACING[0]) ** 2 / radius**2
+        d2 = (
+            d2
+            + ((np.arange(nz)[None, None, :] - cz) * SYNTHETIC_SPACING[2] / SYNTHETIC_SPACING[0]) ** 2
+            / radius**2
+        )
         blob = (d2 <= 1.0) & lungs
         cls = 1 if num_lesion_classes == 1 else int(rng.integers(1, 3))
         image[blob] = _HU_GGO if cls == 1 else _HU_CONSOLIDATION
@@ -126,11 +130,15 @@ def make_synthetic_ct(
         else:
             _save(image, affine, root / "imagesUnl" / f"{case}.nii.gz")
             unlabeled.append(f"./imagesUnl/{case}.nii.gz")
-    labels = {"0": "background", "1": "lesion"} if num_lesion_classes == 1 else {
-        "0": "background",
-        "1": "ggo",
-        "2": "consolidation",
-    }
+    labels = (
+        {"0": "background", "1": "lesion"}
+        if num_lesion_classes == 1
+        else {
+            "0": "background",
+            "1": "ggo",
+            "2": "consolidation",
+        }
+    )
     meta = {
         "name": "SyntheticChestCT",
         "description": "Synthetic chest CT with lung lesions (fewlabel test data)",

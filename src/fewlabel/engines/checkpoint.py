@@ -64,7 +64,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from err
         if not _has_torch_magic(path):
             raise CheckpointError(_not_a_checkpoint(path)) from err
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {details}") from err
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {details}"
+        ) from err
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
         if not _has_torch_magic(path):
             raise CheckpointError(_not_a_checkpoint(path)) from err
@@ -160,7 +162,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def export_safetensors(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path) -> Path:
+def export_safetensors(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path
+) -> Path:
     """Export weights for sharing: ``<path>.safetensors`` plus ``<path>.json`` metadata.
 
     Args:

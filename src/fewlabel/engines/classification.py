@@ -117,7 +117,9 @@ class AuxiliaryLoss(nn.Module):
         self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.aux_weight = aux_weight
 
-    def forward(self, logits: torch.Tensor, aux: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, aux: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
         """Compute the loss.
 
         Args:
@@ -280,7 +282,9 @@ def checkpoint_meta(
     }
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
+def model_from_checkpoint(
+    ckpt: dict[str, Any], source: str | Path = "checkpoint"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained network from a checkpoint, without downloading anything.
 
     Args:
@@ -367,7 +371,9 @@ def create_evaluator(
             else:
                 x = batch["image"].to(device, non_blocking=True)
                 rotations = range(4) if tta else range(1)
-                probs = sum(F.softmax(model(torch.rot90(x, k, dims=(-2, -1))).float(), dim=1) for k in rotations)
+                probs = sum(
+                    F.softmax(model(torch.rot90(x, k, dims=(-2, -1))).float(), dim=1) for k in rotations
+                )
                 probs = probs / len(rotations)
         label = batch.get("label")
         return {
@@ -445,7 +451,9 @@ def _validate(evaluator: Engine, loader: Any, num_classes: int) -> ClassifierOut
 class _FeatureDataset(TorchDataset):
     """Cached features, ``N x R x D``: each access returns one of the R rotations at random."""
 
-    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], random_rotation: bool) -> None:
+    def __init__(
+        self, feats: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], random_rotation: bool
+    ) -> None:
         self.feats = feats
         self.labels = labels
         self.ids = list(ids)
@@ -459,7 +467,11 @@ class _FeatureDataset(TorchDataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         r = 0
         if self.random_rotation:
-            r = seed % self.feats.shape[1] if seed is not None else int(torch.randint(self.feats.shape[1], (1,)))
+            r = (
+                seed % self.feats.shape[1]
+                if seed is not None
+                else int(torch.randint(self.feats.shape[1], (1,)))
+            )
         return {"features": self.feats[i, r], "label": self.labels[i], "id": self.ids[i]}
 
 
@@ -490,7 +502,9 @@ def extract_features(
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
-            per_rot = [model.features(torch.rot90(x, k, dims=(-2, -1))).float().cpu() for k in range(rotations)]
+            per_rot = [
+                model.features(torch.rot90(x, k, dims=(-2, -1))).float().cpu() for k in range(rotations)
+            ]
         feats.append(torch.stack(per_rot, dim=1))
         labels.append(torch.as_tensor(batch["label"]).view(-1).cpu())
         ids.extend(str(i) for i in batch["id"])
@@ -670,9 +684,13 @@ def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | Non
     ckpt = load_checkpoint(path)
     meta = ckpt.get("meta", {})
     if meta.get("classes") != ctx.classes:
-        raise CheckpointError(f"{path}: saved for classes {meta.get('classes')}, the data now has {ctx.classes}")
+        raise CheckpointError(
+            f"{path}: saved for classes {meta.get('classes')}, the data now has {ctx.classes}"
+        )
     if ckpt.get("stage") not in stages:
-        raise CheckpointError(f"{path}: saved in stage {ckpt.get('stage')!r}, not part of train.mode={ctx.cfg.train.mode!r}")
+        raise CheckpointError(
+            f"{path}: saved in stage {ckpt.get('stage')!r}, not part of train.mode={ctx.cfg.train.mode!r}"
+        )
     try:
         ctx.model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -687,8 +705,16 @@ def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | Non
     return ckpt
 
 
-def _loader(dataset: Any, batch_size: int, shuffle: bool, num_workers: int, sampler: Any = None,
-            generator: torch.Generator | None = None, drop_last: bool = False, device: torch.device | None = None) -> Any:
+def _loader(
+    dataset: Any,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    sampler: Any = None,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    device: torch.device | None = None,
+) -> Any:
     from monai.data import DataLoader
 
     return DataLoader(
@@ -715,15 +741,23 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
     train_records = dataset.splits["train"]
     decode = build_decode_transforms(cfg.model.image_size)
     train_ds = make_dataset(
-        train_records, decode, build_augment_transforms(True, cfg.augment, ctx.mean, ctx.std),
-        cache=cfg.data.cache, seed=cfg.run.seed,
+        train_records,
+        decode,
+        build_augment_transforms(True, cfg.augment, ctx.mean, ctx.std),
+        cache=cfg.data.cache,
+        seed=cfg.run.seed,
     )
     generator = torch.Generator().manual_seed(cfg.run.seed)
     labels = [int(r["label"]) for r in train_records]
     sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     batch_size = per_rank_batch_size(cfg.train.batch_size)
     train_loader = _loader(
-        train_ds, batch_size, True, cfg.data.num_workers, sampler, generator,
+        train_ds,
+        batch_size,
+        True,
+        cfg.data.num_workers,
+        sampler,
+        generator,
         # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes.
         drop_last=len(sampler) % batch_size == 1 and len(sampler) > 1,
         device=ctx.device,
@@ -731,10 +765,14 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
     val_loader = None
     if dataset.splits.get("val"):
         val_ds = make_dataset(
-            dataset.splits["val"], decode, build_augment_transforms(False, cfg.augment, ctx.mean, ctx.std),
+            dataset.splits["val"],
+            decode,
+            build_augment_transforms(False, cfg.augment, ctx.mean, ctx.std),
             cache=cfg.data.cache,
         )
-        val_loader = _loader(_shard(val_ds), cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device)
+        val_loader = _loader(
+            _shard(val_ds), cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device
+        )
     return train_loader, val_loader
 
 
@@ -743,7 +781,9 @@ def _criterion(ctx: _Context, labels: Sequence[int], aux_weight: float) -> Auxil
     if ctx.cfg.data.class_balance == "weighted_loss":
         weight = inverse_frequency_weights(labels, len(ctx.classes)).to(ctx.device)
         log.info("class weights: %s", [round(float(w), 3) for w in weight])
-    return AuxiliaryLoss(weight=weight, aux_weight=aux_weight, label_smoothing=ctx.cfg.train.label_smoothing).to(ctx.device)
+    return AuxiliaryLoss(
+        weight=weight, aux_weight=aux_weight, label_smoothing=ctx.cfg.train.label_smoothing
+    ).to(ctx.device)
 
 
 def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
@@ -778,11 +818,24 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
         return {"loss": float(loss.detach())}
 
     evaluator = create_evaluator(model, device, amp=ctx.amp) if val_loader is not None else None
-    _run_stage(ctx, "finetune", step, train_loader, val_loader, evaluator, optimizer, scaler,
-               cfg.train.max_epochs, epoch_offset, state)
+    _run_stage(
+        ctx,
+        "finetune",
+        step,
+        train_loader,
+        val_loader,
+        evaluator,
+        optimizer,
+        scaler,
+        cfg.train.max_epochs,
+        epoch_offset,
+        state,
+    )
 
 
-def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None) -> None:
+def _run_bottleneck_stage(
+    ctx: _Context, dataset: Any, epoch_offset: int, state: dict[str, Any] | None
+) -> None:
     from fewlabel.data.classification_transforms import build_classification_transforms, make_dataset
     from fewlabel.networks.googlenet import parameter_groups
 
@@ -801,7 +854,9 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
         records = dataset.splits[split]
 
         def make() -> dict[str, Any]:
-            log.info("extracting bottleneck features of %d %s images (%d rotation(s))", len(records), split, rot)
+            log.info(
+                "extracting bottleneck features of %d %s images (%d rotation(s))", len(records), split, rot
+            )
             ds = make_dataset(records, eval_tf, None, cache=False)
             loader = _loader(ds, cfg.train.batch_size, False, cfg.data.num_workers, device=device)
             return extract_features(model, loader, device, rotations=rot, amp=ctx.amp)
@@ -813,15 +868,27 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
     labels = [int(v) for v in train_feats["labels"]]
     sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     train_loader = _loader(
-        _FeatureDataset(train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True),
-        per_rank_batch_size(cfg.train.batch_size), True, 0, sampler, generator,
+        _FeatureDataset(
+            train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True
+        ),
+        per_rank_batch_size(cfg.train.batch_size),
+        True,
+        0,
+        sampler,
+        generator,
     )
     val_loader = evaluator = None
     if dataset.splits.get("val"):
         val_feats = features_of("val", 1)
         val_loader = _loader(
-            _shard(_FeatureDataset(val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False)),
-            cfg.train.batch_size, False, 0,
+            _shard(
+                _FeatureDataset(
+                    val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False
+                )
+            ),
+            cfg.train.batch_size,
+            False,
+            0,
         )
         evaluator = create_evaluator(model, device, amp=ctx.amp, features=True)
 
@@ -852,8 +919,20 @@ def _run_bottleneck_stage(ctx: _Context, dataset: Any, epoch_offset: int, state:
         scaler.update()
         return {"loss": float(loss.detach())}
 
-    _run_stage(ctx, "bottleneck", step, train_loader, val_loader, evaluator, optimizer, scaler,
-               cfg.train.bottleneck_epochs, epoch_offset, state, progress=False)
+    _run_stage(
+        ctx,
+        "bottleneck",
+        step,
+        train_loader,
+        val_loader,
+        evaluator,
+        optimizer,
+        scaler,
+        cfg.train.bottleneck_epochs,
+        epoch_offset,
+        state,
+        progress=False,
+    )
 
 
 def _run_stage(
@@ -910,7 +989,9 @@ def _run_stage(
             done = iteration % len(train_loader) if iteration else 0
             # Iterations count global batches whatever the number of processes; the sampler
             # counts this rank's samples, so a run may resume on a different number of processes.
-            sampler.resume(epoch=int(engine_state["epoch"]), samples_done=done * cfg.train.batch_size // world_size())
+            sampler.resume(
+                epoch=int(engine_state["epoch"]), samples_done=done * cfg.train.batch_size // world_size()
+            )
         saved_loss = state.get("train_loss") or {}
         # One process's running sum: with several, each rank holds its own and only rank 0's is saved.
         if iteration and saved_loss.get("world_size") == 1 and world_size() == 1:
@@ -930,7 +1011,9 @@ def _run_stage(
         ctx.last.save(
             {
                 "model": ctx.model.state_dict(),
-                "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=epoch_offset + engine.state.epoch),
+                "meta": ctx.meta(
+                    best_metric=ctx.metric, best_value=ctx.best_value, epoch=epoch_offset + engine.state.epoch
+                ),
                 "stage": stage,
                 "stage_done": at_epoch_end and (engine.state.epoch >= max_epochs or stopped["early"]),
                 # An iteration inside an epoch resumes there; at an epoch end, at the next epoch.
@@ -938,7 +1021,8 @@ def _run_stage(
                     "epoch": engine.state.epoch if at_epoch_end else engine.state.epoch - 1,
                     "iteration": 0 if at_epoch_end else engine.state.iteration,
                 },
-                "global_epoch": epoch_offset + (engine.state.epoch if at_epoch_end else engine.state.epoch - 1),
+                "global_epoch": epoch_offset
+                + (engine.state.epoch if at_epoch_end else engine.state.epoch - 1),
                 "total_iterations": ctx.total_iterations,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -981,7 +1065,11 @@ def _run_stage(
     def _end_of_epoch(engine: Engine) -> None:
         epoch = engine.state.epoch
         global_epoch = epoch_offset + epoch
-        row: dict[str, Any] = {"stage": stage, "epoch": global_epoch, "train_loss": engine.state.metrics["train_loss"]}
+        row: dict[str, Any] = {
+            "stage": stage,
+            "epoch": global_epoch,
+            "train_loss": engine.state.metrics["train_loss"],
+        }
         row.update(lrs())
         validate = evaluator is not None and (epoch % cfg.train.val_every == 0 or epoch == max_epochs)
         improved = False
@@ -994,15 +1082,23 @@ def _run_stage(
             value = m[ctx.metric]
             improved = is_better(ctx.metric, value, ctx.best_value)
             if stopper is not None:
-                current["score"] = float(value) if value is not None else (-math.inf if mode == "max" else math.inf)
+                current["score"] = (
+                    float(value) if value is not None else (-math.inf if mode == "max" else math.inf)
+                )
                 stopper(engine)
                 stopped["early"] = engine.should_terminate
             if improved:
                 ctx.best_value = float(value)
             log.info(
                 "%s epoch %d/%d: train loss %.4f, val loss %.4f, val %s %s%s",
-                stage, epoch, max_epochs, row["train_loss"], outs.loss, ctx.metric,
-                "n/a" if value is None else f"{value:.4f}", " (best)" if improved else "",
+                stage,
+                epoch,
+                max_epochs,
+                row["train_loss"],
+                outs.loss,
+                ctx.metric,
+                "n/a" if value is None else f"{value:.4f}",
+                " (best)" if improved else "",
             )
         else:
             log.info("%s epoch %d/%d: train loss %.4f", stage, epoch, max_epochs, row["train_loss"])
@@ -1014,7 +1110,9 @@ def _run_stage(
                 save_checkpoint(
                     {
                         "model": ctx.model.state_dict(),
-                        "meta": ctx.meta(best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage),
+                        "meta": ctx.meta(
+                            best_metric=ctx.metric, best_value=ctx.best_value, epoch=global_epoch, stage=stage
+                        ),
                     },
                     ctx.run.checkpoints / BEST_CHECKPOINT,
                 )
@@ -1035,5 +1133,7 @@ def _run_stage(
     if progress and is_main_process() and sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False, desc=stage).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+        ProgressBar(persist=False, desc=stage).attach(
+            trainer, output_transform=lambda out: {"loss": out["loss"]}
+        )
     trainer.run(train_loader, max_epochs=max_epochs)

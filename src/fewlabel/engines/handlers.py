@@ -26,7 +26,13 @@ from fewlabel.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HISTORY_CSV", "LAST_CHECKPOINT", "LEARNING_CURVES_PNG", "ResumableCheckpointer", "TrainingHistory"]
+__all__ = [
+    "HISTORY_CSV",
+    "LAST_CHECKPOINT",
+    "LEARNING_CURVES_PNG",
+    "ResumableCheckpointer",
+    "TrainingHistory",
+]
 
 HISTORY_CSV = "history.csv"
 LEARNING_CURVES_PNG = "learning_curves.png"

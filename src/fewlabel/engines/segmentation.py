@@ -93,7 +93,9 @@ def build_optimizer(train_cfg: SegmentationTrain, params: Iterable[nn.Parameter]
         return torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    return torch.optim.SGD(params, lr=train_cfg.lr, momentum=0.9, nesterov=True, weight_decay=train_cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=train_cfg.lr, momentum=0.9, nesterov=True, weight_decay=train_cfg.weight_decay
+    )
 
 
 def build_loss(loss_cfg: SegmentationLoss) -> ContinuousDiceLoss:
@@ -368,7 +370,15 @@ def train_segmentation(
 
     if resume:
         start_iteration = _restore(
-            ckpt_dir / "last.pt", net, optimizer, scheduler, tcsm_trainer, state, trainer, epoch_length, max_epochs
+            ckpt_dir / "last.pt",
+            net,
+            optimizer,
+            scheduler,
+            tcsm_trainer,
+            state,
+            trainer,
+            epoch_length,
+            max_epochs,
         )
         for loader in (train_loader, unlabeled_loader):
             _resume_sampler(loader, start_iteration, epoch_length)
@@ -450,7 +460,9 @@ def train_segmentation(
 
     def _save_best(engine: Engine, model: nn.Module, name: str, value: float, epoch: int) -> None:
         state.best_value, state.best_model, state.best_epoch = value, name, epoch
-        best_meta = dict(meta, best_value=None if math.isnan(value) else float(value), model_name=name, epoch=epoch)
+        best_meta = dict(
+            meta, best_value=None if math.isnan(value) else float(value), model_name=name, epoch=epoch
+        )
         if is_main_process():
             save_checkpoint({"model": model.state_dict(), "meta": best_meta}, ckpt_dir / "best.pt")
         if not math.isnan(value):
@@ -462,7 +474,8 @@ def train_segmentation(
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(
-            trainer, output_transform=lambda out: {"loss": _scalar(out["loss"])} if isinstance(out, dict) else {}
+            trainer,
+            output_transform=lambda out: {"loss": _scalar(out["loss"])} if isinstance(out, dict) else {},
         )
 
     if start_iteration >= total_iterations:
@@ -555,7 +568,9 @@ def _restore(
         state.resumed_sums = {k: float(v) for k, v in ckpt.get("epoch_sums", {}).items()}
         state.resumed_count = int(ckpt.get("epoch_count", 0))
     # Ignite's own method: trainers such as TCSMTrainer override load_state_dict with their full state.
-    Engine.load_state_dict(trainer, {"iteration": iteration, "max_epochs": max_epochs, "epoch_length": epoch_length})
+    Engine.load_state_dict(
+        trainer, {"iteration": iteration, "max_epochs": max_epochs, "epoch_length": epoch_length}
+    )
     log.info("resuming from %s at iteration %d (epoch %d)", path, iteration, iteration // epoch_length)
     return iteration
 

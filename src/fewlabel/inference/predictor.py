@@ -118,7 +118,9 @@ def _predict_3d(
 
     roi = tuple(input_cfg.patch_size)
     if any(r % size_divisor for r in roi):
-        raise ConfigError(f"input.patch_size {list(roi)} must be a multiple of {size_divisor} for this network")
+        raise ConfigError(
+            f"input.patch_size {list(roi)} must be a multiple of {size_divisor} for this network"
+        )
     logits = sliding_window_inference(
         image[None],
         roi_size=roi,

@@ -96,7 +96,9 @@ def classification_metrics(
         kappa = cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
     kappa_value = _finite_or_none(kappa)
     if kappa_value is None:
-        notes.append("quadratic weighted kappa is undefined: truth and prediction each hold a single, identical class")
+        notes.append(
+            "quadratic weighted kappa is undefined: truth and prediction each hold a single, identical class"
+        )
 
     per_class: dict[str, dict[str, Any]] = {}
     aucs: list[float] = []

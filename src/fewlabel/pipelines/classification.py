@@ -80,7 +80,9 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
     device = _configure_runtime(cfg)
     dataset = load_classification_dataset(cfg.data, cfg.run.seed)
     for split, records in dataset.splits.items():
-        log.info("%s: %d images, per class %s", split, len(records), class_counts(records, dataset.num_classes))
+        log.info(
+            "%s: %d images, per class %s", split, len(records), class_counts(records, dataset.num_classes)
+        )
     log.info("classes %s, device %s, mode %s", dataset.classes, device, cfg.train.mode)
 
     result = train_classifier(cfg, run, dataset, device, resume=resume)
@@ -94,7 +96,9 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
         "checkpoint": str(result.best_checkpoint),
         "data": dataset.source,
         "split": split if split != "train" else "train (no held-out images: optimistic!)",
-        "selected by": f"{result.best_metric} = {result.best_value}" if result.best_metric else "last epoch (no validation)",
+        "selected by": f"{result.best_metric} = {result.best_value}"
+        if result.best_metric
+        else "last epoch (no validation)",
         "best epoch": result.best_epoch,
     }
     with _staged_dir(run.path / EVAL_DIR, overwrite=True) as out:
@@ -141,8 +145,12 @@ def evaluate(
 
         dataset = load_classification_dataset(cfg.data, cfg.run.seed)
         if list(dataset.classes) != list(meta["classes"]):
-            raise DataError(cfg.data.path, f"classes are now {dataset.classes}, the checkpoint has {meta['classes']}")
-        records = _select_split({s: dataset.splits[s] for s in ("train", "val", "test")}, split, cfg.data.path)
+            raise DataError(
+                cfg.data.path, f"classes are now {dataset.classes}, the checkpoint has {meta['classes']}"
+            )
+        records = _select_split(
+            {s: dataset.splits[s] for s in ("train", "val", "test")}, split, cfg.data.path
+        )
         source = cfg.data.path
     else:
         source = data
@@ -184,7 +192,9 @@ def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool 
 
     checkpoint, output = Path(checkpoint), Path(output)
     if output.is_dir():
-        raise FewLabelError(f"{output}: is a folder; predict writes a CSV file (e.g. {output / 'predictions.csv'})")
+        raise FewLabelError(
+            f"{output}: is a folder; predict writes a CSV file (e.g. {output / 'predictions.csv'})"
+        )
     if output.exists() and not overwrite:
         raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
@@ -195,12 +205,16 @@ def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool 
     trained = meta.get("channels")
     if trained and channels - {trained}:
         log.warning(
-            "the model was trained on %d-channel images; some inputs have %s channel(s)", trained, sorted(channels)
+            "the model was trained on %d-channel images; some inputs have %s channel(s)",
+            trained,
+            sorted(channels),
         )
     cfg = ClassificationExperiment.model_validate(meta["config"])
     device = _device_for_inference()
     model.to(device)
-    loader = _eval_loader([{"image": str(p), "id": str(p)} for p in paths], meta, cfg.train.batch_size, device)
+    loader = _eval_loader(
+        [{"image": str(p), "id": str(p)} for p in paths], meta, cfg.train.batch_size, device
+    )
     evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
     outs = run_evaluator(evaluator, loader)
     path = write_predictions_csv(output, [str(p) for p in paths], outs.probs, meta["classes"])
@@ -222,9 +236,13 @@ def _eval_loader(records: Sequence[dict], meta: dict, batch_size: int, device: t
 
     from fewlabel.data.classification_transforms import build_classification_transforms, make_dataset
 
-    tf = build_classification_transforms(int(meta["image_size"]), False, ClassificationAugment(), meta["mean"], meta["std"])
+    tf = build_classification_transforms(
+        int(meta["image_size"]), False, ClassificationAugment(), meta["mean"], meta["std"]
+    )
     ds = make_dataset(records, tf, None, cache=False)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda"
+    )
 
 
 def _evaluate_records(
@@ -291,7 +309,9 @@ def _select_split(splits: dict[str, list[dict]], split: str, source: str | Path)
         raise DataError(source, f"unknown split {split!r} (expected train, val, test or all)")
     if not records:
         sizes = {s: len(v) for s, v in splits.items()}
-        raise DataError(source, f"the {split!r} split is empty (split sizes: {sizes}); choose another --split")
+        raise DataError(
+            source, f"the {split!r} split is empty (split sizes: {sizes}); choose another --split"
+        )
     return records
 
 
@@ -304,7 +324,9 @@ def _records_for(path: Path, split: str, classes: list[str]) -> tuple[list[dict]
         records, found = load_records(path, "folder", None)
         unknown = [c for c in found if c not in classes]
         if unknown:
-            raise DataError(path / unknown[0], f"label '{unknown[0]}' is not a class of the checkpoint {classes}")
+            raise DataError(
+                path / unknown[0], f"label '{unknown[0]}' is not a class of the checkpoint {classes}"
+            )
         for r in records:
             r["label"] = classes.index(found[r["label"]])
     else:

@@ -109,8 +109,13 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     net = build_segmentation_net(cfg.model, 3 if cfg.input.mode == "3d" else 2, in_channels, len(classes))
     log.info(
         "segmentation: %d labelled, %d unlabelled, %d validation, %d test studies; classes %s; %s input; %s",
-        len(datalist.train), len(datalist.unlabeled), len(datalist.val), len(datalist.test), classes,
-        cfg.input.mode, "TCSM" if cfg.tcsm.enabled else "supervised",
+        len(datalist.train),
+        len(datalist.unlabeled),
+        len(datalist.val),
+        len(datalist.test),
+        classes,
+        cfg.input.mode,
+        "TCSM" if cfg.tcsm.enabled else "supervised",
     )
 
     train_loader = _loader(
@@ -198,7 +203,9 @@ def _check_studies(datalist: SegmentationDatalist, classes: list[str]) -> None:
         check_study_opens(record["image"])
     log.info(
         "checked %d labelled and %d unlabelled studies in %.1f s",
-        len(labelled), len(datalist.unlabeled), time.perf_counter() - start,
+        len(labelled),
+        len(datalist.unlabeled),
+        time.perf_counter() - start,
     )
 
 
@@ -215,9 +222,7 @@ def check_input_mode(cfg: SegmentationExperiment, spatial_dims: int) -> None:
     from fewlabel.networks.segmentation import size_divisor
 
     if spatial_dims == 2 and cfg.input.mode != "2d":
-        raise ConfigError(
-            f"input.mode is {cfg.input.mode!r} but the data are 2D images; use input.mode: 2d"
-        )
+        raise ConfigError(f"input.mode is {cfg.input.mode!r} but the data are 2D images; use input.mode: 2d")
     if cfg.input.mode == "3d":
         divisor = size_divisor(cfg.model)
         if any(p % divisor for p in cfg.input.patch_size):
@@ -268,12 +273,17 @@ def _loader(
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
     # batch_size is the global batch: under torchrun each rank loads its share of every batch.
     sampler = ResumableSampler(
-        len(dataset), seed=cfg.run.seed + (0 if labeled else 7919), num_samples=iterations * batch_size,
-        num_replicas=world_size(), rank=rank(),
+        len(dataset),
+        seed=cfg.run.seed + (0 if labeled else 7919),
+        num_samples=iterations * batch_size,
+        num_replicas=world_size(),
+        rank=rank(),
     )
     return DataLoader(
         _SeededSamples(dataset),
-        batch_size=per_rank_batch_size(batch_size, "train.batch_size" if labeled else "tcsm.unlabeled_batch_size"),
+        batch_size=per_rank_batch_size(
+            batch_size, "train.batch_size" if labeled else "tcsm.unlabeled_batch_size"
+        ),
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
@@ -325,7 +335,12 @@ class LoadedModel:
     """
 
     def __init__(
-        self, net: nn.Module, cfg: SegmentationExperiment, meta: dict[str, Any], device: torch.device, path: Path
+        self,
+        net: nn.Module,
+        cfg: SegmentationExperiment,
+        meta: dict[str, Any],
+        device: torch.device,
+        path: Path,
     ) -> None:
         self.net = net
         self.cfg = cfg
@@ -398,7 +413,9 @@ def load_segmentation_model(
 # ---------------------------------------------------------------------------------------------
 
 
-def predict_study(model: LoadedModel, path: str | Path, preprocessing=None) -> tuple[np.ndarray, np.ndarray, Any]:
+def predict_study(
+    model: LoadedModel, path: str | Path, preprocessing=None
+) -> tuple[np.ndarray, np.ndarray, Any]:
     """Predict one study and map the result back onto the source's voxel grid.
 
     Args:
@@ -426,7 +443,9 @@ def predict_study(model: LoadedModel, path: str | Path, preprocessing=None) -> t
     dims = _study_dims(path)
     if dims != model.spatial_dims:
         kinds = {2: "2D images", 3: "3D volumes"}
-        raise DataError(path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}")
+        raise DataError(
+            path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}"
+        )
     cfg = model.cfg
     if preprocessing is None:
         preprocessing = build_preprocessing(cfg.preprocess, with_label=False, spatial_dims=dims)
@@ -445,7 +464,9 @@ def predict_study(model: LoadedModel, path: str | Path, preprocessing=None) -> t
     )
     if getattr(image, "applied_operations", None):
         data["pred"] = MetaTensor(probs, meta=dict(image.meta))
-        inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)
+        inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(
+            data
+        )
         probs = _as_numpy(inverted["pred"]).astype(np.float32, copy=False)
         del inverted
     else:  # nothing geometric was applied (2D images): the prediction is on the source grid already
@@ -532,7 +553,8 @@ def evaluate_studies(
         gt = read_label(record["label"], model.classes)
         if gt.array.shape != labels.shape:
             raise DataError(
-                record["label"], f"label shape {gt.array.shape} differs from its image {record['image']} {labels.shape}"
+                record["label"],
+                f"label shape {gt.array.shape} differs from its image {record['image']} {labels.shape}",
             )
         axis = _source_axis(reference.affine, cfg, model.spatial_dims)
         metrics = evaluate_case(
@@ -543,7 +565,9 @@ def evaluate_studies(
             CaseResult(case_id, metrics, prediction_file=str(mask_path), reference_file=str(record["label"]))
         )
         files[case_id] = (str(record["image"]), str(record["label"]), mask_path)
-        log.debug("evaluated %s: Dice %s", case_id, {names[k]: round(v, 4) for k, v in metrics["dice"].items()})
+        log.debug(
+            "evaluated %s: Dice %s", case_id, {names[k]: round(v, 4) for k, v in metrics["dice"].items()}
+        )
         del labels, probs, reference, gt
 
     overlays = []
@@ -570,7 +594,9 @@ def evaluate_studies(
     summary = summarize(cases, names, foreground)
     log.info(
         "evaluated %d cases: mean foreground Dice %.4f; report %s",
-        len(cases), summary["foreground_mean"].get("dice", math.nan), report,
+        len(cases),
+        summary["foreground_mean"].get("dice", math.nan),
+        report,
     )
     return {"report": report, "summary": summary, "cases": cases}
 
@@ -715,7 +741,11 @@ def evaluate_masks(
 
 
 def predict(
-    checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool = False, eval_overrides: list[str] | None = None
+    checkpoint: Path,
+    inputs: list[Path],
+    output: Path,
+    overwrite: bool = False,
+    eval_overrides: list[str] | None = None,
 ) -> Path:
     """Write a mask for every study given, on the study's own voxel grid.
 
@@ -746,19 +776,25 @@ def predict(
     names = [case_name(p) for p in studies]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(None, f"several inputs share the case name(s) {duplicates}; predict them into separate folders")
+        raise DataError(
+            None, f"several inputs share the case name(s) {duplicates}; predict them into separate folders"
+        )
     planned = {n: _outputs_for(n, p, model) for n, p in zip(names, studies, strict=True)}
     existing = [str(f) for files in planned.values() for f in files if (output / f).exists()]
     if (output / "predictions.csv").exists():
         existing.append(str(output / "predictions.csv"))
     if existing and not overwrite:
-        raise DataError(output, f"outputs exist already ({', '.join(existing[:5])}...); pass --overwrite to replace them")
+        raise DataError(
+            output, f"outputs exist already ({', '.join(existing[:5])}...); pass --overwrite to replace them"
+        )
     output.mkdir(parents=True, exist_ok=True)
 
     from fewlabel.data.readers import write_mask
     from fewlabel.data.segmentation_transforms import build_preprocessing
 
-    preprocessing = build_preprocessing(model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims)
+    preprocessing = build_preprocessing(
+        model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims
+    )
     rows = []
     with torch_threads(model.cfg.run.num_threads):
         for name, path in zip(names, studies, strict=True):
@@ -797,21 +833,29 @@ def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             if path.suffix.lower() == ".txt":
                 lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-                listed = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
+                listed = [
+                    Path(ln) if Path(ln).is_absolute() else path.parent / ln
+                    for ln in lines
+                    if ln and not ln.startswith("#")
+                ]
                 if not listed:
                     raise DataError(path, "the list names no studies")
                 studies.extend(collect_studies(listed))
             elif is_nifti_file(path) or is_image_file(path):
                 studies.append(path)
             else:
-                raise DataError(path, "unsupported input; expected .nii/.nii.gz, a 2D image, a DICOM folder or a .txt list")
+                raise DataError(
+                    path,
+                    "unsupported input; expected .nii/.nii.gz, a 2D image, a DICOM folder or a .txt list",
+                )
         elif _is_dicom_folder(path):
             studies.append(path)
         else:
             found = [
                 p
                 for p in sorted(path.iterdir())
-                if (p.is_file() and (is_nifti_file(p) or is_image_file(p))) or (p.is_dir() and _is_dicom_folder(p))
+                if (p.is_file() and (is_nifti_file(p) or is_image_file(p)))
+                or (p.is_dir() and _is_dicom_folder(p))
             ]
             if not found:
                 raise DataError(path, "holds no NIfTI files, 2D images or DICOM series folders")
@@ -869,7 +913,9 @@ def _outputs_for(name: str, path: Path, model: LoadedModel) -> list[str]:
     return files
 
 
-def _write_probabilities(probs: np.ndarray, reference: Any, output: Path, name: str, classes: list[str]) -> None:
+def _write_probabilities(
+    probs: np.ndarray, reference: Any, output: Path, name: str, classes: list[str]
+) -> None:
     if reference.array.ndim == 2:
         from PIL import Image
 
@@ -889,7 +935,9 @@ def _write_probabilities(probs: np.ndarray, reference: Any, output: Path, name: 
     atomic_write(output / f"{name}_probabilities.nii.gz", lambda p: p.write_bytes(data))
 
 
-def _manifest_row(name: str, path: Path, mask: Path, labels: np.ndarray, reference: Any, classes: list[str]) -> dict:
+def _manifest_row(
+    name: str, path: Path, mask: Path, labels: np.ndarray, reference: Any, classes: list[str]
+) -> dict:
     counts = np.bincount(labels.ravel(), minlength=len(classes))
     row: dict[str, Any] = {"case": name, "input": str(path), "mask": str(mask)}
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0 if labels.ndim == 3 else None
@@ -936,4 +984,6 @@ def _refuse_inside_inputs(output: Path, inputs: Sequence[Path]) -> None:
         if folder.is_file():
             folder = folder.parent
         if out == folder or out.is_relative_to(folder):
-            raise DataError(output, f"refusing to write into the input folder {folder}; choose another output")
+            raise DataError(
+                output, f"refusing to write into the input folder {folder}; choose another output"
+            )

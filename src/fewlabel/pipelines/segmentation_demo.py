@@ -23,7 +23,13 @@ DEMO_CONFIG: dict[str, Any] = {
     "task": "segmentation",
     # One thread: a network this small gains nothing from more, and a busy machine makes
     # multi-threaded small kernels many times slower.
-    "run": {"output_dir": "fewlabel-demo/segmentation", "name": "run", "seed": 0, "device": "cpu", "num_threads": 1},
+    "run": {
+        "output_dir": "fewlabel-demo/segmentation",
+        "name": "run",
+        "seed": 0,
+        "device": "cpu",
+        "num_threads": 1,
+    },
     "data": {
         "format": "msd",
         "path": "fewlabel-demo/segmentation/data",

@@ -51,7 +51,9 @@ def predictions_csv_text(
     probs = np.asarray(probs, dtype=np.float64)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = ["image"] + (["true"] if y_true is not None else []) + ["predicted"] + [f"prob_{c}" for c in classes]
+    header = (
+        ["image"] + (["true"] if y_true is not None else []) + ["predicted"] + [f"prob_{c}" for c in classes]
+    )
     writer.writerow(header)
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     for i, name in enumerate(names):
@@ -149,14 +151,19 @@ def write_classification_report(
     files: dict[str, Path] = {}
 
     files["metrics"] = atomic_write_text(
-        out / "metrics.json", json.dumps({**metrics, "context": context}, indent=2, allow_nan=False, default=str)
+        out / "metrics.json",
+        json.dumps({**metrics, "context": context}, indent=2, allow_nan=False, default=str),
     )
     files["predictions"] = write_predictions_csv(out / "predictions.csv", names, probs, classes, y_true)
-    cm_rows = [["true \\ predicted", *classes]] + [[c, *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)]
+    cm_rows = [["true \\ predicted", *classes]] + [
+        [c, *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)
+    ]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(cm_rows)
     files["confusion_matrix_csv"] = atomic_write_text(out / "confusion_matrix.csv", buf.getvalue())
-    files["confusion_matrix_png"] = plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
+    files["confusion_matrix_png"] = plot_confusion_matrix(
+        metrics["confusion_matrix"], classes, out / "confusion_matrix.png"
+    )
     files["roc_png"] = plot_roc_curves(y_true, probs, classes, out / "roc_curves.png")
 
     errors = most_confident_errors(y_true, probs, gallery_size) if gallery_size > 0 else []
@@ -167,9 +174,13 @@ def write_classification_report(
             f"{_short(names[i])}\ntrue: {classes[y_true[i]]}  pred: {classes[pred[i]]}\nconfidence {probs[i, pred[i]]:.2f}"
             for i in errors
         ]
-        files["gallery_png"] = plot_image_gallery(images, captions, out / "gallery.png", title="Most confidently wrong")
+        files["gallery_png"] = plot_image_gallery(
+            images, captions, out / "gallery.png", title="Most confidently wrong"
+        )
 
-    files["report"] = H.write_page(out / "report.html", title, _sections(metrics, context, files, errors, names, y_true, probs, classes))
+    files["report"] = H.write_page(
+        out / "report.html", title, _sections(metrics, context, files, errors, names, y_true, probs, classes)
+    )
     return {"report": files["report"], "metrics": metrics, "files": files}
 
 
@@ -188,33 +199,49 @@ def _sections(
         "accuracy": metrics["accuracy"],
         "balanced accuracy": metrics["balanced_accuracy"],
         "quadratic weighted kappa": metrics["kappa"],
-        "AUC (macro one-vs-rest)" if len(classes) > 2 else f"AUC ({classes[1]} vs {classes[0]})": metrics["auc"],
+        "AUC (macro one-vs-rest)" if len(classes) > 2 else f"AUC ({classes[1]} vs {classes[0]})": metrics[
+            "auc"
+        ],
     }
     if "loss" in metrics:
         summary["mean loss"] = metrics["loss"]
     sections: list[tuple[str, str]] = []
     if context:
-        sections.append(("Setting", H.key_value_table({k: v if isinstance(v, (int, float)) else str(v) for k, v in context.items()})))
+        sections.append(
+            (
+                "Setting",
+                H.key_value_table(
+                    {k: v if isinstance(v, (int, float)) else str(v) for k, v in context.items()}
+                ),
+            )
+        )
     sections.append(("Summary", H.key_value_table(summary) + H.notes_list(metrics["notes"])))
     per_class_rows = [
         [name, m["support"], m["sensitivity"], m["specificity"], m["precision"], m["auc"]]
         for name, m in metrics["per_class"].items()
     ]
     sections.append(
-        ("Per class", H.table(per_class_rows, ["class", "support", "sensitivity", "specificity", "precision", "AUC"]))
+        (
+            "Per class",
+            H.table(per_class_rows, ["class", "support", "sensitivity", "specificity", "precision", "AUC"]),
+        )
     )
     cm_rows = [[c, *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)]
     sections.append(
         (
             "Confusion matrix",
             H.table(cm_rows, ["true \\ predicted", *classes])
-            + H.image(files["confusion_matrix_png"], "colour: share of the true class; text: count", width=480)
+            + H.image(
+                files["confusion_matrix_png"], "colour: share of the true class; text: count", width=480
+            )
             + H.image(files["roc_png"], "one-vs-rest ROC curves", width=480),
         )
     )
     if errors:
         pred = probs.argmax(axis=1)
-        rows = [[_short(names[i]), classes[y_true[i]], classes[pred[i]], float(probs[i, pred[i]])] for i in errors]
+        rows = [
+            [_short(names[i]), classes[y_true[i]], classes[pred[i]], float(probs[i, pred[i]])] for i in errors
+        ]
         body = H.table(rows, ["image", "true", "predicted", "confidence"])
         if "gallery_png" in files:
             body += H.image(files["gallery_png"], "most confidently wrong images")
@@ -226,4 +253,4 @@ def _sections(
 
 def _short(name: str, keep: int = 40) -> str:
     name = str(name)
-    return name if len(name) <= keep else "…" + name[-(keep - 1):]
+    return name if len(name) <= keep else "…" + name[-(keep - 1) :]

@@ -144,7 +144,9 @@ def render_page(title: str, sections: Sequence[tuple[str, str]], subtitle: str |
     return "\n".join(parts)
 
 
-def write_page(path: str | Path, title: str, sections: Sequence[tuple[str, str]], subtitle: str | None = None) -> Path:
+def write_page(
+    path: str | Path, title: str, sections: Sequence[tuple[str, str]], subtitle: str | None = None
+) -> Path:
     """Render and atomically write an HTML report.
 
     Args:

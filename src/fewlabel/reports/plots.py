@@ -41,7 +41,10 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
 
 
 def plot_confusion_matrix(
-    cm: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[str], path: str | Path, title: str = "Confusion matrix"
+    cm: Sequence[Sequence[int]] | np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
 ) -> Path:
     """Draw a confusion matrix: colour is the row-normalised rate, text the raw count.
 
@@ -68,7 +71,9 @@ def plot_confusion_matrix(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black"
+            )
     ax.set_xticks(range(k), labels=list(classes), rotation=45, ha="right")
     ax.set_yticks(range(k), labels=list(classes))
     ax.set_xlabel("predicted")
@@ -78,7 +83,11 @@ def plot_confusion_matrix(
 
 
 def plot_roc_curves(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "ROC curves (one vs rest)"
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "ROC curves (one vs rest)",
 ) -> Path:
     """Draw one-vs-rest ROC curves, one per class with both positives and negatives.
 
@@ -120,7 +129,9 @@ def plot_roc_curves(
     return save_figure(fig, path)
 
 
-def plot_learning_curves(history: Sequence[Mapping[str, float | None]], path: str | Path, x: str = "epoch") -> Path:
+def plot_learning_curves(
+    history: Sequence[Mapping[str, float | None]], path: str | Path, x: str = "epoch"
+) -> Path:
     """Plot a training history: losses, validation metrics and learning rates side by side.
 
     Columns are grouped by name: ``*loss*`` on the first panel, ``lr*`` on a log-scaled
@@ -150,7 +161,9 @@ def plot_learning_curves(history: Sequence[Mapping[str, float | None]], path: st
     for n, (name, cols) in enumerate(groups.items(), start=1):
         ax = fig.add_subplot(1, len(groups), n)
         for col in cols:
-            pts = [(row[x], row[col]) for row in history if _is_number(row.get(col)) and _is_number(row.get(x))]
+            pts = [
+                (row[x], row[col]) for row in history if _is_number(row.get(col)) and _is_number(row.get(x))
+            ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=col)
@@ -167,7 +180,11 @@ def plot_learning_curves(history: Sequence[Mapping[str, float | None]], path: st
 
 
 def plot_image_gallery(
-    images: Sequence[np.ndarray], captions: Sequence[str], path: str | Path, ncols: int = 4, title: str | None = None
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: str | Path,
+    ncols: int = 4,
+    title: str | None = None,
 ) -> Path:
     """Lay images out on a grid with a caption under each.
 

@@ -304,5 +304,9 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     assert isinstance(gathered, torch.Tensor)
     gathered = gathered.to(source_device)
     # (W * m, ...) in rank order -> (m, W, ...) interleaved -> global order.
-    ordered = gathered.reshape(n, per_rank, *local.shape[1:]).transpose(0, 1).reshape(n * per_rank, *local.shape[1:])
+    ordered = (
+        gathered.reshape(n, per_rank, *local.shape[1:])
+        .transpose(0, 1)
+        .reshape(n * per_rank, *local.shape[1:])
+    )
     return ordered[:total]
