@@ -96,10 +96,20 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
         print(f"run folder: {run.path}", flush=True)
     with track_run(run) if main_process else nullcontext(run):
         result = _pipeline(cfg.task).train(cfg, run, resume=bool(args.resume))
-    report = result.get("report") if isinstance(result, dict) else None
-    if report:
-        print(f"report: {report}")
+    if not isinstance(result, dict):
+        return 0
+    if main_process:
+        _print_scores(result.get("metrics"))
+    if result.get("report"):
+        print(f"report: {result['report']}")
     return 0
+
+
+def _print_scores(scores: dict | None) -> None:
+    from fewlabel.reports.console import score_lines
+
+    for line in score_lines(scores):
+        print(line)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -131,6 +141,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **_eval_overrides(task, args.set),
         )
+    _print_scores(result.get("summary", result.get("metrics")))
     print(f"report: {result['report']}")
     return 0
 

@@ -1,0 +1,50 @@
+"""The score lines the command line prints after training and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fewlabel.cli import main
+from fewlabel.metrics.segmentation import CaseResult, summarize
+from fewlabel.reports.console import score_lines
+
+
+def test_classification_scores_in_one_line():
+    metrics = {"n": 40, "accuracy": 0.525, "balanced_accuracy": 0.4, "auc": 0.75, "kappa": None}
+    assert score_lines(metrics) == [
+        "test scores (40 images): accuracy 0.525, balanced accuracy 0.400, AUC 0.750, kappa n/a"
+    ]
+    assert score_lines(None) == []
+
+
+def test_segmentation_scores_per_class():
+    cases = [
+        CaseResult("a", {"dice": {1: 0.5, 2: math.nan}, "voldice": {1: 0.7, 2: math.nan}}),
+        CaseResult("b", {"dice": {1: 1.0, 2: 0.25}, "voldice": {1: 0.9, 2: 0.25}}),
+    ]
+    lines = score_lines(summarize(cases, ["background", "ggo", "consolidation"]))
+    assert lines[0] == "test scores (2 cases, mean over cases):"
+    assert lines[1].split() == ["class", "Dice", "VolDice", "n"]
+    assert lines[2].split() == ["ggo", "0.750", "0.800", "2"]
+    # the undefined Dice of case a is left out of the mean and of n
+    assert lines[3].split() == ["consolidation", "0.250", "0.250", "1"]
+
+
+def test_evaluate_prints_the_scores(tmp_path, capsys):
+    from PIL import Image
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:6, 2:6] = 1
+    Image.fromarray(mask).save(gt / "s1.png")
+    shifted = np.roll(mask, 2, axis=1)  # 8 of 16 predicted voxels right, 8 of 16 true found
+    Image.fromarray(shifted).save(pred / "s1.png")
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "test scores (1 case, mean over cases):"
+    assert out[2].split() == ["class_1", "0.500", "0.500", "0.500", "0.500", "1"]
+    assert out[-1] == f"report: {tmp_path / 'out' / 'report.html'}"
