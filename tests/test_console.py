@@ -45,6 +45,6 @@ def test_evaluate_prints_the_scores(tmp_path, capsys):
     Image.fromarray(shifted).save(pred / "s1.png")
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "test scores (1 case, mean over cases):"
+    assert out[0] == "scores (1 case, mean over cases):"
     assert out[2].split() == ["class_1", "0.500", "0.500", "0.500", "0.500", "1"]
     assert out[-1] == f"report: {tmp_path / 'out' / 'report.html'}"

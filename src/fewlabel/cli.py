@@ -105,10 +105,10 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
-def _print_scores(scores: dict | None) -> None:
+def _print_scores(scores: dict | None, title: str = "test scores") -> None:
     from fewlabel.reports.console import score_lines
 
-    for line in score_lines(scores):
+    for line in score_lines(scores, title):
         print(line)
 
 
@@ -141,7 +141,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **_eval_overrides(task, args.set),
         )
-    _print_scores(result.get("summary", result.get("metrics")))
+    _print_scores(result.get("summary", result.get("metrics")), title="scores")
     print(f"report: {result['report']}")
     return 0
 

@@ -21,13 +21,14 @@ _CLASSIFICATION = (
 _SEGMENTATION = {"dice": "Dice", "voldice": "VolDice", "precision": "Precision", "sensitivity": "Sensitivity"}
 
 
-def score_lines(scores: Mapping[str, Any] | None) -> list[str]:
+def score_lines(scores: Mapping[str, Any] | None, title: str = "test scores") -> list[str]:
     """Summarise a pipeline's scores in a few lines of plain text.
 
     Args:
         scores: a classification metrics dict (``fewlabel.metrics.classification``), or a
             segmentation summary (``fewlabel.metrics.segmentation.summarize``); ``None`` gives
             no lines (a run without a test split).
+        title: the first words of the first line (``evaluate`` may score another split or data).
 
     Returns:
         The lines, without newlines: one for classification, a small table per class for
@@ -38,7 +39,7 @@ def score_lines(scores: Mapping[str, Any] | None) -> list[str]:
         return []
     if "accuracy" in scores:
         parts = [f"{label} {_fmt(scores.get(key))}" for key, label in _CLASSIFICATION]
-        return [f"test scores ({_count(scores.get('n'), 'image')}): " + ", ".join(parts)]
+        return [f"{title} ({_count(scores.get('n'), 'image')}): " + ", ".join(parts)]
     metrics = scores.get("metrics", {})
     shown = [m for m in _SEGMENTATION if m in metrics]
     if not shown:
@@ -48,7 +49,7 @@ def score_lines(scores: Mapping[str, Any] | None) -> list[str]:
     names = {k: str(classes.get(k, classes.get(str(k), f"class_{k}"))) for k in indices}
     width = max(len("class"), *(len(n) for n in names.values()))
     header = f"  {'class':<{width}}" + "".join(f"  {_SEGMENTATION[m]:>11}" for m in shown) + "    n"
-    lines = [f"test scores ({_count(scores.get('n_cases'), 'case')}, mean over cases):", header]
+    lines = [f"{title} ({_count(scores.get('n_cases'), 'case')}, mean over cases):", header]
     for k in indices:
         stats = [metrics[m].get(k, {}) for m in shown]
         n = int(stats[0].get("n", 0))
