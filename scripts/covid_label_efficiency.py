@@ -53,7 +53,8 @@ def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None
         minutes: wall time of the arm, when known.
 
     Returns:
-        Dice per class (GGO, consolidation, infection) and the arm's settings.
+        Dice per class (GGO, consolidation, infection), infection precision and sensitivity
+        (``None`` for runs scored before fewlabel reported them) and the arm's settings.
     """
     arm = ARMS[name]
     summary = json.loads((Path(output_dir) / f"{name}-seed{seed}" / "eval" / "summary.json").read_text())
@@ -61,6 +62,7 @@ def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None
         cls: summary["mean"][idx]["Dice"]
         for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))
     }
+    infection = summary["mean"]["3"]
     return {
         "arm": name,
         "seed": seed,
@@ -68,6 +70,8 @@ def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None
         "tcsm": arm["tcsm"],
         "minutes": minutes,
         **dice,
+        "infection_precision": infection.get("Precision"),
+        "infection_sensitivity": infection.get("Sensitivity"),
     }
 
 
@@ -188,17 +192,26 @@ def main(argv: list[str] | None = None) -> int:
                 out / "study.json", json.dumps({"settings": vars(args), "results": results}, indent=2)
             )
     plot(results, out / "dice_vs_labels.png")
-    print("\n| arm | labelled | seed | infection | GGO | consolidation | minutes |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| arm | labelled | seed | infection | GGO | consolidation "
+        "| infection precision | infection sensitivity | minutes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        minutes = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         print(
             f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['infection']:.3f} | {r['ggo']:.3f} | "
-            f"{r['consolidation']:.3f} | {minutes} |"
+            f"{r['consolidation']:.3f} | {_fmt(r.get('infection_precision'))} | "
+            f"{_fmt(r.get('infection_sensitivity'))} | {_fmt(r['minutes'], '.1f')} |"
         )
     for name, v in PUBLISHED.items():
-        print(f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – |")
+        print(
+            f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – | – | – |"
+        )
     return 0
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":
