@@ -93,11 +93,7 @@ def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
     """
     pred, gt = np.asarray(pred), np.asarray(gt)
     _check_same_shape(pred, gt)
-    p, g = pred.astype(bool), gt.astype(bool)
-    total = int(p.sum()) + int(g.sum())
-    if total == 0:
-        return math.nan
-    return 2.0 * int(np.logical_and(p, g).sum()) / total
+    return _dice_from_counts(*_overlap_counts(pred.astype(bool), gt.astype(bool)))
 
 
 def per_class_dice(pred_labels: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -253,16 +249,17 @@ def evaluate_case(
     result: dict[str, dict[int, float]] = {"dice": {}, "voldice": {}, "precision": {}, "sensitivity": {}}
     for index, members in groups.items():
         p, g = np.isin(pred_labels, members), np.isin(gt_labels, members)
-        whole = dice_score(p, g)
+        # One pass over the study gives the counts behind VolDice, precision and sensitivity.
+        overlap, n_pred, n_gt = _overlap_counts(p, g)
+        whole = _dice_from_counts(overlap, n_pred, n_gt)
         if spatial_dims == 3:
             per_slice = _slice_dice_binary(p, g, axis)
             result["dice"][index] = _nanmean(per_slice)
         else:
             result["dice"][index] = whole
         result["voldice"][index] = whole
-        overlap = float(np.count_nonzero(p & g))
-        result["precision"][index] = _ratio(overlap, np.count_nonzero(p))
-        result["sensitivity"][index] = _ratio(overlap, np.count_nonzero(g))
+        result["precision"][index] = overlap / n_pred if n_pred else math.nan
+        result["sensitivity"][index] = overlap / n_gt if n_gt else math.nan
 
     if prob is not None:
         prob = np.asarray(prob, dtype=np.float64)
@@ -419,8 +416,14 @@ def _cdice_binary(b: np.ndarray, a: np.ndarray, predicted: np.ndarray) -> float:
     return 2.0 * inter / (c * float(a.sum()) + float(b.sum()))
 
 
-def _ratio(numerator: float, denominator: int) -> float:
-    return numerator / denominator if denominator else math.nan
+def _overlap_counts(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int]:
+    """``|P∩G|``, ``|P|`` and ``|G|`` of two boolean masks."""
+    return int(np.count_nonzero(p & g)), int(np.count_nonzero(p)), int(np.count_nonzero(g))
+
+
+def _dice_from_counts(overlap: int, n_pred: int, n_gt: int) -> float:
+    total = n_pred + n_gt
+    return 2.0 * overlap / total if total else math.nan
 
 
 def _nanmean(values: np.ndarray) -> float:
