@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fewlabel.reports.segmentation import METRIC_NAMES
+
 __all__ = ["score_lines"]
 
 _CLASSIFICATION = (
@@ -18,7 +20,8 @@ _CLASSIFICATION = (
     ("auc", "AUC"),
     ("kappa", "kappa"),
 )
-_SEGMENTATION = {"dice": "Dice", "voldice": "VolDice", "precision": "Precision", "sensitivity": "Sensitivity"}
+# cDice stays in the report only: masks scored from disk have none, and the table keeps one layout.
+_SEGMENTATION = ("dice", "voldice", "precision", "sensitivity")
 
 
 def score_lines(scores: Mapping[str, Any] | None, title: str = "test scores") -> list[str]:
@@ -48,7 +51,7 @@ def score_lines(scores: Mapping[str, Any] | None, title: str = "test scores") ->
     indices = sorted({int(k) for m in shown for k in metrics[m]})
     names = {k: str(classes.get(k, classes.get(str(k), f"class_{k}"))) for k in indices}
     width = max(len("class"), *(len(n) for n in names.values()))
-    header = f"  {'class':<{width}}" + "".join(f"  {_SEGMENTATION[m]:>11}" for m in shown) + "    n"
+    header = f"  {'class':<{width}}" + "".join(f"  {METRIC_NAMES[m]:>11}" for m in shown) + "    n"
     lines = [f"{title} ({_count(scores.get('n_cases'), 'case')}, mean over cases):", header]
     for k in indices:
         stats = [metrics[m].get(k, {}) for m in shown]
