@@ -187,8 +187,9 @@ def _manual_epochs(cfg, dataset, epochs: int, device: torch.device) -> list[list
         normalization_for,
     )
     from fewlabel.data.sampling import ResumableSampler
-    from fewlabel.engines.classification import AuxiliaryLoss, autocast, build_optimizer
+    from fewlabel.engines.classification import AuxiliaryLoss, build_optimizer
     from fewlabel.networks.googlenet import build_googlenet, parameter_groups
+    from fewlabel.utils.runtime import autocast
 
     torch.manual_seed(0)
     records = dataset.splits["train"]

@@ -304,7 +304,7 @@ def test_resume_continues_after_a_crash(tmp_path, fundus, monkeypatch):
 
 def _fake_checkpoint(tmp_path: Path, data: Path) -> Path:
     """A checkpoint of an untrained model: enough to test evaluate/predict input checks."""
-    from fewlabel.engines.classification import checkpoint_meta
+    from fewlabel.engines.classification_eval import checkpoint_meta
     from fewlabel.networks.googlenet import build_googlenet
 
     cfg = parse_config(yaml.safe_load(_write_config(tmp_path / "fake.yaml", data).read_text()))
@@ -354,7 +354,7 @@ def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):
     )
 
     weird = save_checkpoint({"model": {}, "meta": {"task": "segmentation"}}, tmp_path / "seg.pt")
-    from fewlabel.engines.classification import model_from_checkpoint
+    from fewlabel.engines.classification_eval import model_from_checkpoint
     from fewlabel.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="segmentation"):

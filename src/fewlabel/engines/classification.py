@@ -6,7 +6,7 @@
   ``CE(main) + aux_weight * (CE(aux1) + CE(aux2))`` when the auxiliary heads are on;
   validation always scores the main logits.
 - ``bottleneck``: the backbone is treated as frozen whatever ``model.freeze`` says. Its
-  1024-d features are extracted ONCE per image (see :func:`extract_features`) and cached in
+  1024-d features are extracted ONCE per image (see :mod:`fewlabel.engines.bottleneck`) and cached in
   ``features/{train,val}.pt``; the head then trains on them for ``train.bottleneck_epochs``,
   which costs milliseconds per epoch instead of a pass through the network.
 - ``bottleneck_then_finetune``: the bottleneck stage, then fine-tuning (with the layers left
@@ -21,7 +21,8 @@ checkpoints, which would leave little of ``SupervisedTrainer`` but its construct
 
 Every epoch records ``history.csv`` / ``learning_curves.png``; validation (every
 ``train.val_every`` epochs and after the last) computes
-:func:`fewlabel.metrics.classification.classification_metrics`, keeps ``checkpoints/best.pt``
+:func:`fewlabel.metrics.classification.classification_metrics` (the evaluator comes from
+:mod:`fewlabel.engines.classification_eval`), keeps ``checkpoints/best.pt``
 by ``train.best_metric`` and feeds Ignite's ``EarlyStopping``. ``checkpoints/last.pt`` holds
 everything needed to resume (optimizer, scheduler, scaler, engine position, RNG states, the
 best value so far, early-stopping counters); it is written at every epoch end and, with
@@ -30,7 +31,6 @@ best value so far, early-stopping counters); it is written at every epoch end an
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -41,16 +41,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from ignite.handlers import EarlyStopping, EpochOutputStore
+from ignite.handlers import EarlyStopping
 from ignite.metrics import Average
 from torch import nn
-from torch.utils.data import Dataset as TorchDataset
 
 from fewlabel.config.classification import ClassificationExperiment, ClassificationTrain
 from fewlabel.data.sampling import ResumableSampler
+from fewlabel.engines.bottleneck import FEATURES_DIR, FeatureDataset, cached_features, extract_features
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+from fewlabel.engines.classification_eval import (
+    checkpoint_meta,
+    create_evaluator,
+    evaluate_sharded,
+    rank_shard,
+)
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, ConfigError
 from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
@@ -58,38 +63,27 @@ from fewlabel.runs import RunDir
 from fewlabel.transforms.mixup import mixup_batch
 from fewlabel.utils.distributed import (
     barrier,
-    gather_sharded,
-    is_distributed,
     is_main_process,
     per_rank_batch_size,
     rank,
     world_size,
     wrap_model,
 )
-from fewlabel.utils.runtime import rng_state, set_rng_state
+from fewlabel.utils.runtime import autocast, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BEST_CHECKPOINT",
-    "FEATURES_DIR",
     "AuxiliaryLoss",
-    "ClassifierOutputs",
     "TrainingResult",
-    "autocast",
     "build_optimizer",
     "build_scheduler",
-    "checkpoint_meta",
-    "create_evaluator",
-    "extract_features",
     "inverse_frequency_weights",
-    "model_from_checkpoint",
-    "run_evaluator",
     "train_classifier",
 ]
 
 BEST_CHECKPOINT = "best.pt"
-FEATURES_DIR = "features"
 _STAGES = {
     "finetune": ["finetune"],
     "bottleneck": ["bottleneck"],
@@ -231,309 +225,6 @@ def build_scheduler(
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(epochs / 3)), gamma=0.1)
     return None
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed-precision context: float16 autocast on CUDA when enabled, nothing otherwise.
-
-    Args:
-        device: the compute device.
-        enabled: ``train.amp``.
-
-    Returns:
-        A context manager.
-    """
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def checkpoint_meta(
-    cfg: ClassificationExperiment,
-    classes: Sequence[str],
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    **extra: Any,
-) -> dict[str, Any]:
-    """The metadata stored with every checkpoint: all that prediction needs.
-
-    Args:
-        cfg: the resolved experiment config.
-        classes: class names in label order.
-        channels: channels of the training images as decoded (1 or 3).
-        mean: input normalisation mean.
-        std: input normalisation standard deviation.
-        **extra: more plain values (best metric, epoch...).
-
-    Returns:
-        A ``weights_only``-loadable dict.
-    """
-    return {
-        "task": "classification",
-        "classes": list(classes),
-        "image_size": int(cfg.model.image_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "channels": int(channels),
-        "model": cfg.model.model_dump(mode="json"),
-        "config": cfg.model_dump(mode="json"),
-        **extra,
-    }
-
-
-def model_from_checkpoint(
-    ckpt: dict[str, Any], source: str | Path = "checkpoint"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained network from a checkpoint, without downloading anything.
-
-    Args:
-        ckpt: a dict from :func:`fewlabel.engines.checkpoint.load_checkpoint`.
-        source: the file name, for error messages.
-
-    Returns:
-        ``(model, meta)``, the model in eval mode on the CPU.
-
-    Raises:
-        CheckpointError: if the checkpoint is not a classification checkpoint or its weights
-            do not fit the architecture recorded in it.
-    """
-    from fewlabel.networks.googlenet import build_googlenet
-
-    meta = ckpt.get("meta")
-    if not isinstance(meta, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{source}: not a fewlabel model checkpoint (no 'model' and 'meta' entries)")
-    if meta.get("task") != "classification":
-        raise CheckpointError(f"{source}: a {meta.get('task')!r} checkpoint, not a classification one")
-    for key in ("classes", "image_size", "mean", "std", "model"):
-        if key not in meta:
-            raise CheckpointError(f"{source}: checkpoint metadata lacks {key!r}")
-    mcfg = meta["model"]
-    model = build_googlenet(
-        len(meta["classes"]),
-        weights="none",
-        freeze="none",
-        dropout=float(mcfg.get("dropout", 0.4)),
-        aux_logits=bool(mcfg.get("aux_logits", True)),
-    )
-    # Networks trained from ImageNet weights convert their normalised input to torchvision's
-    # [-1, 1] convention inside forward(); rebuilding with weights="none" must keep that step.
-    model.net.transform_input = mcfg.get("weights", "none") != "none"
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{source}: weights do not fit the recorded GoogLeNet: {err}") from err
-    return model.eval(), meta
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class ClassifierOutputs:
-    """Everything an evaluation pass produced.
-
-    Attributes:
-        probs: ``N x K`` class probabilities.
-        labels: ``N`` true labels, or ``None`` for unlabelled images.
-        ids: image identifiers.
-        loss: mean negative log-likelihood of the true class (``None`` without labels).
-    """
-
-    probs: np.ndarray
-    labels: np.ndarray | None
-    ids: list[str]
-    loss: float | None
-
-
-def create_evaluator(
-    model: nn.Module, device: torch.device, amp: bool = False, tta: bool = False, features: bool = False
-) -> Engine:
-    """An Ignite engine that predicts class probabilities batch by batch.
-
-    Args:
-        model: the classifier (``forward`` gives main logits; ``head_forward`` for features).
-        device: compute device.
-        amp: float16 autocast on CUDA.
-        tta: average the softmax over the four 90-degree rotations of each image.
-        features: batches hold cached bottleneck ``features`` instead of ``image``.
-
-    Returns:
-        The engine; run it with :func:`run_evaluator`.
-    """
-
-    @torch.no_grad()
-    def step(engine: Engine, batch: dict) -> dict:
-        model.eval()
-        with autocast(device, amp):
-            if features:
-                probs = F.softmax(model.head_forward(batch["features"].to(device)).float(), dim=1)
-            else:
-                x = batch["image"].to(device, non_blocking=True)
-                rotations = range(4) if tta else range(1)
-                probs = sum(
-                    F.softmax(model(torch.rot90(x, k, dims=(-2, -1))).float(), dim=1) for k in rotations
-                )
-                probs = probs / len(rotations)
-        label = batch.get("label")
-        return {
-            "probs": probs.float().cpu(),
-            "label": None if label is None else torch.as_tensor(label).view(-1).cpu(),
-            "ids": [str(i) for i in batch.get("id", [""] * len(probs))],
-        }
-
-    engine = Engine(step)
-    EpochOutputStore().attach(engine, name="collected")
-    return engine
-
-
-def run_evaluator(engine: Engine, loader: Any) -> ClassifierOutputs:
-    """Run an evaluator from :func:`create_evaluator` over a loader and gather its outputs.
-
-    Args:
-        engine: the evaluator.
-        loader: batches of ``{"image" | "features", "label"?, "id"?}``.
-
-    Returns:
-        Probabilities, labels, ids and the mean loss.
-    """
-    engine.run(loader)
-    outs = getattr(engine.state, "collected", [])
-    if not outs:
-        raise ValueError("nothing to evaluate: the data loader is empty")
-    probs = torch.cat([o["probs"] for o in outs]).numpy().astype(np.float64)
-    ids = [i for o in outs for i in o["ids"]]
-    labels = None
-    if all(o["label"] is not None for o in outs):
-        labels = torch.cat([o["label"] for o in outs]).numpy().astype(np.int64)
-    return _outputs(probs, labels, ids)
-
-
-def _outputs(probs: np.ndarray, labels: np.ndarray | None, ids: list[str]) -> ClassifierOutputs:
-    loss = None
-    if labels is not None:
-        # NLL of the (possibly rotation-averaged) probabilities, so TTA and plain runs compare.
-        picked = probs[np.arange(len(labels)), labels]
-        loss = float(-np.log(np.clip(picked, 1e-12, None)).mean())
-    return ClassifierOutputs(probs=probs, labels=labels, ids=ids, loss=loss)
-
-
-def _shard(dataset: Any) -> Any:
-    """This rank's validation items: every ``world_size``-th one, from ``rank`` on."""
-    if not is_distributed():
-        return dataset
-    return torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
-
-
-def _validate(evaluator: Engine, loader: Any, num_classes: int) -> ClassifierOutputs:
-    """Run the evaluator on this rank's shard; with several ranks, gather every rank's rows.
-
-    Each rank predicts its own shard (:func:`_shard`), and the probabilities and labels of
-    all shards are gathered in the dataset's order, so every rank computes the same metrics
-    (and takes the same best-checkpoint and early-stopping decisions) as one process would.
-    """
-    if not is_distributed():
-        return run_evaluator(evaluator, loader)
-    total = len(loader.dataset.dataset)  # the full validation set behind this rank's Subset
-    if len(loader.dataset):
-        outs = run_evaluator(evaluator, loader)
-        probs, labels = torch.from_numpy(outs.probs), torch.from_numpy(outs.labels)
-    else:  # fewer validation images than ranks
-        probs, labels = torch.zeros((0, num_classes), dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
-    probs = gather_sharded(probs, total).numpy()
-    labels = gather_sharded(labels, total).numpy()
-    return _outputs(probs, labels, [str(i) for i in range(total)])
-
-
-# --------------------------------------------------------------------------- bottleneck features
-
-
-class _FeatureDataset(TorchDataset):
-    """Cached features, ``N x R x D``: each access returns one of the R rotations at random."""
-
-    def __init__(
-        self, feats: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], random_rotation: bool
-    ) -> None:
-        self.feats = feats
-        self.labels = labels
-        self.ids = list(ids)
-        self.random_rotation = random_rotation
-
-    def __len__(self) -> int:
-        return self.feats.shape[0]
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        # A ResumableSampler passes (index, sample seed): the rotation then depends on the seed alone.
-        i, seed = item if isinstance(item, tuple) else (item, None)
-        r = 0
-        if self.random_rotation:
-            r = (
-                seed % self.feats.shape[1]
-                if seed is not None
-                else int(torch.randint(self.feats.shape[1], (1,)))
-            )
-        return {"features": self.feats[i, r], "label": self.labels[i], "id": self.ids[i]}
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, loader: Any, device: torch.device, rotations: int = 1, amp: bool = False
-) -> dict[str, Any]:
-    """Bottleneck features of every image, for each of ``rotations`` 90-degree rotations.
-
-    Training features are extracted for the four rotations when ``augment.rotate90`` is on:
-    the head then sees a random rotation of each image every epoch, which is exactly the
-    training augmentation, at four extraction passes once instead of a full pass per epoch.
-    Rotating the normalised tensor equals normalising the rotated image (normalisation is per
-    channel). Flips are not cached: the bottleneck stage ignores ``augment.flip``.
-
-    Args:
-        model: network with ``features``.
-        loader: batches of preprocessed (not augmented) ``{"image", "label", "id"}``.
-        device: compute device.
-        rotations: 1 (as is) or 4 (0/90/180/270 degrees).
-        amp: float16 autocast on CUDA.
-
-    Returns:
-        ``{"features": N x rotations x 1024 float32, "labels": N long, "ids": [...], "rotations": R}``.
-    """
-    model.eval()
-    feats, labels, ids = [], [], []
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            per_rot = [
-                model.features(torch.rot90(x, k, dims=(-2, -1))).float().cpu() for k in range(rotations)
-            ]
-        feats.append(torch.stack(per_rot, dim=1))
-        labels.append(torch.as_tensor(batch["label"]).view(-1).cpu())
-        ids.extend(str(i) for i in batch["id"])
-    return {
-        "features": torch.cat(feats).contiguous(),
-        "labels": torch.cat(labels).long(),
-        "ids": ids,
-        "rotations": int(rotations),
-    }
-
-
-def _cached_features(
-    path: Path, records: Sequence[dict], make: Callable[[], dict[str, Any]], rotations: int
-) -> dict[str, Any]:
-    ids = [str(r["id"]) for r in records]
-    if path.is_file():
-        try:
-            cached = load_checkpoint(path)
-        except CheckpointError as err:
-            log.warning("ignoring unreadable feature cache %s (%s); extracting again", path, err)
-        else:
-            if cached.get("ids") == ids and cached.get("rotations") == rotations:
-                log.info("reusing cached bottleneck features %s", path)
-                return cached
-            log.info("feature cache %s is for other images; extracting again", path)
-    feats = make()
-    if is_main_process():
-        save_checkpoint(feats, path)
-    return feats
 
 
 # --------------------------------------------------------------------------- training
@@ -771,7 +462,7 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
             cache=cfg.data.cache,
         )
         val_loader = _loader(
-            _shard(val_ds), cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device
+            rank_shard(val_ds), cfg.train.batch_size, False, cfg.data.num_workers, device=ctx.device
         )
     return train_loader, val_loader
 
@@ -861,14 +552,14 @@ def _run_bottleneck_stage(
             loader = _loader(ds, cfg.train.batch_size, False, cfg.data.num_workers, device=device)
             return extract_features(model, loader, device, rotations=rot, amp=ctx.amp)
 
-        return _cached_features(folder / f"{split}.pt", records, make, rot)
+        return cached_features(folder / f"{split}.pt", records, make, rot)
 
     train_feats = features_of("train", rotations)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     labels = [int(v) for v in train_feats["labels"]]
     sampler = _train_sampler(labels, len(ctx.classes), cfg.run.seed, cfg.data.class_balance == "sampler")
     train_loader = _loader(
-        _FeatureDataset(
+        FeatureDataset(
             train_feats["features"], train_feats["labels"], train_feats["ids"], random_rotation=True
         ),
         per_rank_batch_size(cfg.train.batch_size),
@@ -881,8 +572,8 @@ def _run_bottleneck_stage(
     if dataset.splits.get("val"):
         val_feats = features_of("val", 1)
         val_loader = _loader(
-            _shard(
-                _FeatureDataset(
+            rank_shard(
+                FeatureDataset(
                     val_feats["features"], val_feats["labels"], val_feats["ids"], random_rotation=False
                 )
             ),
@@ -1074,7 +765,7 @@ def _run_stage(
         validate = evaluator is not None and (epoch % cfg.train.val_every == 0 or epoch == max_epochs)
         improved = False
         if validate:
-            outs = _validate(evaluator, val_loader, len(ctx.classes))
+            outs = evaluate_sharded(evaluator, val_loader, len(ctx.classes))
             m = classification_metrics(outs.labels, outs.probs, ctx.classes)
             m["loss"] = outs.loss
             for key in ("loss", "accuracy", "balanced_accuracy", "kappa", "auc"):

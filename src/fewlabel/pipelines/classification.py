@@ -74,7 +74,8 @@ def train(cfg: ClassificationExperiment, run: RunDir, resume: bool = False) -> d
 def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str, Any]:
     from fewlabel.data.classification import class_counts, load_classification_dataset
     from fewlabel.engines.checkpoint import load_checkpoint
-    from fewlabel.engines.classification import model_from_checkpoint, train_classifier
+    from fewlabel.engines.classification import train_classifier
+    from fewlabel.engines.classification_eval import model_from_checkpoint
     from fewlabel.utils.distributed import is_main_process
 
     device = _configure_runtime(cfg)
@@ -134,7 +135,7 @@ def evaluate(
         CheckpointError: if the checkpoint is not a usable classification checkpoint.
     """
     from fewlabel.engines.checkpoint import load_checkpoint
-    from fewlabel.engines.classification import model_from_checkpoint
+    from fewlabel.engines.classification_eval import model_from_checkpoint
 
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output_dir(output, overwrite)
@@ -187,7 +188,7 @@ def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool 
     from fewlabel.data.classification import list_images
     from fewlabel.data.images import verify_image
     from fewlabel.engines.checkpoint import load_checkpoint
-    from fewlabel.engines.classification import create_evaluator, model_from_checkpoint, run_evaluator
+    from fewlabel.engines.classification_eval import create_evaluator, model_from_checkpoint, run_evaluator
     from fewlabel.reports.classification import write_predictions_csv
 
     checkpoint, output = Path(checkpoint), Path(output)
@@ -253,7 +254,7 @@ def _evaluate_records(
     device: torch.device,
     context: dict[str, Any],
 ) -> dict[str, Any]:
-    from fewlabel.engines.classification import create_evaluator, run_evaluator
+    from fewlabel.engines.classification_eval import create_evaluator, run_evaluator
     from fewlabel.reports.classification import write_classification_report
 
     if not records:

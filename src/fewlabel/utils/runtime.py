@@ -1,11 +1,11 @@
-"""Device selection, seeding and determinism."""
+"""Device selection, thread counts, mixed precision, seeding and determinism."""
 
 from __future__ import annotations
 
 import os
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -51,6 +51,21 @@ def torch_threads(count: int) -> Iterator[None]:
     finally:
         if count > 0:
             torch.set_num_threads(previous)
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """Mixed-precision context: float16 autocast on CUDA when enabled, nothing otherwise.
+
+    Args:
+        device: the compute device.
+        enabled: ``train.amp``.
+
+    Returns:
+        A context manager.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
