@@ -342,6 +342,7 @@ def _write_ct_series(folder: Path, hu: np.ndarray) -> None:
 
 def test_dicom_series_folder_is_predicted_onto_its_own_grid(tmp_path, monkeypatch):
     from fewlabel.data.readers import read_dicom_series
+    from fewlabel.pipelines import segmentation_predict
 
     rng = np.random.default_rng(3)
     hu = rng.choice([-800, 100], size=(12, 10, 4)).astype(np.int16)
@@ -349,7 +350,7 @@ def test_dicom_series_folder_is_predicted_onto_its_own_grid(tmp_path, monkeypatc
     _write_ct_series(series, hu)
     raw = {"preprocess": {"orientation": "RAS"}, "input": {"mode": "2.5d", "slab": 3, "axis": 2}}
     model = _model(raw, ThresholdNet(0.5), 3)
-    monkeypatch.setattr(segmentation, "load_segmentation_model", lambda checkpoint, **_: model)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
 
     out = segmentation.predict(tmp_path / "model.pt", [tmp_path / "inputs"], tmp_path / "pred")
     source = read_dicom_series(series)

@@ -47,6 +47,7 @@ __all__ = [
     "convert_dicom_to_nifti",
     "is_nifti_file",
     "is_volume_path",
+    "looks_like_dicom",
     "read_dicom_series",
     "read_label",
     "read_study",
@@ -463,8 +464,17 @@ class _DicomSlice:
     instance: int | None
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """Whether a file claims to be DICOM: a DICOM suffix, or the ``DICM`` magic at offset 128."""
+def looks_like_dicom(path: str | Path) -> bool:
+    """Whether a file claims to be DICOM: a DICOM suffix, or the ``DICM`` magic at offset 128.
+
+    Args:
+        path: a file path.
+
+    Returns:
+        True for ``.dcm``/``.ima`` names and for files with the DICOM magic (scanners often
+        write slices without a suffix); False otherwise, and for files that cannot be opened.
+    """
+    path = Path(path)
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return True
     try:
@@ -494,7 +504,7 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
             continue
-        claims_dicom = _looks_like_dicom(path)
+        claims_dicom = looks_like_dicom(path)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
         except Exception as err:  # pydicom raises many types (struct.error, KeyError...) on damage

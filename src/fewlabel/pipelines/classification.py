@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fewlabel.config.classification import ClassificationAugment, ClassificationExperiment
-from fewlabel.errors import ConfigError, DataError, FewLabelError
+from fewlabel.errors import DataError, FewLabelError
 from fewlabel.runs import RunDir
 from fewlabel.utils.runtime import torch_threads
 
@@ -38,13 +38,10 @@ _GALLERY_MAX_SIDE = 256
 
 def _configure_runtime(cfg: ClassificationExperiment) -> torch.device:
     from fewlabel.utils.distributed import rank_device
-    from fewlabel.utils.runtime import seed_everything, select_device
+    from fewlabel.utils.runtime import config_device, seed_everything
 
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    try:
-        return rank_device(select_device(cfg.run.device))
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"run.device={cfg.run.device!r}: {err}") from err
+    return rank_device(config_device(cfg.run.device))
 
 
 def train(cfg: ClassificationExperiment, run: RunDir, resume: bool = False) -> dict[str, Any]:

@@ -31,6 +31,26 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def config_device(name: str) -> torch.device:
+    """:func:`select_device` for a config's ``run.device``.
+
+    Args:
+        name: the ``run.device`` value.
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ConfigError: naming ``run.device`` when the machine lacks the device.
+    """
+    from fewlabel.errors import ConfigError
+
+    try:
+        return select_device(name)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"run.device={name!r}: {err}") from err
+
+
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Use ``count`` torch CPU threads inside the block (0: torch's default), then restore.

@@ -1,0 +1,454 @@
+"""Using a trained segmentation network: loading it, predicting studies on their own grid.
+
+- :func:`load_segmentation_model` rebuilds the network and its config from a checkpoint.
+- :func:`predict_study` predicts one study (NIfTI file, DICOM series folder or 2D image) and
+  maps the class probabilities back onto the source's voxel grid by inverting the
+  preprocessing with MONAI's ``Invertd`` (reorientation, resampling and foreground crop
+  undone, probabilities interpolated bilinearly, the mask their arg-max), so a reopened mask
+  overlays its source voxel for voxel.
+- :func:`predict` is ``fewlabel predict``: a mask (and optionally the probabilities) for every
+  study given, and ``predictions.csv`` with the size of each predicted class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewlabel.config.segmentation import SegmentationExperiment
+from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
+from fewlabel.utils.files import atomic_write, atomic_write_text
+from fewlabel.utils.runtime import config_device, torch_threads
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoadedModel",
+    "case_name",
+    "collect_studies",
+    "load_segmentation_model",
+    "mask_suffix",
+    "predict",
+    "predict_study",
+    "refuse_inside_inputs",
+]
+
+
+class LoadedModel:
+    """A trained network with everything needed to preprocess, predict and invert.
+
+    Attributes:
+        net: the network (eval mode, on ``device``).
+        cfg: the experiment config it was trained with.
+        meta: the checkpoint metadata.
+        classes: class names, index = label value.
+        spatial_dims: 3 (volumes) or 2 (2D images).
+        device: where it runs.
+        path: the checkpoint file.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        cfg: SegmentationExperiment,
+        meta: dict[str, Any],
+        device: torch.device,
+        path: Path,
+    ) -> None:
+        self.net = net
+        self.cfg = cfg
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.spatial_dims = int(meta["spatial_dims"])
+        self.device = device
+        self.path = path
+
+
+def load_segmentation_model(
+    checkpoint: str | Path, device: torch.device | str | None = None, eval_overrides: list[str] | None = None
+) -> LoadedModel:
+    """Rebuild a network from a checkpoint written by segmentation training.
+
+    Args:
+        checkpoint: ``best.pt`` (or ``last.pt``) of a segmentation run.
+        device: where to run; default the config's ``run.device``.
+        eval_overrides: ``eval.KEY=VALUE`` changes to the stored config's evaluation section
+            (e.g. ``eval.tta=true``); other sections describe how the model was trained and stay.
+
+    Returns:
+        The :class:`LoadedModel`.
+
+    Raises:
+        CheckpointError: if the file is not a segmentation checkpoint or does not fit its config.
+    """
+    from fewlabel.config import parse_config
+    from fewlabel.engines.checkpoint import load_checkpoint
+    from fewlabel.networks.segmentation import build_segmentation_net
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta") or {}
+    if meta.get("task") != "segmentation":
+        raise CheckpointError(f"{path}: not a segmentation checkpoint (task {meta.get('task')!r})")
+    for key in ("classes", "spatial_dims", "in_channels", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: checkpoint metadata lacks {key!r}")
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: holds no model weights")
+    stored = meta["config"]
+    if eval_overrides:
+        from fewlabel.config import apply_overrides
+
+        outside = [o for o in eval_overrides if not o.startswith("eval.")]
+        if outside:
+            raise ConfigError(f"--set {outside[0]!r}: only eval.* keys can change after training")
+        stored = apply_overrides(stored, eval_overrides)
+    try:
+        cfg = parse_config(stored, source=f"{path} (stored config)")
+    except ConfigError as err:
+        if eval_overrides:
+            raise
+        raise CheckpointError(str(err)) from err
+    device = config_device(cfg.run.device) if device is None else torch.device(device)
+    net = build_segmentation_net(
+        cfg.model, 3 if cfg.input.mode == "3d" else 2, int(meta["in_channels"]), len(meta["classes"])
+    )
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match the stored model config: {err}") from err
+    net.to(device).eval()
+    return LoadedModel(net, cfg, meta, device, path)
+
+
+def predict_study(
+    model: LoadedModel, path: str | Path, preprocessing=None
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Predict one study and map the result back onto the source's voxel grid.
+
+    Args:
+        model: the loaded model.
+        path: NIfTI file, DICOM series folder, or 2D image.
+        preprocessing: the model's preprocessing ``Compose`` (built when ``None``; pass it to
+            reuse it across studies).
+
+    Returns:
+        ``(labels, probabilities, reference)``: ``uint8`` labels with the source's shape,
+        float32 probabilities ``(K, *shape)`` and the source :class:`~fewlabel.data.readers.Study`.
+
+    Raises:
+        DataError: if the study is unreadable, or its kind (2D/3D) does not match the model.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from fewlabel.data.readers import read_study
+    from fewlabel.data.segmentation_transforms import build_preprocessing
+    from fewlabel.inference import predict_volume
+    from fewlabel.networks.segmentation import size_divisor
+
+    path = Path(path)
+    dims = _study_dims(path)
+    if dims != model.spatial_dims:
+        kinds = {2: "2D images", 3: "3D volumes"}
+        raise DataError(
+            path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}"
+        )
+    cfg = model.cfg
+    if preprocessing is None:
+        preprocessing = build_preprocessing(cfg.preprocess, with_label=False, spatial_dims=dims)
+    data = preprocessing({"image": str(path)})
+    image = data["image"]
+    probs = predict_volume(
+        model.net,
+        image,
+        cfg.input,
+        cfg.eval,
+        dims,
+        model.device,
+        cfg.preprocess.slice_size,
+        size_divisor=size_divisor(cfg.model),
+        amp=cfg.train.amp,
+    )
+    if getattr(image, "applied_operations", None):
+        data["pred"] = MetaTensor(probs, meta=dict(image.meta))
+        inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(
+            data
+        )
+        probs = _as_numpy(inverted["pred"]).astype(np.float32, copy=False)
+        del inverted
+    else:  # nothing geometric was applied (2D images): the prediction is on the source grid already
+        probs = probs.numpy()
+    del data, image
+    # A foreground crop is undone by zero padding; those voxels are background.
+    probs[0] = np.clip(1.0 - probs[1:].sum(axis=0), 0.0, 1.0)
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    reference = read_study(path)
+    if labels.shape != reference.array.shape:  # pragma: no cover - a preprocessing step that Invertd missed
+        raise FewLabelError(
+            f"{path}: the inverted prediction has shape {labels.shape}, the study {reference.array.shape}; "
+            f"a preprocessing step could not be inverted"
+        )
+    return labels, probs, reference
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    as_tensor = getattr(value, "as_tensor", None)
+    value = as_tensor() if callable(as_tensor) else value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def predict(
+    checkpoint: Path,
+    inputs: list[Path],
+    output: Path,
+    overwrite: bool = False,
+    eval_overrides: list[str] | None = None,
+) -> Path:
+    """Write a mask for every study given, on the study's own voxel grid.
+
+    Volumes give ``<case>.nii.gz`` (the source's affine and shape), 2D images ``<case>.png``.
+    With ``eval.save_probabilities`` the class probabilities are written too:
+    ``<case>_probabilities.nii.gz`` (``X, Y, Z, K``, float32) for volumes, one 8-bit
+    ``<case>_prob_<class>.png`` per foreground class for 2D images. ``predictions.csv`` lists
+    every case with the size of each predicted class (voxels, and millilitres for volumes).
+
+    Args:
+        checkpoint: the model checkpoint.
+        inputs: NIfTI files, DICOM series folders, 2D images, folders of those, or ``.txt``
+            files listing them one per line.
+        output: destination folder (created); must not be one of the input folders.
+        overwrite: replace existing outputs of the same names.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        DataError: for missing or unreadable inputs, duplicate case names, outputs that exist
+            already (without ``overwrite``) or an output folder inside an input folder.
+    """
+    model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
+    studies = collect_studies(inputs)
+    output = Path(output)
+    refuse_inside_inputs(output, [p if p.is_dir() else p.parent for p in studies])
+    names = [case_name(p) for p in studies]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(
+            None, f"several inputs share the case name(s) {duplicates}; predict them into separate folders"
+        )
+    planned = {n: _outputs_for(n, p, model) for n, p in zip(names, studies, strict=True)}
+    existing = [str(f) for files in planned.values() for f in files if (output / f).exists()]
+    if (output / "predictions.csv").exists():
+        existing.append(str(output / "predictions.csv"))
+    if existing and not overwrite:
+        raise DataError(
+            output, f"outputs exist already ({', '.join(existing[:5])}...); pass --overwrite to replace them"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+
+    from fewlabel.data.readers import write_mask
+    from fewlabel.data.segmentation_transforms import build_preprocessing
+
+    preprocessing = build_preprocessing(
+        model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims
+    )
+    rows = []
+    with torch_threads(model.cfg.run.num_threads):
+        for name, path in zip(names, studies, strict=True):
+            labels, probs, reference = predict_study(model, path, preprocessing)
+            mask_path = write_mask(labels, reference, output / planned[name][0])
+            if model.cfg.eval.save_probabilities:
+                _write_probabilities(probs, reference, output, name, model.classes)
+            rows.append(_manifest_row(name, path, mask_path, labels, reference, model.classes))
+            log.info("predicted %s -> %s", path, mask_path)
+            del labels, probs, reference
+    _write_manifest(output / "predictions.csv", rows)
+    return output
+
+
+def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand inputs into a list of studies.
+
+    Args:
+        inputs: NIfTI files, 2D images, DICOM series folders, folders holding any of those
+            (one level deep), or ``.txt`` files listing paths (relative to the list's folder).
+
+    Returns:
+        The studies, in the order given (folders sorted by name).
+
+    Raises:
+        DataError: for missing paths, unsupported files, or folders with nothing to predict.
+    """
+    from fewlabel.data.images import is_image_file
+    from fewlabel.data.readers import is_nifti_file
+
+    studies: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(path, "input not found")
+        if path.is_file():
+            if path.suffix.lower() == ".txt":
+                lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+                listed = [
+                    Path(ln) if Path(ln).is_absolute() else path.parent / ln
+                    for ln in lines
+                    if ln and not ln.startswith("#")
+                ]
+                if not listed:
+                    raise DataError(path, "the list names no studies")
+                studies.extend(collect_studies(listed))
+            elif is_nifti_file(path) or is_image_file(path):
+                studies.append(path)
+            else:
+                raise DataError(
+                    path,
+                    "unsupported input; expected .nii/.nii.gz, a 2D image, a DICOM folder or a .txt list",
+                )
+        elif _is_dicom_folder(path):
+            studies.append(path)
+        else:
+            found = [
+                p
+                for p in sorted(path.iterdir())
+                if (p.is_file() and (is_nifti_file(p) or is_image_file(p)))
+                or (p.is_dir() and _is_dicom_folder(p))
+            ]
+            if not found:
+                raise DataError(path, "holds no NIfTI files, 2D images or DICOM series folders")
+            studies.extend(found)
+    return studies
+
+
+def case_name(path: str | Path) -> str:
+    """Case name of a study: the file name without ``.nii.gz``/``.nii``/image suffix, or the folder name.
+
+    Args:
+        path: a study path.
+
+    Returns:
+        The name.
+    """
+    path = Path(path)
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name if path.is_dir() else path.stem
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    from fewlabel.data.readers import looks_like_dicom
+
+    # The first files decide: a series folder holds nothing but slices, often thousands.
+    files = sorted(p for p in folder.iterdir() if p.is_file())[:21]
+    return any(looks_like_dicom(p) for p in files)
+
+
+def mask_suffix(reference_or_dims: Any) -> str:
+    """File suffix of a predicted mask: ``.png`` for 2D images, ``.nii.gz`` for volumes.
+
+    Args:
+        reference_or_dims: the source :class:`~fewlabel.data.readers.Study`, or its number of
+            spatial dimensions.
+
+    Returns:
+        The suffix.
+    """
+    dims = reference_or_dims if isinstance(reference_or_dims, int) else reference_or_dims.array.ndim
+    return ".png" if dims == 2 else ".nii.gz"
+
+
+def _outputs_for(name: str, path: Path, model: LoadedModel) -> list[str]:
+    dims = _study_dims(path)
+    files = [name + mask_suffix(dims)]
+    if model.cfg.eval.save_probabilities:
+        if dims == 3:
+            files.append(f"{name}_probabilities.nii.gz")
+        else:
+            files.extend(f"{name}_prob_{c}.png" for c in model.classes[1:])
+    return files
+
+
+def _write_probabilities(
+    probs: np.ndarray, reference: Any, output: Path, name: str, classes: list[str]
+) -> None:
+    if reference.array.ndim == 2:
+        from PIL import Image
+
+        for k, cls in enumerate(classes[1:], start=1):
+            image = Image.fromarray(np.round(probs[k] * 255).astype(np.uint8), mode="L")
+            atomic_write(output / f"{name}_prob_{cls}.png", lambda p, im=image: im.save(p, format="PNG"))
+        return
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.float32), reference.affine)
+    img.set_qform(reference.affine, code=1)
+    img.set_sform(reference.affine, code=1)
+    img.header["descrip"] = b"fewlabel class probabilities"
+    data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    atomic_write(output / f"{name}_probabilities.nii.gz", lambda p: p.write_bytes(data))
+
+
+def _manifest_row(
+    name: str, path: Path, mask: Path, labels: np.ndarray, reference: Any, classes: list[str]
+) -> dict:
+    counts = np.bincount(labels.ravel(), minlength=len(classes))
+    row: dict[str, Any] = {"case": name, "input": str(path), "mask": str(mask)}
+    voxel_ml = float(np.prod(reference.spacing)) / 1000.0 if labels.ndim == 3 else None
+    for k, cls in enumerate(classes[1:], start=1):
+        row[f"{cls}_voxels"] = int(counts[k])
+        if voxel_ml is not None:
+            row[f"{cls}_ml"] = round(counts[k] * voxel_ml, 3)
+    return row
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def refuse_inside_inputs(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is, or lies inside, one of the input folders.
+
+    Args:
+        output: the folder about to be written.
+        inputs: folders (or files, standing for their folders) that are read.
+
+    Raises:
+        DataError: naming ``output`` and the input folder it would write into.
+    """
+    out = Path(output).resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if folder.is_file():
+            folder = folder.parent
+        if out == folder or out.is_relative_to(folder):
+            raise DataError(
+                output, f"refusing to write into the input folder {folder}; choose another output"
+            )
+
+
+def _study_dims(path: str | Path) -> int:
+    from fewlabel.data.readers import is_volume_path
+
+    return 3 if is_volume_path(path) else 2
