@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fewlabel.config import apply_overrides, dump_config, load_config, parse_config
@@ -135,3 +136,12 @@ def test_cropped_slices_need_a_slice_size():
         }
     )
     assert one.preprocess.slice_size is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_config_error() -> None:
+    from fewlabel.utils.runtime import config_device
+
+    assert config_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match=r"run.device='cuda'.*not available"):
+        config_device("cuda")

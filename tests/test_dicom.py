@@ -16,7 +16,13 @@ from _factories import DICOM_SIZE as SIZE
 from _factories import DICOM_SLICE_GAP as SLICE_GAP
 from _factories import dicom_pixels as _raw_slice
 from _factories import write_dicom_series as write_series
-from fewlabel.data.readers import FewLabelReader, convert_dicom_to_nifti, read_dicom_series, read_study
+from fewlabel.data.readers import (
+    FewLabelReader,
+    convert_dicom_to_nifti,
+    looks_like_dicom,
+    read_dicom_series,
+    read_study,
+)
 from fewlabel.errors import DataError
 
 PATIENT_NAME = DICOM_IDENTIFIERS["PatientName"]
@@ -73,6 +79,20 @@ def test_missing_slice_is_an_error(tmp_path: Path) -> None:
     assert str(tmp_path / "gap") in msg
     assert "between slice 2" in msg and "5.000 mm" in msg  # positions 35 and 40 along the normal
     _assert_no_identifiers(msg)
+
+
+def test_dicom_files_are_told_by_suffix_or_magic(tmp_path: Path) -> None:
+    write_series(tmp_path / "series", n=2)
+    slice_file = sorted((tmp_path / "series").iterdir())[0]
+    unnamed = tmp_path / "IM0001"  # scanners often write slices without a suffix
+    unnamed.write_bytes(slice_file.read_bytes())
+    (tmp_path / "notes.txt").write_text("x" * 200)
+    (tmp_path / "empty.dcm").write_bytes(b"")  # claims to be DICOM by its name
+
+    assert looks_like_dicom(slice_file) and looks_like_dicom(unnamed)
+    assert looks_like_dicom(tmp_path / "empty.dcm")
+    assert not looks_like_dicom(tmp_path / "notes.txt")
+    assert not looks_like_dicom(tmp_path / "missing")
 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:
