@@ -18,8 +18,9 @@ c. One TCSM iteration against one supervised iteration on the same labelled batc
 d. ``fewlabel predict`` on a CT-sized int16 NIfTI volume (512x512x300) with a 2.5D BasicUNet
    checkpoint (random weights, the shipped ``ct_tcsm.yaml`` preprocessing): wall time and peak
    RSS of a fresh process (``resource.getrusage``). Target: <= 4 GB.
-e. CUDA only: classifier training with AMP on and off (images/s and
-   ``torch.cuda.max_memory_allocated``); skipped with a note without a GPU.
+e. Mixed precision. On CUDA: classifier training with AMP on and off (images/s and
+   ``torch.cuda.max_memory_allocated``). On the CPU: one TCSM iteration at the COVID study's
+   size with ``train.cpu_amp`` (bfloat16 autocast) against float32.
 
 Usage::
 
@@ -535,24 +536,57 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# e. AMP on CUDA
+# e. mixed precision: AMP on CUDA, bfloat16 on the CPU
 # ---------------------------------------------------------------------------------------------
+
+
+def bench_cpu_amp(args: argparse.Namespace) -> list[dict]:
+    """TCSM iteration at the COVID study's size, bfloat16 (``train.cpu_amp``) against float32."""
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_tcsm_iteration as tcsm_bench
+
+    size, batch = (64, 2) if args.quick else (192, 6)
+    features = (8, 8, 16, 32, 64, 8) if args.quick else (32, 32, 64, 128, 256, 32)
+    cpu = torch.device("cpu")
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(1 if args.quick else 3):
+        for bf16 in (True, False):
+            ns = argparse.Namespace(
+                size=size,
+                depth=0,
+                channels=1,
+                classes=3,
+                features=features,
+                reps=2 if args.quick else 5,
+                warmup=1 if args.quick else 2,
+                amp=False,
+                cpu_amp=bf16,
+            )
+            if round_ == 0 and bf16:
+                tcsm_bench._time_case(ns, cpu, batch, batch, True)  # untimed warm-up
+            seconds[bf16].append(tcsm_bench._time_case(ns, cpu, batch, batch, True))
+    log.info("TCSM iteration per round (s), bf16: %s, fp32: %s", seconds[True], seconds[False])
+    on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+    return [
+        {
+            "id": "e",
+            "measure": (
+                f"TCSM iteration, 2D BasicUNet {features}, {size}x{size}, {batch} labelled + {batch} "
+                "unlabelled, on the CPU (s: train.cpu_amp bfloat16 vs float32)"
+            ),
+            "value": f"{on:.2f}",
+            "reference": f"{off:.2f}",
+            "ratio": f"{off / on:.2f}x faster",
+            "target": "",
+            "met": None,
+            "raw": {"bf16_s": on, "fp32_s": off},
+        }
+    ]
 
 
 def bench_amp(args: argparse.Namespace, work: Path, device: torch.device) -> list[dict]:
     if device.type != "cuda":
-        return [
-            {
-                "id": "e",
-                "measure": "AMP on vs off (CUDA only)",
-                "value": "skipped",
-                "reference": "",
-                "ratio": "",
-                "target": "",
-                "met": None,
-                "raw": {"note": "no GPU on this machine"},
-            }
-        ]
+        return bench_cpu_amp(args)
     size, batch, iters = (64, 8, 3) if args.quick else (224, 32, 10)
     results = {}
     for amp in (True, False):

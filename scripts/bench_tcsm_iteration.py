@@ -13,6 +13,7 @@ Example::
 
     python scripts/bench_tcsm_iteration.py --device cuda --size 192 --batch 6 --unlabeled-batch 6 --amp
     python scripts/bench_tcsm_iteration.py --device cpu --size 64 --batch 2 --unlabeled-batch 2 --reps 5
+    python scripts/bench_tcsm_iteration.py --device cpu --threads 1 --reps 5 --cpu-amp
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=20, help="timed iterations per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--amp", action="store_true", help="CUDA mixed precision")
+    parser.add_argument("--cpu-amp", action="store_true", help="bfloat16 mixed precision on the CPU")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args()
 
@@ -82,6 +84,7 @@ def _time_case(
         DiceLoss(softmax=True, to_onehot_y=True),
         config,
         amp=args.amp,
+        cpu_amp=getattr(args, "cpu_amp", False),
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[float] = []
@@ -119,7 +122,8 @@ def main() -> None:
     shape = f"{args.size}x{args.size}" + (f"x{args.depth}" if args.depth else "")
     print(
         f"device={device} input={args.channels}x{shape} features={tuple(args.features)} "
-        f"amp={args.amp and device.type == 'cuda'} reps={args.reps} warmup={args.warmup}"
+        f"amp={args.amp and device.type == 'cuda'} cpu_amp={args.cpu_amp and device.type == 'cpu'} "
+        f"reps={args.reps} warmup={args.warmup}"
         + (f" threads={args.threads}" if device.type == "cpu" else "")
     )
     print(f"{'case':<20}{'labelled':>9}{'unlabelled':>11}{'student imgs':>13}{'median ms':>11}{'ratio':>8}")

@@ -157,6 +157,36 @@ def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("method", "cpu_amp", "expected"),
+    [
+        (["tcsm.enabled=false"], "true", torch.bfloat16),
+        (["tcsm.enabled=true", "data.labeled_count=2"], "true", torch.bfloat16),
+        (["tcsm.enabled=false"], "false", torch.float32),
+    ],
+    ids=["supervised", "tcsm", "off"],
+)
+def test_cpu_amp_trains_in_bfloat16_and_saves_float32(msd, tmp_path, method, cpu_amp, expected):
+    seen: list[torch.dtype] = []
+
+    def hook(module: nn.Module, args, out) -> None:
+        # Training-mode convolutions only: the teacher and validation run in eval mode, in float32.
+        if isinstance(module, nn.Conv2d) and module.training:
+            seen.append(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        run = _train(msd, tmp_path, "amp", *method, f"train.cpu_amp={cpu_amp}", "train.max_epochs=1")
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {expected}
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
+    assert not any(k.startswith("net.") for k in best["model"])
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+
+
+@pytest.mark.parametrize(
     "method",
     [["tcsm.enabled=false"], ["tcsm.enabled=true", "data.labeled_count=2", "tcsm.ema_warmup_iterations=4"]],
     ids=["supervised", "tcsm"],

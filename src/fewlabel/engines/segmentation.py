@@ -6,7 +6,8 @@ One function, :func:`train_segmentation`, wires an Ignite engine with everything
 - an iteration budget: an epoch is ``train.iterations_per_epoch`` iterations (the loader is
   restarted when it runs out), so runs with different numbers of labels compare;
 - the optimizer and a learning-rate schedule stepped every iteration;
-- CUDA autocast + gradient scaling when ``train.amp`` and a GPU is used;
+- CUDA autocast + gradient scaling when ``train.amp`` and a GPU is used; bfloat16 autocast
+  when ``train.cpu_amp`` and training runs on the CPU;
 - an ``ignite.handlers.ProgressBar``;
 - validation every ``train.val_every`` epochs (and after the last) on WHOLE validation
   studies with :func:`fewlabel.inference.predict_volume`: Dice per class and their mean over
@@ -42,7 +43,7 @@ from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 from fewlabel.runs import RunDir
 from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
-from fewlabel.utils.runtime import rng_state, set_rng_state
+from fewlabel.utils.runtime import CPUAutocast, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def train_segmentation(
     max_epochs = cfg.train.max_epochs
     total_iterations = max_epochs * epoch_length
     amp = bool(cfg.train.amp and device.type == "cuda")
+    cpu_amp = bool(cfg.train.cpu_amp and device.type == "cpu")
     optimizer = build_optimizer(cfg.train, net.parameters())
     scheduler = build_scheduler(cfg.train, optimizer, total_iterations)
     loss_fn = build_loss(cfg.loss)
@@ -303,6 +305,7 @@ def train_segmentation(
             amp=amp,
             lr_scheduler=scheduler,
             seed=cfg.run.seed,
+            cpu_amp=cpu_amp,
         )
         scheduler_owned_by_trainer = True
     else:
@@ -312,7 +315,8 @@ def train_segmentation(
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_loader,
-            network=train_net,
+            # MONAI autocasts on CUDA only; on the CPU the network carries its own autocast.
+            network=CPUAutocast(train_net) if cpu_amp else train_net,
             optimizer=optimizer,
             loss_function=loss_fn,
             epoch_length=epoch_length,

@@ -109,6 +109,8 @@ class TCSMTrainer(Trainer):
         teacher: a network with the student's architecture to use as teacher; default a deep
             copy of the student.
         amp: CUDA mixed precision (``torch.autocast`` + ``GradScaler``); ignored off CUDA.
+        cpu_amp: bfloat16 autocast when ``device`` is the CPU (no gradient scaling: bfloat16
+            has float32's range). Network outputs are cast to float32 before the losses.
         lr_scheduler: optional learning-rate scheduler, stepped as ``scheduler_step`` says.
         seed: seed of the generator that draws the transformations.
         scheduler_step: step ``lr_scheduler`` after every ``"iteration"`` or every ``"epoch"``.
@@ -143,6 +145,7 @@ class TCSMTrainer(Trainer):
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         amp_kwargs: dict | None = None,
+        cpu_amp: bool = False,
     ) -> None:
         if scheduler_step not in ("iteration", "epoch"):
             raise ValueError(f"scheduler_step must be 'iteration' or 'epoch', got {scheduler_step!r}")
@@ -159,6 +162,7 @@ class TCSMTrainer(Trainer):
             decollate=False,
             amp_kwargs=amp_kwargs,
         )
+        self.cpu_amp = bool(cpu_amp) and device.type == "cpu"
         self.student = student
         self.optimizer = optimizer
         self.supervised_loss = supervised_loss
@@ -252,7 +256,7 @@ class TCSMTrainer(Trainer):
             if self.consistency_active:
                 logits, sup_loss, cons_loss = self._tcsm_losses(image, label, unlabeled)
             else:
-                logits = self.student(image)
+                logits = self.student(image).float()
                 self.fire_event(IterationEvents.FORWARD_COMPLETED)
                 sup_loss = self.supervised_loss(logits, label)
                 cons_loss = torch.zeros((), device=image.device)
@@ -310,9 +314,10 @@ class TCSMTrainer(Trainer):
                 shared=self.tcsm.rotate90 and x.shape[2] != x.shape[3],
             )
             with torch.no_grad():
-                targets.append((transforms, self.teacher(apply_per_sample(transforms, x))))
+                targets.append((transforms, self.teacher(apply_per_sample(transforms, x)).float()))
 
-        outputs = [self.student(x) for x in student_inputs]
+        # float32 outputs: under bfloat16 autocast the losses would otherwise sum in bfloat16.
+        outputs = [self.student(x).float() for x in student_inputs]
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         logits = outputs[0][:n_labeled]
         sup_loss = self.supervised_loss(logits, label)
@@ -329,6 +334,8 @@ class TCSMTrainer(Trainer):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
             return torch.autocast("cuda", **self.amp_kwargs)
+        if self.cpu_amp:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _next_unlabeled(self) -> Tensor:
