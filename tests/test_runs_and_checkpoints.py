@@ -9,11 +9,13 @@ import pickle
 import pytest
 import torch
 
+from fewlabel import __version__
 from fewlabel.engines.checkpoint import (
     export_safetensors,
     load_checkpoint,
     load_state_dict_file,
     save_checkpoint,
+    version_note,
 )
 from fewlabel.errors import CheckpointError, DataError, RunDirError
 from fewlabel.runs import create_run_dir, open_run_dir, track_run
@@ -116,3 +118,9 @@ def test_exported_and_saved_files_follow_the_umask(tmp_path):
         os.umask(previous)
     for path in (ckpt, weights, weights.with_suffix(".json")):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_version_note_is_silent_only_for_this_release():
+    assert version_note({"fewlabel_version": __version__}) == ""
+    assert "written by fewlabel 0.0.1; this is fewlabel" in version_note({"fewlabel_version": "0.0.1"})
+    assert "does not record which fewlabel wrote it" in version_note({})

@@ -13,11 +13,12 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from fewlabel import __version__
 from fewlabel.cli import main
 from fewlabel.config import load_config, parse_config
 from fewlabel.data.readers import read_label
 from fewlabel.data.synthetic_ct import make_synthetic_ct
-from fewlabel.engines.checkpoint import load_checkpoint
+from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.errors import ConfigError, DataError
 from fewlabel.pipelines import segmentation
 from fewlabel.pipelines.segmentation_demo import DEMO_CONFIG
@@ -142,6 +143,23 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
         main(["evaluate", "--checkpoint", ckpt, "--output", str(tmp_path / "x"), "--set", "train.lr=1"]) == 2
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_from_another_release_names_both_versions(msd, tmp_path, capsys):
+    run = _train(msd, tmp_path, "ver", "tcsm.enabled=false", "train.max_epochs=1")
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert ckpt["meta"]["fewlabel_version"] == __version__
+    # A release that had a config key this one lacks wrote this checkpoint.
+    ckpt["meta"]["fewlabel_version"] = "0.0.1"
+    ckpt["meta"]["config"]["data"]["retired_option"] = False
+    old = tmp_path / "old.pt"
+    save_checkpoint(ckpt, old)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(old), "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "data.retired_option: unknown key" in err
+    assert f"written by fewlabel 0.0.1; this is fewlabel {__version__}" in err
+    assert not (tmp_path / "e").exists()
 
 
 def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):

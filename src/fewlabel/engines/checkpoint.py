@@ -33,6 +33,30 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda p: torch.save(payload, p))
 
 
+def version_note(meta: dict[str, Any]) -> str:
+    """Say which fewlabel wrote a checkpoint, when that may explain why it no longer loads.
+
+    Checkpoints store their resolved config; a config key added, renamed or removed between
+    releases makes an older or newer checkpoint's config invalid for this release, and the
+    user then needs to know that the versions differ, not only which key is at fault.
+
+    Args:
+        meta: the checkpoint's ``meta`` dict.
+
+    Returns:
+        ``""`` when the checkpoint was written by this version of fewlabel, otherwise a
+        sentence naming both versions (or saying that the writer recorded none).
+    """
+    from fewlabel import __version__
+
+    written = meta.get("fewlabel_version")
+    if written == __version__:
+        return ""
+    if written is None:
+        return f" (the checkpoint does not record which fewlabel wrote it; this is fewlabel {__version__})"
+    return f" (the checkpoint was written by fewlabel {written}; this is fewlabel {__version__})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely.
 

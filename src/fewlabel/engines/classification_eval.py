@@ -20,7 +20,9 @@ from ignite.engine import Engine
 from ignite.handlers import EpochOutputStore
 from torch import nn
 
+from fewlabel import __version__
 from fewlabel.config.classification import ClassificationExperiment
+from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError
 from fewlabel.utils.distributed import gather_sharded, is_distributed, rank, world_size
 from fewlabel.utils.runtime import autocast
@@ -59,6 +61,7 @@ def checkpoint_meta(
     """
     return {
         "task": "classification",
+        "fewlabel_version": __version__,
         "classes": list(classes),
         "image_size": int(cfg.model.image_size),
         "mean": [float(m) for m in mean],
@@ -110,7 +113,9 @@ def model_from_checkpoint(
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{source}: weights do not fit the recorded GoogLeNet: {err}") from err
+        raise CheckpointError(
+            f"{source}: weights do not fit the recorded GoogLeNet{version_note(meta)}: {err}"
+        ) from err
     return model.eval(), meta
 
 

@@ -36,6 +36,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from fewlabel import __version__
 from fewlabel.config.segmentation import SegmentationExperiment, SegmentationLoss, SegmentationTrain
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
@@ -156,6 +157,7 @@ def checkpoint_meta(
     """
     return {
         "task": "segmentation",
+        "fewlabel_version": __version__,
         "classes": list(classes),
         "spatial_dims": int(spatial_dims),
         "in_channels": int(in_channels),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fewlabel.config.segmentation import SegmentationExperiment
+from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.utils.files import atomic_write, atomic_write_text
 from fewlabel.utils.runtime import config_device, torch_threads
@@ -112,7 +113,7 @@ def load_segmentation_model(
             raise ConfigError(f"--set {outside[0]!r}: only eval.* keys can change after training")
         stored = apply_overrides(stored, eval_overrides)
     try:
-        cfg = parse_config(stored, source=f"{path} (stored config)")
+        cfg = parse_config(stored, source=f"{path} (stored config{version_note(meta)})")
     except ConfigError as err:
         if eval_overrides:
             raise
