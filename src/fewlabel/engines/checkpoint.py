@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fewlabel import __version__
 from fewlabel.errors import CheckpointError
 from fewlabel.utils.files import atomic_write, atomic_write_text
 
@@ -47,8 +48,6 @@ def version_note(meta: dict[str, Any]) -> str:
         ``""`` when the checkpoint was written by this version of fewlabel, otherwise a
         sentence naming both versions (or saying that the writer recorded none).
     """
-    from fewlabel import __version__
-
     written = meta.get("fewlabel_version")
     if written == __version__:
         return ""
