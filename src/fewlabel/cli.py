@@ -217,6 +217,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_overrides(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--set eval.KEY=VALUE`` option shared by ``evaluate`` and ``predict``."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser.
 
@@ -260,13 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score the union of label values, e.g. infection=1,2",
     )
     p.add_argument("--output", required=True, help="folder for metrics and report")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="eval.KEY=VALUE",
-        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
-    )
+    _add_eval_overrides(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -274,13 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model checkpoint")
     p.add_argument("inputs", nargs="+", help="images, folders of images, a .txt list, or studies")
     p.add_argument("--output", required=True, help="CSV file (classification) or folder (segmentation)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="eval.KEY=VALUE",
-        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
-    )
+    _add_eval_overrides(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_predict)
 
