@@ -1,0 +1,79 @@
+"""scripts/retinamnist.py: how it shares the cores, and how it scores seeds and their ensemble.
+
+The numbers in docs/results.md come from this script's ``--collect`` path, so its
+aggregation is checked here on run folders the test writes (no training, no real data).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("retinamnist_script", REPO / "scripts" / "retinamnist.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_threads_are_shared_between_jobs_unless_set(script):
+    assert script.share_threads([], jobs=2, cpus=2) == ["run.num_threads=1"]
+    assert script.share_threads(["a=1"], jobs=2, cpus=16) == ["a=1", "run.num_threads=8"]
+    assert script.share_threads([], jobs=3, cpus=2) == ["run.num_threads=1"]
+    assert script.share_threads([], jobs=1, cpus=16) == []
+    assert script.share_threads(["run.num_threads=4"], jobs=2, cpus=2) == ["run.num_threads=4"]
+
+
+def _fake_run(root: Path, seed: int, y_true: np.ndarray, probs: np.ndarray, ids: list[str]) -> None:
+    run = root / f"retinamnist-seed{seed}"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  image_size: 64\n")
+    with (run / "eval" / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "true", "predicted", *[f"prob_{k}" for k in range(probs.shape[1])]])
+        for image, y, p in zip(ids, y_true, probs, strict=True):
+            writer.writerow([image, int(y), int(p.argmax()), *p.tolist()])
+
+
+def test_collect_scores_each_seed_and_the_mean_of_their_probabilities(script, tmp_path):
+    data = tmp_path / "retinamnist.npz"
+    data.write_bytes(b"")  # only its existence is checked by --collect
+    y = np.array([0, 1, 2, 2])
+    ids = [f"test_{i}" for i in range(4)]
+    # Seed 0 is right on images 0 and 2, seed 1 on images 1 and 2; their mean is right on 0, 1, 2.
+    a = np.array([[0.6, 0.4, 0.0], [0.6, 0.4, 0.0], [0.1, 0.0, 0.9], [0.9, 0.1, 0.0]])
+    b = np.array([[0.45, 0.55, 0.0], [0.0, 0.9, 0.1], [0.0, 0.2, 0.8], [0.1, 0.9, 0.0]])
+    _fake_run(tmp_path, 0, y, a, ids)
+    _fake_run(tmp_path, 1, y, b, ids)
+
+    argv = ["--data", str(data), "--output-dir", str(tmp_path), "--seeds", "0", "1", "--collect"]
+    assert script.main(argv) == 0
+
+    summary = json.loads((tmp_path / "retinamnist_summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["minutes"] is None
+    accuracy = [r["accuracy"] for r in summary["results"]]
+    assert accuracy == pytest.approx([0.5, 0.5, 0.75])
+    assert summary["results"][2]["model"].endswith("2-seed ensemble")
+
+
+def test_collect_refuses_runs_scored_on_differently_ordered_images(script, tmp_path):
+    data = tmp_path / "retinamnist.npz"
+    data.write_bytes(b"")
+    y = np.array([0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    _fake_run(tmp_path, 0, y, probs, ["test_0", "test_1"])
+    _fake_run(tmp_path, 1, y[::-1], probs[::-1], ["test_1", "test_0"])
+
+    argv = ["--data", str(data), "--output-dir", str(tmp_path), "--seeds", "0", "1", "--collect"]
+    with pytest.raises(SystemExit, match="not in the same order"):
+        script.main(argv)
