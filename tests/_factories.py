@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import nibabel as nib
@@ -222,3 +225,21 @@ def history_without_timing(history: bytes) -> list[dict]:
     """Rows of a history.csv without wall-clock columns, the one thing allowed to differ between runs."""
     rows = list(csv.DictReader(io.StringIO(history.decode())))
     return [{k: v for k, v in row.items() if k not in ("seconds", "time", "duration")} for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py``, which is not part of the installed package, as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, so that dataclasses and pickling inside the script resolve it.
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
+from _factories import load_script
 from fewlabel.cli import build_parser
 from fewlabel.config.classification import ClassificationExperiment
 from fewlabel.config.segmentation import SegmentationExperiment
@@ -28,14 +27,7 @@ CONFIG_REFERENCE = DOCS / "configuration.md"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "gen_config_reference", REPO / "scripts" / "gen_config_reference.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_config_reference")
 
 
 def _pages() -> list[Path]:

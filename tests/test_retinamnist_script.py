@@ -7,23 +7,18 @@ aggregation is checked here on run folders the test writes (no training, no real
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from _factories import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("retinamnist_script", REPO / "scripts" / "retinamnist.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("retinamnist")
 
 
 def test_threads_are_shared_between_jobs_unless_set(script):

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from _factories import load_script
 from fewlabel import __version__
 from fewlabel.cli import main
 from fewlabel.config import load_config, parse_config
@@ -453,13 +454,7 @@ def test_covid_config_reads_the_real_dataset(shared_data):
 
 @pytest.mark.realdata
 def test_lidc_datalist_script_lists_every_crop_by_patient(shared_data, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "make_lidc_datalist", REPO / "scripts" / "make_lidc_datalist.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_lidc_datalist")
     out = tmp_path / "lidc.csv"
     assert script.main([str(shared_data / "lidc_voi"), str(out)]) == 0
     cfg = load_config(REPO / "configs" / "lidc3d_supervised.yaml", [f"data.path={out}"])
