@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RetinaMNIST not found at {args.data}", file=sys.stderr)
         return 2
 
-    args.set = share_threads(args.set, args.jobs)
     start = time.perf_counter()
     if args.collect:
         runs = [Path(args.output_dir) / f"{args.name}-seed{seed}" for seed in args.seeds]
     else:
+        args.set = share_threads(args.set, args.jobs)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             runs = list(pool.map(lambda s: train_seed(s, args), args.seeds))
     minutes = (time.perf_counter() - start) / 60
