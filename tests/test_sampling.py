@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from monai.transforms import Compose, RandRotate90d
 from torch.utils.data import DataLoader
 
-from fewlabel.data.sampling import ResumableSampler, SeededDataset
+from fewlabel.data.sampling import ResumableSampler, SeededDataset, group_share_weights
 
 
 def _epoch(sampler):
@@ -69,3 +70,22 @@ def test_sample_seed_fixes_the_augmentation():
     assert np.array_equal(dataset[(0, 7)]["image"].numpy(), outputs[7])
     distinct = {o.tobytes() for o in outputs.values()}
     assert len(distinct) == 4  # all four quarter turns occur, and nothing else
+
+
+def test_group_share_weights_give_a_small_group_its_share():
+    # 4 group members among 100 samples: drawn uniformly they would make up 4% of the draws.
+    in_group = [i < 4 for i in range(100)]
+    weights = group_share_weights(in_group, 0.5)
+    assert sum(weights) == pytest.approx(1.0)
+    assert len(set(weights[:4])) == 1 and len(set(weights[4:])) == 1
+    order = ResumableSampler(100, seed=2, num_samples=4000, weights=weights).order(0)
+    assert 0.45 < np.mean([i < 4 for i in order]) < 0.55
+    assert set(order) == set(range(100))  # the others are still drawn, each equally often
+
+    assert group_share_weights(in_group, 1.0)[4:] == [0.0] * 96
+    with pytest.raises(ValueError, match="no samples"):
+        group_share_weights([False] * 5, 0.5)
+    with pytest.raises(ValueError, match="there are none"):
+        group_share_weights([True] * 5, 0.5)
+    with pytest.raises(ValueError, match="must lie in"):
+        group_share_weights(in_group, 1.5)

@@ -177,6 +177,7 @@ def test_labeled_count_by_patient_reproducible_and_nested(tmp_path: Path) -> Non
     assert all(r["label"] for r in dl.train)
     assert all(r["label"] is None for r in dl.unlabeled)
     assert len(dl.train) + len(dl.unlabeled) + len(dl.val) == 24
+    assert dl.demoted == len(dl.unlabeled)  # the table has no unlabelled cases of its own
     # Whole patients: 6 cases of 2-case patients are 3 complete patients.
     train_patients = {r["patient_id"] for r in dl.train}
     assert len(train_patients) == 3

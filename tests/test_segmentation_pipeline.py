@@ -471,3 +471,40 @@ def test_lidc_datalist_script_lists_every_crop_by_patient(shared_data, tmp_path)
     )
     with pytest.raises(SystemExit, match="exists already"):
         script.main([str(shared_data / "lidc_voi"), str(out)])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_demoted_share_decides_where_unlabelled_batches_come_from(msd, share):
+    from fewlabel.data.segmentation import build_datalist
+
+    cfg = load_config(
+        DEMO_YAML,
+        [
+            f"data.path={msd}",
+            *FAST,
+            "tcsm.enabled=true",
+            "data.labeled_count=2",
+            f"tcsm.demoted_share={share}",
+        ],
+    )
+    datalist = build_datalist(cfg.data, cfg.run.seed)
+    demoted = {r["id"] for r in datalist.unlabeled[: datalist.demoted]}
+    assert len(demoted) == datalist.demoted == 2 and len(datalist.unlabeled) == 4  # + 2 unlabelled volumes
+    loader = segmentation._loader(
+        datalist.unlabeled, cfg, datalist.classes, False, 4, 5, demoted=datalist.demoted
+    )
+    ids = [i for batch in loader for i in batch["id"]]
+    assert len(ids) == 20
+    assert all((i in demoted) == bool(share) for i in ids)
+
+
+def test_demoted_share_without_set_aside_cases_is_a_config_error(msd):
+    cfg = load_config(DEMO_YAML, [f"data.path={msd}", *FAST, "tcsm.enabled=true", "tcsm.demoted_share=0.5"])
+    from fewlabel.data.segmentation import build_datalist
+
+    datalist = build_datalist(cfg.data, cfg.run.seed)
+    assert datalist.demoted == 0
+    with pytest.raises(
+        ConfigError, match=r"tcsm.demoted_share=0.5: .*0 set-aside training cases, 2 unlabelled"
+    ):
+        segmentation._loader(datalist.unlabeled, cfg, datalist.classes, False, 4, 5, demoted=0)

@@ -97,6 +97,12 @@ def test_slice_dataset_unlabelled_and_2d_images() -> None:
     volumes = [{"image": torch.rand(1, 5, 7), "id": "a"}, {"image": torch.rand(1, 5, 7), "id": "b"}]
     ds = SliceDataset(volumes, mode="2d")
     assert len(ds) == 2 and not ds.labeled
+    assert [ds.volume_of(i) for i in range(2)] == [0, 1]
+    assert [SliceDataset(volumes * 2, mode="2d").volume_of(i) for i in range(4)] == [0, 1, 2, 3]
+    stack = SliceDataset(
+        [{"image": torch.rand(1, 4, 4, 3)}, {"image": torch.rand(1, 4, 4, 2)}], labeled=False
+    )
+    assert [stack.volume_of(i) for i in range(len(stack))] == [0, 0, 0, 1, 1]
     assert set(ds[1]) == {"image", "slice", "id"} and ds[1]["image"].shape == (1, 5, 7)
     with pytest.raises(ConfigError, match="2.5D slabs need volumes"):
         SliceDataset(volumes, mode="2.5d", slab=3)
@@ -113,7 +119,8 @@ def test_patch_dataset_is_map_style_with_fixed_patch_size() -> None:
         patch = ds[i]
         assert patch["image"].shape == (1, 6, 6, 6) and patch["label"].shape == (1, 6, 6, 6)
         assert int(patch["label"].sum()) > 0  # foreground_ratio=1: every patch sees the lesion
-    unl = PatchDataset([{"image": image}], (6, 6, 2), 2)
+    unl = PatchDataset([{"image": image}, {"image": image}], (6, 6, 2), 2)
+    assert [unl.volume_of(i) for i in range(len(unl))] == [0, 0, 1, 1]
     assert not unl.labeled and set(unl[0]) == {"image", "id"} and unl[0]["image"].shape == (1, 6, 6, 2)
 
 

@@ -202,6 +202,11 @@ class TCSMConfig(StrictModel):
     Attributes:
         enabled: train with TCSM; off means plain supervised training.
         unlabeled_batch_size: unlabelled samples per iteration.
+        demoted_share: share of the unlabelled samples drawn from the training cases whose
+            labels ``labeled_count`` / ``labeled_fraction`` set aside, the rest from the cases
+            that came unlabelled (the dataset's own and ``data.unlabeled_path``). ``None`` draws
+            uniformly from the whole pool, so a small set-aside group is rarely seen beside a
+            large unlabelled folder.
         ema_decay: teacher = decay·teacher + (1 − decay)·student after each step.
         ema_warmup_iterations: the decay ramps from 0 to ``ema_decay`` over these iterations, so
             the teacher follows the student closely at first.
@@ -217,6 +222,7 @@ class TCSMConfig(StrictModel):
 
     enabled: bool = False
     unlabeled_batch_size: int = Field(8, ge=1)
+    demoted_share: float | None = Field(None, ge=0.0, le=1.0)
     ema_decay: float = Field(0.99, ge=0.0, le=1.0)
     ema_warmup_iterations: int = Field(0, ge=0)
     consistency_weight: float = Field(1.0, ge=0.0)

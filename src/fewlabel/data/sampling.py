@@ -122,6 +122,31 @@ class ResumableSampler(Sampler):
         self._skip = samples_done
 
 
+def group_share_weights(in_group: Sequence[bool], share: float) -> list[float]:
+    """Per-sample weights that give one group of samples a fixed share of the draws.
+
+    Args:
+        in_group: for each sample, whether it belongs to the group.
+        share: probability that a draw comes from the group; the other samples share the rest.
+            Within each side every sample is equally likely.
+
+    Returns:
+        Weights for :class:`ResumableSampler` (they sum to 1).
+
+    Raises:
+        ValueError: if ``share`` is outside [0, 1], or a side that should be drawn from is empty.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must lie in [0, 1], got {share}")
+    members = sum(bool(m) for m in in_group)
+    others = len(in_group) - members
+    if members == 0 and share > 0:
+        raise ValueError(f"a share of {share} is asked of a group with no samples")
+    if others == 0 and share < 1:
+        raise ValueError(f"a share of {1 - share} is asked of the other samples, but there are none")
+    return [share / members if m else (1.0 - share) / others for m in in_group]
+
+
 class SeededDataset(Dataset):
     """Apply random transforms with a random state chosen by the sampler.
 

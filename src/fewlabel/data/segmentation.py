@@ -69,6 +69,8 @@ class SegmentationDatalist:
         unlabeled: unlabelled training records (``label`` is ``None``).
         val: validation records (labelled).
         test: test records (labelled).
+        demoted: how many of the first ``unlabeled`` records are training cases whose labels
+            were set aside by ``labeled_count`` / ``labeled_fraction`` (the rest came unlabelled).
     """
 
     classes: list[str]
@@ -76,6 +78,7 @@ class SegmentationDatalist:
     unlabeled: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
+    demoted: int = 0
 
     def summary(self) -> dict[str, int]:
         """Number of records per split.
@@ -608,7 +611,7 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
             len(pool) - len(clean),
         )
     datalist = SegmentationDatalist(
-        classes=classes, train=kept, unlabeled=demoted + clean, val=val, test=test
+        classes=classes, train=kept, unlabeled=demoted + clean, val=val, test=test, demoted=len(demoted)
     )
     n_patients = len({r["patient_id"] for r in kept})
     log.info(

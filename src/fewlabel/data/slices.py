@@ -238,6 +238,17 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def volume_of(self, i: int) -> int:
+        """Index in ``volumes`` of the volume that sample ``i`` is cut from.
+
+        Args:
+            i: index in ``range(len(self))``.
+
+        Returns:
+            The volume index.
+        """
+        return self.index[i][0]
+
     def _pick(self, i: int) -> int:
         if not (self.labeled and self.foreground_ratio > 0 and self.foreground):
             return i
@@ -328,6 +339,17 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.volumes) * self.patches_per_volume
+
+    def volume_of(self, i: int) -> int:
+        """Index in ``volumes`` of the volume that sample ``i`` is cut from.
+
+        Args:
+            i: index in ``range(len(self))``.
+
+        Returns:
+            The volume index.
+        """
+        return int(i) // self.patches_per_volume
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """A random patch of volume ``i // patches_per_volume``.

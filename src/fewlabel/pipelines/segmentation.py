@@ -131,7 +131,13 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     if cfg.tcsm.enabled and datalist.unlabeled:
         # One unlabelled batch per iteration: its epochs then line up with the labelled ones.
         unlabeled_loader = _loader(
-            datalist.unlabeled, cfg, classes, False, cfg.tcsm.unlabeled_batch_size, len(train_loader)
+            datalist.unlabeled,
+            cfg,
+            classes,
+            False,
+            cfg.tcsm.unlabeled_batch_size,
+            len(train_loader),
+            demoted=datalist.demoted,
         )
     val_data = (
         build_volume_dataset(datalist.val, cfg, with_label=True, classes=classes, label_dtype=torch.uint8)
@@ -250,11 +256,16 @@ def _loader(
     labeled: bool,
     batch_size: int,
     iterations_per_epoch: int | None,
+    demoted: int = 0,
 ):
-    """A loader whose batches depend on (seed, epoch, position) only, so that resuming replays them."""
+    """A loader whose batches depend on (seed, epoch, position) only, so that resuming replays them.
+
+    For the unlabelled loader with ``tcsm.demoted_share`` set, the first ``demoted`` records
+    (training cases whose labels were set aside) get that share of the draws.
+    """
     from monai.data import DataLoader
 
-    from fewlabel.data.sampling import ResumableSampler
+    from fewlabel.data.sampling import ResumableSampler, group_share_weights
     from fewlabel.data.slices import build_training_dataset
     from fewlabel.utils.distributed import per_rank_batch_size, rank, world_size
 
@@ -262,6 +273,24 @@ def _loader(
     if len(dataset) == 0:
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
+    weights = None
+    share = cfg.tcsm.demoted_share
+    if not labeled and share is not None:
+        in_group = [dataset.volume_of(i) < demoted for i in range(len(dataset))]
+        try:
+            weights = group_share_weights(in_group, share)
+        except ValueError as err:
+            raise ConfigError(
+                f"tcsm.demoted_share={share}: {err} ({demoted} set-aside training cases, "
+                f"{len(records) - demoted} unlabelled ones; the set-aside cases come from "
+                "data.labeled_count / data.labeled_fraction)"
+            ) from err
+        log.info(
+            "unlabelled draws: %.0f%% from %d set-aside training cases, the rest from %d unlabelled ones",
+            100 * share,
+            demoted,
+            len(records) - demoted,
+        )
     # batch_size is the global batch: under torchrun each rank loads its share of every batch.
     sampler = ResumableSampler(
         len(dataset),
@@ -269,6 +298,7 @@ def _loader(
         num_samples=iterations * batch_size,
         num_replicas=world_size(),
         rank=rank(),
+        weights=weights,
     )
     return DataLoader(
         _SeededSamples(dataset),
