@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -498,13 +499,13 @@ def test_demoted_share_decides_where_unlabelled_batches_come_from(msd, share):
     assert all((i in demoted) == bool(share) for i in ids)
 
 
-def test_demoted_share_without_set_aside_cases_is_a_config_error(msd):
-    cfg = load_config(DEMO_YAML, [f"data.path={msd}", *FAST, "tcsm.enabled=true", "tcsm.demoted_share=0.5"])
-    from fewlabel.data.segmentation import build_datalist
-
-    datalist = build_datalist(cfg.data, cfg.run.seed)
-    assert datalist.demoted == 0
-    with pytest.raises(
-        ConfigError, match=r"tcsm.demoted_share=0.5: .*0 set-aside training cases, 2 unlabelled"
-    ):
-        segmentation._loader(datalist.unlabeled, cfg, datalist.classes, False, 4, 5, demoted=0)
+def test_demoted_share_without_set_aside_cases_stops_before_training(msd, tmp_path, capsys):
+    args = ["train", str(DEMO_YAML), "--output-dir", str(tmp_path)]
+    for item in [f"data.path={msd}", "run.name=share", *FAST, "tcsm.enabled=true", "tcsm.demoted_share=0.5"]:
+        args += ["--set", item]
+    assert main(args) != 0
+    assert re.search(
+        r"tcsm.demoted_share=0.5: .*0 set-aside training cases, 2 unlabelled", capsys.readouterr().err
+    )
+    checkpoints = tmp_path / "share" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())

@@ -108,6 +108,8 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
     classes = list(datalist.classes)
     if not datalist.train:
         raise DataError(cfg.data.path, "no labelled training studies left after the validation/test split")
+    if cfg.tcsm.enabled and datalist.unlabeled:
+        _check_demoted_share(cfg, datalist)
     spatial_dims = records_spatial_dims(datalist.train + datalist.val + datalist.test + datalist.unlabeled)
     check_input_mode(cfg, spatial_dims)
     _check_studies(datalist, classes)
@@ -244,6 +246,34 @@ def check_input_mode(cfg: SegmentationExperiment, spatial_dims: int) -> None:
             )
 
 
+def _check_demoted_share(cfg: SegmentationExperiment, datalist: SegmentationDatalist) -> None:
+    """Fail before any study is read if ``tcsm.demoted_share`` asks for draws from an empty side.
+
+    Raises:
+        ConfigError: if the share needs set-aside training cases or other unlabelled cases
+            and there are none.
+    """
+    from fewlabel.data.sampling import group_share_weights
+
+    share = cfg.tcsm.demoted_share
+    if share is None:
+        return
+    demoted, others = datalist.demoted, len(datalist.unlabeled) - datalist.demoted
+    try:
+        group_share_weights([i < demoted for i in range(len(datalist.unlabeled))], share)
+    except ValueError as err:
+        raise ConfigError(
+            f"tcsm.demoted_share={share}: {err} ({demoted} set-aside training cases, {others} "
+            "unlabelled ones; the set-aside cases come from data.labeled_count / data.labeled_fraction)"
+        ) from err
+    log.info(
+        "unlabelled draws: %.0f%% from %d set-aside training cases, the rest from %d unlabelled ones",
+        100 * share,
+        demoted,
+        others,
+    )
+
+
 def _in_channels(cfg: SegmentationExperiment) -> int:
     # Studies are single-channel (CT, one MR sequence, grey slices); a 2.5D slab stacks slices.
     return cfg.input.slab if cfg.input.mode == "2.5d" else 1
@@ -274,23 +304,10 @@ def _loader(
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
     weights = None
-    share = cfg.tcsm.demoted_share
-    if not labeled and share is not None:
+    if not labeled and cfg.tcsm.demoted_share is not None:
+        # Every record yields at least one sample, so _check_demoted_share has ruled out an empty side.
         in_group = [dataset.volume_of(i) < demoted for i in range(len(dataset))]
-        try:
-            weights = group_share_weights(in_group, share)
-        except ValueError as err:
-            raise ConfigError(
-                f"tcsm.demoted_share={share}: {err} ({demoted} set-aside training cases, "
-                f"{len(records) - demoted} unlabelled ones; the set-aside cases come from "
-                "data.labeled_count / data.labeled_fraction)"
-            ) from err
-        log.info(
-            "unlabelled draws: %.0f%% from %d set-aside training cases, the rest from %d unlabelled ones",
-            100 * share,
-            demoted,
-            len(records) - demoted,
-        )
+        weights = group_share_weights(in_group, cfg.tcsm.demoted_share)
     # batch_size is the global batch: under torchrun each rank loads its share of every batch.
     sampler = ResumableSampler(
         len(dataset),
