@@ -218,6 +218,12 @@ class TCSMConfig(StrictModel):
         scale: maximum relative zoom of T (0 disables scaling).
         apply_to_labeled: also apply the consistency loss to labelled samples.
         validate_teacher: validate the teacher too and keep the better model.
+        copy_paste_weight: maximum weight of the copy-paste term (0 disables it): a rectangle
+            of each labelled image is pasted into an unlabelled one, or the reverse, and the
+            student learns the mixed image against the true labels where the labelled image
+            shows and the teacher's hard prediction elsewhere. It ramps up with the
+            consistency weight. Needs unlabelled samples of the labelled ones' shape.
+        copy_paste_size: side of the pasted rectangle relative to the image's height and width.
     """
 
     enabled: bool = False
@@ -233,6 +239,8 @@ class TCSMConfig(StrictModel):
     scale: float = Field(0.0, ge=0.0, lt=1.0)
     apply_to_labeled: bool = True
     validate_teacher: bool = True
+    copy_paste_weight: float = Field(0.0, ge=0.0)
+    copy_paste_size: float = Field(0.667, gt=0.0, lt=1.0)
 
 
 class SegmentationEval(StrictModel):

@@ -411,7 +411,7 @@ def train_segmentation(
                 f"lower train.lr (now {cfg.train.lr}) or check the labels"
             )
         state.epoch_count += 1
-        for key in ("loss", "sup_loss", "cons_loss", "cons_weight"):
+        for key in ("loss", "sup_loss", "cons_loss", "cons_weight", "cp_loss"):
             if key in output:
                 state.epoch_sums[key] = state.epoch_sums.get(key, 0.0) + _scalar(output[key])
 

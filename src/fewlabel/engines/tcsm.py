@@ -33,6 +33,7 @@ from fewlabel.engines.ramps import sigmoid_rampup
 from fewlabel.errors import CheckpointError, DataError
 from fewlabel.losses.consistency import ConsistencyLoss
 from fewlabel.transforms.consistency import apply_per_sample, sample_transforms
+from fewlabel.transforms.copy_paste import copy_paste_batch
 from fewlabel.utils.distributed import unwrap_model
 
 __all__ = ["TCSMTrainer"]
@@ -61,7 +62,18 @@ class TCSMTrainer(Trainer):
     Iteration ``i`` (Ignite's 1-based ``state.iteration``) uses the consistency weight
     ``tcsm.consistency_weight · sigmoid_rampup(i - 1, tcsm.rampup_iterations)``, so the first
     step has ramp position t = 0. ``state.output`` is
-    ``{"loss", "sup_loss", "cons_loss", "cons_weight"}`` (detached tensors and a float).
+    ``{"loss", "sup_loss", "cons_loss", "cons_weight"}`` (detached tensors and a float), plus
+    ``cp_loss`` when copy-paste is on.
+
+    Copy-paste (``tcsm.copy_paste_weight`` > 0, after Bai et al., CVPR 2023). Labelled sample
+    i and unlabelled sample i are mixed through a random rectangle
+    (:func:`fewlabel.transforms.copy_paste.copy_paste_batch`); the student's output on the
+    mixed image takes the supervised loss against the labels where the labelled image shows
+    and the teacher's argmax elsewhere. The teacher's prediction is the one the consistency
+    term already computed, brought back from T(x) by T⁻¹, so copy-paste costs one more
+    student forward and backward over ``min(labelled, unlabelled)`` samples and no teacher
+    forward. Its weight follows the consistency ramp, scaled to ``copy_paste_weight``, so an
+    untrained teacher's labels carry no weight at first.
 
     Teacher. It is updated after every optimizer step by Ignite's ``EMAHandler``
     (``teacher = (1 − m)·teacher + m·student`` with ``m = 1 − ema_decay``; buffers such as
@@ -202,6 +214,20 @@ class TCSMTrainer(Trainer):
             return 0.0
         return self.tcsm.consistency_weight * sigmoid_rampup(iteration - 1, self.tcsm.rampup_iterations)
 
+    def copy_paste_weight(self, iteration: int) -> float:
+        """The copy-paste weight used at a 1-based Ignite iteration.
+
+        Args:
+            iteration: ``engine.state.iteration`` during the step.
+
+        Returns:
+            ``copy_paste_weight · sigmoid_rampup(iteration - 1, rampup_iterations)``, or 0 when
+            the term is off (no unlabelled data, or TCSM off).
+        """
+        if not (self.consistency_active and self.unlabeled_loader is not None):
+            return 0.0
+        return self.tcsm.copy_paste_weight * sigmoid_rampup(iteration - 1, self.tcsm.rampup_iterations)
+
     def _setup_teacher(self, student: nn.Module, teacher: nn.Module | None, tcsm: TCSMConfig) -> nn.Module:
         momentum = 1.0 - tcsm.ema_decay
         if momentum > 0.0:
@@ -252,15 +278,18 @@ class TCSMTrainer(Trainer):
         self.student.train()
         self.teacher.eval()
         self.optimizer.zero_grad(set_to_none=True)
+        cp_loss = None
         with self._autocast():
             if self.consistency_active:
-                logits, sup_loss, cons_loss = self._tcsm_losses(image, label, unlabeled)
+                logits, sup_loss, cons_loss, cp_loss = self._tcsm_losses(image, label, unlabeled)
             else:
                 logits = self.student(image).float()
                 self.fire_event(IterationEvents.FORWARD_COMPLETED)
                 sup_loss = self.supervised_loss(logits, label)
                 cons_loss = torch.zeros((), device=image.device)
             loss = sup_loss + weight * cons_loss if weight else sup_loss
+            if cp_loss is not None:
+                loss = loss + self.copy_paste_weight(self.state.iteration) * cp_loss
         self.fire_event(IterationEvents.LOSS_COMPLETED)
 
         self.scaler.scale(loss).backward()
@@ -275,14 +304,19 @@ class TCSMTrainer(Trainer):
             "cons_loss": cons_loss.detach(),
             "cons_weight": weight,
         }
+        if cp_loss is not None:
+            output["cp_loss"] = cp_loss.detach()
         self.state.output = output
         self.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
 
     def _tcsm_losses(
         self, image: Tensor, label: Tensor, unlabeled: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Labelled logits, supervised loss and consistency loss of one iteration (inside autocast)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Labelled logits, supervised, consistency and copy-paste losses of one iteration (inside autocast).
+
+        The copy-paste loss is ``None`` when that term is off.
+        """
         n_labeled = image.shape[0]
         joint = unlabeled is not None and image.shape[1:] == unlabeled.shape[1:]
         if unlabeled is None:
@@ -329,7 +363,28 @@ class TCSMTrainer(Trainer):
             cons_loss = term if cons_loss is None else cons_loss + term
             count += target.shape[0]
         assert cons_loss is not None
-        return logits, sup_loss, cons_loss / count
+        cp_loss = None
+        if unlabeled is not None and self.tcsm.copy_paste_weight > 0:
+            if not joint:
+                raise DataError(
+                    None,
+                    f"tcsm.copy_paste_weight needs labelled and unlabelled samples of one shape, got "
+                    f"{tuple(image.shape[1:])} and {tuple(unlabeled.shape[1:])}; set it to 0 or "
+                    "give both the same channels and patch size",
+                )
+            transforms, target = targets[0]
+            first = n_labeled if self.tcsm.apply_to_labeled else 0
+            n = min(n_labeled, unlabeled.shape[0])
+            with torch.no_grad():
+                teacher_probs = apply_per_sample(
+                    transforms[first : first + n], target[first : first + n], inverse=True
+                )
+                pseudo = teacher_probs.argmax(dim=1, keepdim=True)
+            mixed, mixed_label = copy_paste_batch(
+                image[:n], label[:n], unlabeled[:n], pseudo, self.tcsm.copy_paste_size, self._generator
+            )
+            cp_loss = self.supervised_loss(self.student(mixed).float(), mixed_label)
+        return logits, sup_loss, cons_loss / count, cp_loss
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:

@@ -146,8 +146,8 @@ def sample_transforms(
     return transforms * n if shared else transforms
 
 
-def apply_per_sample(transforms: list[InPlaneTransform], x: Tensor) -> Tensor:
-    """Apply ``transforms[i]`` to sample ``i`` of a batch.
+def apply_per_sample(transforms: list[InPlaneTransform], x: Tensor, inverse: bool = False) -> Tensor:
+    """Apply ``transforms[i]`` (or its inverse) to sample ``i`` of a batch.
 
     Samples that share a transform are transformed together, so a batch with one shared
     transform costs a single call. Works inside autograd.
@@ -155,6 +155,8 @@ def apply_per_sample(transforms: list[InPlaneTransform], x: Tensor) -> Tensor:
     Args:
         transforms: one transform per sample.
         x: ``(N, C, H, W)`` or ``(N, C, H, W, D)`` batch.
+        inverse: undo each transform instead (:meth:`InPlaneTransform.inverse`), e.g. to bring
+            outputs on transformed images back to the original orientation.
 
     Returns:
         The transformed batch.
@@ -171,10 +173,10 @@ def apply_per_sample(transforms: list[InPlaneTransform], x: Tensor) -> Tensor:
     for i, t in enumerate(transforms):
         groups.setdefault(t, []).append(i)
     if len(groups) == 1:
-        return transforms[0](x)
+        return transforms[0].inverse(x) if inverse else transforms[0](x)
     parts, order = [], []
     for t, idx in groups.items():
-        parts.append(t(x[idx]))
+        parts.append(t.inverse(x[idx]) if inverse else t(x[idx]))
         order.extend(idx)
     shapes = {tuple(p.shape[1:]) for p in parts}
     if len(shapes) > 1:
