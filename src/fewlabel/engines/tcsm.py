@@ -212,7 +212,7 @@ class TCSMTrainer(Trainer):
         """
         if not self.consistency_active:
             return 0.0
-        return self.tcsm.consistency_weight * sigmoid_rampup(iteration - 1, self.tcsm.rampup_iterations)
+        return self.tcsm.consistency_weight * self._ramp(iteration)
 
     def copy_paste_weight(self, iteration: int) -> float:
         """The copy-paste weight used at a 1-based Ignite iteration.
@@ -226,7 +226,11 @@ class TCSMTrainer(Trainer):
         """
         if not (self.consistency_active and self.unlabeled_loader is not None):
             return 0.0
-        return self.tcsm.copy_paste_weight * sigmoid_rampup(iteration - 1, self.tcsm.rampup_iterations)
+        return self.tcsm.copy_paste_weight * self._ramp(iteration)
+
+    def _ramp(self, iteration: int) -> float:
+        # Both terms share one ramp, so the copy-paste labels gain weight as the teacher does.
+        return sigmoid_rampup(iteration - 1, self.tcsm.rampup_iterations)
 
     def _setup_teacher(self, student: nn.Module, teacher: nn.Module | None, tcsm: TCSMConfig) -> nn.Module:
         momentum = 1.0 - tcsm.ema_decay
@@ -372,6 +376,8 @@ class TCSMTrainer(Trainer):
                     f"{tuple(image.shape[1:])} and {tuple(unlabeled.shape[1:])}; set it to 0 or "
                     "give both the same channels and patch size",
                 )
+            # Shapes are joint, so there is one piece: the unlabelled samples follow the
+            # labelled ones in it when apply_to_labeled, else they are all of it.
             transforms, target = targets[0]
             first = n_labeled if self.tcsm.apply_to_labeled else 0
             n = min(n_labeled, unlabeled.shape[0])
