@@ -177,7 +177,7 @@ class SegmentationTrain(StrictModel):
         scheduler: ``cosine``, ``step`` or ``none``.
         amp: mixed precision on CUDA (ignored on CPU).
         cpu_amp: bfloat16 mixed precision when training on the CPU (ignored on CUDA). About
-            twice as fast on CPUs with bfloat16 units (Intel AMX or AVX-512 BF16), slower on
+            1.7-2x as fast on CPUs with bfloat16 units (Intel AMX or AVX-512 BF16), slower on
             CPUs without them; results differ slightly from float32 training.
         val_every: validate every N epochs.
         checkpoint: crash-safe checkpointing.
