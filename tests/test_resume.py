@@ -197,3 +197,28 @@ def test_segmentation_tcsm_survives_sigkill_mid_epoch(tmp_path: Path) -> None:
     patterns = ["eval/summary.json", "eval/metrics_per_case.csv", "eval/predictions/*.nii.gz", "history.csv"]
     # 4 iterations per epoch; kill in the middle of epoch 2.
     _check_kill_and_resume(config, run, patterns, kill_at=6)
+
+
+def test_segmentation_epoch_end_checkpoint_holds_the_epoch(tmp_path: Path) -> None:
+    # Saving every 2 iterations of 2-iteration epochs puts each periodic save on an epoch end,
+    # where last.pt must already hold that epoch's history row and best model.
+    data = make_synthetic_ct(tmp_path / "ct", n_labeled=4, n_unlabeled=2, shape=(32, 32, 4), seed=0)
+    cfg = tiny_segmentation_config(
+        data,
+        tmp_path / "runs",
+        run={"seed": 5},
+        data={"val_fraction": 0.25, "test_fraction": 0.0},
+        train={"max_epochs": 2, "iterations_per_epoch": 2, "checkpoint": {"every_n_iterations": 2}},
+        tcsm={"enabled": True, "unlabeled_batch_size": 2, "rampup_iterations": 4},
+    )
+    assert main(["train", str(write_config(tmp_path / "exp.yaml", cfg))]) == 0
+    checkpoints = tmp_path / "runs" / "run" / "checkpoints"
+    last = load_checkpoint(checkpoints / "last.pt")
+    best_meta = load_checkpoint(checkpoints / "best.pt")["meta"]
+    assert last["engine"]["iteration"] == 4
+    assert [row["epoch"] for row in last["history"]] == [1, 2]
+    assert last["best"] == {
+        "value": best_meta["best_value"],
+        "model_name": best_meta["model_name"],
+        "epoch": best_meta["epoch"],
+    }

@@ -369,10 +369,15 @@ def train_segmentation(
     def save_last(engine: Engine) -> None:
         if not is_main_process():
             return  # under torchrun only rank 0 writes
-        if engine.state.iteration == state.last_saved_iteration:
-            return  # an every-N-iterations save that coincided with the epoch end
         checkpointer.save(resumable_payload(engine), engine.state.iteration)
-        state.last_saved_iteration = engine.state.iteration
+
+    def save_mid_epoch(engine: Engine) -> None:
+        # An epoch's last iteration is saved by _epoch_completed, once its history row, its
+        # validation and any new best are in: saved here, before them, last.pt would hold the
+        # previous epoch's history and best, and a resumed run would lose that row and could
+        # let a worse model replace best.pt.
+        if engine.state.iteration % epoch_length:
+            save_last(engine)
 
     if resume:
         start_iteration = _restore(
@@ -417,7 +422,7 @@ def train_segmentation(
 
     if cfg.train.checkpoint.every_n_iterations:
         trainer.add_event_handler(
-            Events.ITERATION_COMPLETED(every=cfg.train.checkpoint.every_n_iterations), save_last
+            Events.ITERATION_COMPLETED(every=cfg.train.checkpoint.every_n_iterations), save_mid_epoch
         )
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -516,7 +521,6 @@ class _RunState:
     resumed_count: int = 0
     epoch_start: float = 0.0
     saved_best: bool = False
-    last_saved_iteration: int = -1
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far (the first validation always counts)."""
@@ -569,7 +573,6 @@ def _restore(
     if "rng_state" in ckpt:
         set_rng_state(ckpt["rng_state"])
     iteration = int(engine_state.get("iteration", 0))
-    state.last_saved_iteration = iteration
     if iteration % epoch_length:
         state.resumed_sums = {k: float(v) for k, v in ckpt.get("epoch_sums", {}).items()}
         state.resumed_count = int(ckpt.get("epoch_count", 0))
