@@ -199,3 +199,42 @@ def test_copy_paste_needs_labelled_and_unlabelled_samples_of_one_shape():
     trainer = _copy_paste_trainer(1.0, unlabelled=batches(1, 2, (12, 16), False))
     with pytest.raises(DataError, match="copy_paste_weight"):
         trainer.run()
+
+
+def test_copy_paste_pseudo_labels_of_one_channel_outputs_are_positive_logits(monkeypatch):
+    monkeypatch.setattr(
+        tcsm_module, "sample_transforms", lambda n, **kwargs: [InPlaneTransform(0, False)] * n
+    )
+    identity = nn.Conv2d(1, 1, 1)  # logit = pixel value, so both signs occur
+    nn.init.ones_(identity.weight)
+    nn.init.zeros_(identity.bias)
+    trainer = TCSMTrainer(
+        "cpu",
+        1,
+        batches(1, 2, (12, 12)),
+        batches(1, 2, (12, 12), False, seed=2),
+        identity,
+        torch.optim.SGD(identity.parameters(), lr=0.0),
+        ZeroLoss(),
+        TCSMConfig(enabled=True, rampup_iterations=0, copy_paste_weight=1.0),
+    )
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = tcsm_module.copy_paste_batch
+
+    def spy(labeled, label, unlabeled, pseudo, size, generator):
+        with torch.no_grad():
+            seen.append((pseudo, (trainer.teacher(unlabeled) > 0).long()))
+        return real(labeled, label, unlabeled, pseudo, size, generator)
+
+    monkeypatch.setattr(tcsm_module, "copy_paste_batch", spy)
+    trainer.run()
+    pseudo, expected = seen[0]
+    assert len(pseudo.unique()) == 2
+    assert torch.equal(pseudo, expected)
+
+
+def test_copy_paste_refuses_a_zoomed_transformation():
+    # Undoing a zoom-in leaves a border the teacher never predicted, which argmax reads as background.
+    with pytest.raises(ValueError, match="tcsm.scale = 0"):
+        TCSMConfig(enabled=True, copy_paste_weight=1.0, scale=0.1)
+    assert TCSMConfig(enabled=True, copy_paste_weight=0.0, scale=0.1).scale == 0.1

@@ -12,9 +12,11 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 
 from fewlabel.config.segmentation import TCSMConfig
+from fewlabel.engines import tcsm as tcsm_module
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.tcsm import TCSMTrainer
 from fewlabel.errors import CheckpointError, DataError
+from fewlabel.transforms.consistency import InPlaneTransform
 
 
 def tiny_net(dims: int = 2, classes: int = 2, seed: int = 0) -> nn.Module:
@@ -241,6 +243,55 @@ def test_3d_inputs_run():
     outputs = record_outputs(trainer)
     trainer.run()
     assert len(outputs) == 2 and all(torch.isfinite(o["loss"]) and o["cons_loss"] > 0 for o in outputs)
+
+
+@pytest.mark.parametrize("plane_axis", [0, 1, 2])
+def test_3d_transformations_leave_the_plane_axis_alone(monkeypatch, plane_axis):
+    # A quarter turn shows which two axes T acts on; the through-plane axis is the odd size out.
+    monkeypatch.setattr(
+        tcsm_module, "sample_transforms", lambda n, **kwargs: [InPlaneTransform(1, False)] * n
+    )
+    shape = [8, 8, 8]
+    shape[plane_axis] = 4
+    torch.manual_seed(0)
+    pointwise = nn.Sequential(nn.Conv3d(1, 4, 1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    unlabelled = batches(1, 2, tuple(shape), False, seed=3)
+    net_optimizer = torch.optim.SGD(pointwise.parameters(), lr=0.0)
+    config = TCSMConfig(enabled=True, rampup_iterations=0, apply_to_labeled=False)
+    trainer = TCSMTrainer(
+        "cpu",
+        1,
+        batches(1, 2, tuple(shape)),
+        unlabelled,
+        pointwise,
+        net_optimizer,
+        ZeroLoss(),
+        config,
+        plane_axis=plane_axis,
+    )
+    seen: list[torch.Tensor] = []
+    trainer.teacher.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    outputs = record_outputs(trainer)
+    trainer.run()
+    in_plane = tuple(2 + a for a in range(3) if a != plane_axis)
+    assert torch.equal(seen[0], torch.rot90(unlabelled[0]["image"], 1, dims=in_plane))
+    # A pointwise network commutes with T, so aligned outputs agree exactly.
+    assert outputs[0]["cons_loss"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_plane_axis_must_be_a_spatial_axis():
+    with pytest.raises(ValueError, match="plane_axis"):
+        TCSMTrainer(
+            "cpu",
+            1,
+            batches(1, 2, (8, 8)),
+            None,
+            tiny_net(),
+            torch.optim.SGD(tiny_net().parameters(), lr=0.1),
+            dice(),
+            TCSMConfig(enabled=True),
+            plane_axis=3,
+        )
 
 
 def test_basic_unet_2_5d_runs():

@@ -95,7 +95,8 @@ class InputConfig(StrictModel):
     Attributes:
         mode: ``2d`` (one slice), ``2.5d`` (``slab`` adjacent slices as channels) or ``3d`` (patches).
         slab: number of adjacent slices in 2.5D (odd); edge slices repeat the border slice.
-        axis: slicing axis of the (reoriented) volume for 2D/2.5D; 2 is axial for RAS.
+        axis: slicing axis of the (reoriented) volume for 2D/2.5D, and in 3D the through-plane
+            axis that augmentation and TCSM transformations leave alone; 2 is axial for RAS.
         patch_size: 3D training patch size.
         patches_per_volume: 3D patches drawn from each volume per visit.
         foreground_ratio: share of 3D patches/2D slices centred on foreground.
@@ -241,6 +242,16 @@ class TCSMConfig(StrictModel):
     validate_teacher: bool = True
     copy_paste_weight: float = Field(0.0, ge=0.0)
     copy_paste_size: float = Field(0.667, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _copy_paste_without_zoom(self) -> TCSMConfig:
+        # The pseudo-labels are the teacher's output on T(x) brought back by T⁻¹; undoing a
+        # zoom-in leaves a zero border whose argmax would read as confident background.
+        if self.copy_paste_weight > 0 and self.scale > 0:
+            raise ValueError(
+                "tcsm.copy_paste_weight needs tcsm.scale = 0 (a zoomed T cannot be undone exactly)"
+            )
+        return self
 
 
 class SegmentationEval(StrictModel):

@@ -308,6 +308,7 @@ def train_segmentation(
             lr_scheduler=scheduler,
             seed=cfg.run.seed,
             cpu_amp=cpu_amp,
+            plane_axis=cfg.input.axis,
         )
         scheduler_owned_by_trainer = True
     else:

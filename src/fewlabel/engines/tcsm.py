@@ -32,7 +32,7 @@ from fewlabel.config.segmentation import TCSMConfig
 from fewlabel.engines.ramps import sigmoid_rampup
 from fewlabel.errors import CheckpointError, DataError
 from fewlabel.losses.consistency import ConsistencyLoss
-from fewlabel.transforms.consistency import apply_per_sample, sample_transforms
+from fewlabel.transforms.consistency import InPlaneTransform, apply_per_sample, sample_transforms
 from fewlabel.transforms.copy_paste import copy_paste_batch
 from fewlabel.utils.distributed import unwrap_model
 
@@ -94,8 +94,10 @@ class TCSMTrainer(Trainer):
     Transformations. One T is drawn per sample from the enabled rotations, flips and zooms
     (``fewlabel.transforms.consistency``). For inputs whose in-plane size is not square a
     single T is shared by the batch, because odd quarter turns swap H and W and per-sample
-    draws could not be stacked. T acts on dims (2, 3), so 2D, 2.5D (slab as channels) and 3D
-    ``(N, C, H, W, D)`` inputs all work.
+    draws could not be stacked. T acts on the two in-plane axes, so 2D, 2.5D (slab as
+    channels) and 3D ``(N, C, H, W, D)`` inputs all work; in 3D the through-plane axis is
+    ``plane_axis`` (``input.axis``), usually the coarse slice axis, which no quarter turn may
+    swap with a fine in-plane one.
 
     Reduction to supervised training: with ``tcsm.enabled`` False, or without unlabelled data
     and with ``apply_to_labeled`` False, an iteration is exactly a supervised step
@@ -132,9 +134,11 @@ class TCSMTrainer(Trainer):
         train_handlers: MONAI/Ignite handlers to attach (after the EMA update, so handlers at
             ``ITERATION_COMPLETED`` see the updated teacher).
         amp_kwargs: extra arguments of ``torch.autocast``.
+        plane_axis: for 3D inputs, the spatial axis (0, 1 or 2) that T and the copy-paste
+            rectangles leave alone; they act on the other two. Ignored for 2D inputs.
 
     Raises:
-        ValueError: for an unknown ``scheduler_step``.
+        ValueError: for an unknown ``scheduler_step`` or ``plane_axis``.
     """
 
     def __init__(
@@ -158,9 +162,12 @@ class TCSMTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp_kwargs: dict | None = None,
         cpu_amp: bool = False,
+        plane_axis: int = 2,
     ) -> None:
         if scheduler_step not in ("iteration", "epoch"):
             raise ValueError(f"scheduler_step must be 'iteration' or 'epoch', got {scheduler_step!r}")
+        if plane_axis not in (0, 1, 2):
+            raise ValueError(f"plane_axis must be 0, 1 or 2, got {plane_axis!r}")
         device = torch.device(device)
         use_amp = bool(amp) and device.type == "cuda"
         super().__init__(
@@ -175,6 +182,7 @@ class TCSMTrainer(Trainer):
             amp_kwargs=amp_kwargs,
         )
         self.cpu_amp = bool(cpu_amp) and device.type == "cpu"
+        self.plane_axis = plane_axis
         self.student = student
         self.optimizer = optimizer
         self.supervised_loss = supervised_loss
@@ -343,16 +351,17 @@ class TCSMTrainer(Trainer):
         targets = []
         for which, samples in pieces:
             x = student_inputs[which][samples]
+            plane = self._to_plane(x).shape[2:4]
             transforms = sample_transforms(
                 x.shape[0],
                 rotate90=self.tcsm.rotate90,
                 flip=self.tcsm.flip,
                 scale=self.tcsm.scale,
                 generator=self._generator,
-                shared=self.tcsm.rotate90 and x.shape[2] != x.shape[3],
+                shared=self.tcsm.rotate90 and plane[0] != plane[1],
             )
             with torch.no_grad():
-                targets.append((transforms, self.teacher(apply_per_sample(transforms, x)).float()))
+                targets.append((transforms, self.teacher(self._transform(transforms, x)).float()))
 
         # float32 outputs: under bfloat16 autocast the losses would otherwise sum in bfloat16.
         outputs = [self.student(x).float() for x in student_inputs]
@@ -362,7 +371,7 @@ class TCSMTrainer(Trainer):
         # A per-sample mean over all pieces (two pieces only when the shapes forbid one batch).
         cons_loss, count = None, 0
         for (which, samples), (transforms, target) in zip(pieces, targets, strict=True):
-            term = self.consistency_loss(apply_per_sample(transforms, outputs[which][samples]), target)
+            term = self.consistency_loss(self._transform(transforms, outputs[which][samples]), target)
             term = term * target.shape[0]
             cons_loss = term if cons_loss is None else cons_loss + term
             count += target.shape[0]
@@ -382,15 +391,34 @@ class TCSMTrainer(Trainer):
             first = n_labeled if self.tcsm.apply_to_labeled else 0
             n = min(n_labeled, unlabeled.shape[0])
             with torch.no_grad():
-                teacher_probs = apply_per_sample(
+                teacher_logits = self._transform(
                     transforms[first : first + n], target[first : first + n], inverse=True
                 )
-                pseudo = teacher_probs.argmax(dim=1, keepdim=True)
+                pseudo = _hard_labels(teacher_logits)
             mixed, mixed_label = copy_paste_batch(
-                image[:n], label[:n], unlabeled[:n], pseudo, self.tcsm.copy_paste_size, self._generator
+                *(self._to_plane(t) for t in (image[:n], label[:n], unlabeled[:n], pseudo)),
+                self.tcsm.copy_paste_size,
+                self._generator,
             )
+            mixed, mixed_label = self._from_plane(mixed), self._from_plane(mixed_label)
             cp_loss = self.supervised_loss(self.student(mixed).float(), mixed_label)
         return logits, sup_loss, cons_loss / count, cp_loss
+
+    def _to_plane(self, x: Tensor) -> Tensor:
+        """``x`` with its through-plane axis last, where T and copy-paste expect it."""
+        if x.ndim == 5 and self.plane_axis != 2:
+            return x.movedim(2 + self.plane_axis, -1)
+        return x
+
+    def _from_plane(self, x: Tensor) -> Tensor:
+        """Undo :meth:`_to_plane`."""
+        if x.ndim == 5 and self.plane_axis != 2:
+            return x.movedim(-1, 2 + self.plane_axis)
+        return x
+
+    def _transform(self, transforms: list[InPlaneTransform], x: Tensor, inverse: bool = False) -> Tensor:
+        """Apply each sample's T (or its inverse) in the plane that excludes ``plane_axis``."""
+        return self._from_plane(apply_per_sample(transforms, self._to_plane(x), inverse=inverse))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
@@ -492,3 +520,10 @@ class TCSMTrainer(Trainer):
 def _plain(x: Tensor) -> Tensor:
     # MetaTensor tracks affine metadata through every op; training needs none of it.
     return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def _hard_labels(logits: Tensor) -> Tensor:
+    """Integer labels ``(N, 1, ...)``: the most probable class, or logit > 0 for one channel."""
+    if logits.shape[1] == 1:
+        return (logits > 0).long()
+    return logits.argmax(dim=1, keepdim=True)
