@@ -481,7 +481,9 @@ class TCSMTrainer(Trainer):
 
         The iteration counter (and with it the ramp-up and EMA warm-up positions) comes from
         the checkpoint; ``max_epochs`` and ``epoch_length`` stay those of this trainer, so a
-        finished run can be extended.
+        finished run can be extended. The learning-rate scheduler resumes its saved state,
+        horizon included: a cosine schedule that has ended climbs again if training goes on,
+        so extend runs whose scheduler has no fixed end (or give the loaded one a new one).
 
         Args:
             state_dict: the dict returned by :meth:`state_dict`.
