@@ -192,6 +192,21 @@ def report_exists(inp: Path, out: Path) -> Case:
     return Case(_evaluate(pred, gt, out), [str(out / "report")], r"exists already.*--overwrite", "report")
 
 
+def report_overwrite_holds_the_inputs(inp: Path, out: Path) -> Case:
+    # --overwrite replaces the output folder; one that holds the inputs must not be deleted.
+    pred, gt = _mask_folders(inp)
+    argv = ["evaluate", "--pred", str(pred), "--gt", str(gt), "--output", str(inp), "--overwrite"]
+    return Case(argv, [str(inp)], r"holds the input", "report")
+
+
+def report_overwrite_foreign_folder(inp: Path, out: Path) -> Case:
+    pred, gt = _mask_folders(inp)
+    (out / "report").mkdir()
+    (out / "report" / "notes.txt").write_text("not written by fewlabel\n")
+    argv = _evaluate(pred, gt, out, "--overwrite")
+    return Case(argv, [str(out / "report")], r"does not look like a fewlabel output", "report")
+
+
 # ---------------------------------------------------------------------------------------------
 # DICOM series, converted with `convert`
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +369,12 @@ def config_bad_override(inp: Path, out: Path) -> Case:
     return Case(argv, ["model.image_size"], r"greater than or equal to 32", "train")
 
 
+def config_run_name_leaves_the_output_dir(inp: Path, out: Path) -> Case:
+    # With --overwrite a run named ".." would replace out/ itself.
+    argv = _cls_train(inp, out, "--set", "run.name=..", "--overwrite")
+    return Case(argv, ["run.name"], r"single folder name", "train")
+
+
 def config_not_found(inp: Path, out: Path) -> Case:
     return Case(["train", str(inp / "missing.yaml")], ["missing.yaml"], r"config file not found", "train")
 
@@ -505,6 +526,8 @@ CATALOGUE: list = [
     pytest.param(mask_folder_not_found, id="mask-folder-not-found"),
     pytest.param(report_inside_input, id="report-inside-input-folder"),
     pytest.param(report_exists, id="report-exists"),
+    pytest.param(report_overwrite_holds_the_inputs, id="report-overwrite-holds-the-inputs"),
+    pytest.param(report_overwrite_foreign_folder, id="report-overwrite-foreign-folder"),
     pytest.param(dicom_missing_slice, id="dicom-missing-slice"),
     pytest.param(dicom_mixed_series, id="dicom-mixed-series"),
     pytest.param(dicom_none_in_folder, id="dicom-no-dicom-files"),
@@ -524,6 +547,7 @@ CATALOGUE: list = [
     pytest.param(config_wrong_type, id="config-wrong-type"),
     pytest.param(config_negative_lr, id="config-negative-learning-rate"),
     pytest.param(config_bad_override, id="config-override-out-of-range"),
+    pytest.param(config_run_name_leaves_the_output_dir, id="config-run-name-leaves-the-output-dir"),
     pytest.param(config_not_found, id="config-not-found"),
     pytest.param(config_not_yaml, id="config-not-yaml"),
     pytest.param(config_class_folder_missing, id="config-class-folder-missing"),

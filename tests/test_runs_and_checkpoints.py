@@ -19,17 +19,28 @@ from fewlabel.engines.checkpoint import (
 )
 from fewlabel.errors import CheckpointError, DataError, RunDirError
 from fewlabel.runs import create_run_dir, open_run_dir, track_run
+from fewlabel.utils.files import check_replaceable
 from fewlabel.utils.runtime import rng_state, set_rng_state
 
 
 def test_run_dir_is_never_overwritten_silently(tmp_path):
     run = create_run_dir(tmp_path, "exp")
+    run.write_status("completed")
     (run.path / "keep.txt").write_text("precious")
     with pytest.raises(RunDirError, match="--overwrite"):
         create_run_dir(tmp_path, "exp")
     assert (run.path / "keep.txt").read_text() == "precious"
     again = create_run_dir(tmp_path, "exp", overwrite=True)
     assert not (again.path / "keep.txt").exists()
+
+
+def test_overwrite_replaces_only_a_run_folder(tmp_path):
+    # A folder fewlabel did not make (no status.json or config.yaml) survives --overwrite.
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "thesis.tex").write_text("precious")
+    with pytest.raises(RunDirError, match="does not look like a fewlabel output"):
+        create_run_dir(tmp_path, "exp", overwrite=True)
+    assert (tmp_path / "exp" / "thesis.tex").read_text() == "precious"
 
 
 def test_failed_run_is_marked_failed(tmp_path):
@@ -126,3 +137,23 @@ def test_version_note_is_silent_only_for_this_release():
     assert version_note({"fewlabel_version": __version__}) == ""
     assert "written by fewlabel 0.0.1; this is fewlabel" in version_note({"fewlabel_version": "0.0.1"})
     assert "does not record which fewlabel wrote it" in version_note({})
+
+
+def test_check_replaceable_refuses_what_overwrite_must_not_delete(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text("{}")
+    check_replaceable(report)  # an earlier report
+    check_replaceable(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
+    with pytest.raises(RunDirError, match="holds the input"):
+        check_replaceable(tmp_path, inputs=[report / "summary.json"])
+    with pytest.raises(RunDirError, match="holds the input"):
+        check_replaceable(report, inputs=[report])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "scan.nii.gz").write_bytes(b"\0")
+    with pytest.raises(RunDirError, match="does not look like a fewlabel output"):
+        check_replaceable(tmp_path / "data")
+    with pytest.raises(RunDirError, match="not a folder"):
+        check_replaceable(tmp_path / "data" / "scan.nii.gz")

@@ -211,7 +211,11 @@ def test_output_rules(tmp_path):
     (out / "old.txt").write_text("old")
     with pytest.raises(RunDirError, match="overwrite"):
         evaluate_masks(pred_dir, gt_dir, out)
+    # Not a report: even --overwrite leaves it alone.
+    with pytest.raises(RunDirError, match="does not look like a fewlabel output"):
+        evaluate_masks(pred_dir, gt_dir, out, overwrite=True)
     assert (out / "old.txt").is_file()
+    (out / "summary.json").write_text("{}")  # an earlier report
     evaluate_masks(pred_dir, gt_dir, out, overwrite=True)
     assert not (out / "old.txt").exists() and (out / "report.html").is_file()
     with pytest.raises(DataError, match="inside the input folder"):

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fewlabel.errors import FewLabelError, RunDirError
-from fewlabel.utils.files import atomic_write_text
+from fewlabel.utils.files import atomic_write_text, check_replaceable
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
@@ -89,6 +89,7 @@ def create_run_dir(
             )
         import shutil
 
+        check_replaceable(path, markers=(STATUS_FILE, CONFIG_FILE))
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return RunDir(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
@@ -31,6 +31,17 @@ class RunConfig(StrictModel):
     device: str = "auto"
     deterministic: bool = False
     num_threads: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str | None) -> str | None:
+        # The name is joined to output_dir, and --overwrite deletes the result: ".." or "a/b"
+        # would reach folders that are not this run's.
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            raise ValueError(
+                f"run.name must be a single folder name (no '/', '\\', '.' or '..'), got {name!r}"
+            )
+        return name
 
 
 class CheckpointConfig(StrictModel):

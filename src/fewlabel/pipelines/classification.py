@@ -26,6 +26,7 @@ import torch
 from fewlabel.config.classification import ClassificationAugment, ClassificationExperiment
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.runs import RunDir
+from fewlabel.utils.files import check_replaceable
 from fewlabel.utils.runtime import torch_threads
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def evaluate(
     from fewlabel.engines.classification_eval import model_from_checkpoint
 
     checkpoint, output = Path(checkpoint), Path(output)
-    _check_output_dir(output, overwrite)
+    _check_output_dir(output, overwrite, [checkpoint] + ([Path(data)] if data is not None else []))
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     cfg = ClassificationExperiment.model_validate(meta["config"])
     if data is None:
@@ -156,7 +157,7 @@ def evaluate(
         records, split = _records_for(Path(data), split, list(meta["classes"]))
     device = _device_for_inference()
     context = {"checkpoint": str(checkpoint), "data": str(source), "split": split}
-    with _staged_dir(output, overwrite) as out:
+    with _staged_dir(output, overwrite, [checkpoint, Path(source)]) as out:
         report = _evaluate_records(model, meta, records, out, device, context)
     return {"report": output / report["report"].name, "metrics": report["metrics"]}
 
@@ -340,11 +341,10 @@ def _records_for(path: Path, split: str, classes: list[str]) -> tuple[list[dict]
     return records, "all images (no stored split)"
 
 
-def _check_output_dir(output: Path, overwrite: bool) -> None:
+def _check_output_dir(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     if output.exists() and not overwrite:
         raise FewLabelError(f"{output}: exists already; choose another --output or pass --overwrite")
-    if output.exists() and not output.is_dir():
-        raise FewLabelError(f"{output}: exists and is not a folder")
+    check_replaceable(output, inputs)
 
 
 def _check_not_inside(output: Path, data: Path) -> None:
@@ -357,10 +357,10 @@ def _check_not_inside(output: Path, data: Path) -> None:
 
 
 @contextmanager
-def _staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+def _staged_dir(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a hidden sibling folder to fill; rename it to ``output`` once complete."""
     output = Path(output)
-    _check_output_dir(output, overwrite)
+    _check_output_dir(output, overwrite, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     if tmp.exists():

@@ -31,6 +31,7 @@ from fewlabel.metrics.segmentation import (
     summarize,
 )
 from fewlabel.reports.segmentation import write_segmentation_report
+from fewlabel.utils.files import check_replaceable
 
 __all__ = ["MASK_SUFFIXES", "case_name", "evaluate_masks", "index_masks"]
 
@@ -189,8 +190,7 @@ def _check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None
     if output.exists():
         if not overwrite:
             raise RunDirError(f"{output}: exists already; pass --overwrite to replace it")
-        if not output.is_dir():
-            raise DataError(output, "exists and is not a folder; it cannot be replaced by a report folder")
+        check_replaceable(output, inputs)
 
 
 def _check_matching(preds: Mapping[str, Path], gts: Mapping[str, Path], pred_dir: Path, gt_dir: Path) -> None:

@@ -40,6 +40,7 @@ from fewlabel.pipelines.segmentation_predict import (
     refuse_inside_inputs,
 )
 from fewlabel.runs import RunDir
+from fewlabel.utils.files import check_replaceable
 from fewlabel.utils.runtime import config_device, torch_threads
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 _SPLITS = ("train", "val", "test", "all")
-_REPORT_MARKERS = ("report.html", "summary.json", "predictions.csv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,7 +557,7 @@ def evaluate(
             data_cfg.path, f"the {split!r} split holds no labelled studies; choose another --split (e.g. all)"
         )
     refuse_inside_inputs(output, [Path(data_cfg.path)])
-    _prepare_output(Path(output), overwrite)
+    _prepare_output(Path(output), overwrite, [Path(checkpoint), Path(data_cfg.path)])
     with torch_threads(cfg.run.num_threads):
         result = evaluate_studies(
             model,
@@ -602,14 +602,11 @@ def evaluate_masks(
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
+def _prepare_output(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     """Create a report folder; replace an existing one only when asked and only if it is a report."""
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
-        if not any((output / m).exists() for m in _REPORT_MARKERS) and not (output / "predictions").is_dir():
-            raise FewLabelError(
-                f"{output}: exists and does not look like a fewlabel report folder; refusing to delete it"
-            )
+        check_replaceable(output, inputs)
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,16 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes (a reader never sees a half-written file) and safe folder replacement."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from fewlabel.errors import RunDirError
+
+#: Files that mark a folder as a fewlabel report or prediction folder.
+OUTPUT_MARKERS = ("report.html", "summary.json", "metrics.json", "predictions.csv")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -51,6 +56,43 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         The destination path.
     """
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def check_replaceable(
+    folder: str | Path, inputs: Sequence[str | Path] = (), markers: Sequence[str] = OUTPUT_MARKERS
+) -> None:
+    """Refuse to delete ``folder`` for ``--overwrite`` unless that loses nothing but old outputs.
+
+    ``--overwrite`` removes the old folder before the new one takes its place, so a mistyped
+    output path that names a data folder, a folder holding the inputs, or any folder fewlabel
+    did not write must be refused rather than deleted.
+
+    Args:
+        folder: the folder about to be replaced (nothing is checked when it does not exist).
+        inputs: files and folders the command reads; none may lie in ``folder``.
+        markers: names of which at least one must exist in a non-empty ``folder``.
+
+    Raises:
+        RunDirError: if ``folder`` is not a folder, holds one of ``inputs``, or is neither
+            empty nor marked as a fewlabel output (holds one of ``markers``).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise RunDirError(f"{folder}: exists and is not a folder; it cannot be replaced by an output folder")
+    resolved = folder.resolve()
+    for item in inputs:
+        item_resolved = Path(item).resolve()
+        if item_resolved == resolved or resolved in item_resolved.parents:
+            raise RunDirError(
+                f"{folder}: holds the input {item}; replacing it would delete the input, choose another output"
+            )
+    if any(folder.iterdir()) and not any((folder / marker).exists() for marker in markers):
+        raise RunDirError(
+            f"{folder}: exists and does not look like a fewlabel output folder (none of "
+            f"{', '.join(markers)}); refusing to delete it, choose another output"
+        )
 
 
 def _umask() -> int:
