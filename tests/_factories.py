@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,6 +47,7 @@ def write_dicom_series(
     slope: float = 2.0,
     intercept: float = -1024.0,
     identifiers: dict[str, Any] | None = None,
+    position: Callable[[int], list[float]] | None = None,
 ) -> str:
     """Write a CT series of ``n`` 16x16 slices in shuffled order, named so that file order lies.
 
@@ -59,6 +61,8 @@ def write_dicom_series(
         intercept: RescaleIntercept.
         identifiers: patient/institution tags written into every slice (default
             :data:`DICOM_IDENTIFIERS`).
+        position: ImagePositionPatient of slice ``k`` (default: a straight stack along z,
+            :data:`DICOM_SLICE_GAP` apart).
 
     Returns:
         The SeriesInstanceUID.
@@ -85,7 +89,9 @@ def write_dicom_series(
         ds.SeriesInstanceUID = uid
         ds.SeriesDescription = description
         ds.InstanceNumber = int(k) + 1
-        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + DICOM_SLICE_GAP * int(k)]
+        ds.ImagePositionPatient = (
+            position(int(k)) if position is not None else [-10.0, -20.0, 30.0 + DICOM_SLICE_GAP * int(k)]
+        )
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [DICOM_ROW_SPACING, DICOM_COL_SPACING]
         ds.SliceThickness = DICOM_SLICE_GAP

@@ -221,6 +221,22 @@ def dicom_missing_slice(inp: Path, out: Path) -> Case:
     return Case(_convert(inp / "series", out), [str(inp / "series")], r"missing slice.*gap", "file")
 
 
+def dicom_irregular_spacing(inp: Path, out: Path) -> Case:
+    # Five gaps of 2.5 mm, then 3.5 mm: no gap looks like a missing slice, but no even grid fits.
+    write_dicom_series(
+        inp / "series", n=10, position=lambda k: [0.0, 0.0, 2.5 * min(k, 4) + 3.5 * max(k - 4, 0)]
+    )
+    return Case(_convert(inp / "series", out), [str(inp / "series")], r"irregular slice spacing", "file")
+
+
+def dicom_sheared_stack(inp: Path, out: Path) -> Case:
+    # Each slice 0.8 mm further along y: a tilted gantry; axial slices no longer stack along z.
+    write_dicom_series(inp / "series", n=6, position=lambda k: [0.0, 0.8 * k, 2.5 * k])
+    return Case(
+        _convert(inp / "series", out), [str(inp / "series")], r"do not stack along their normal", "file"
+    )
+
+
 def dicom_mixed_series(inp: Path, out: Path) -> Case:
     uid_a = write_dicom_series(inp / "mixed", description="lung kernel")
     uid_b = write_dicom_series(inp / "mixed" / "extra", n=3, description="soft tissue")
@@ -529,6 +545,8 @@ CATALOGUE: list = [
     pytest.param(report_overwrite_holds_the_inputs, id="report-overwrite-holds-the-inputs"),
     pytest.param(report_overwrite_foreign_folder, id="report-overwrite-foreign-folder"),
     pytest.param(dicom_missing_slice, id="dicom-missing-slice"),
+    pytest.param(dicom_irregular_spacing, id="dicom-irregular-spacing"),
+    pytest.param(dicom_sheared_stack, id="dicom-sheared-stack"),
     pytest.param(dicom_mixed_series, id="dicom-mixed-series"),
     pytest.param(dicom_none_in_folder, id="dicom-no-dicom-files"),
     pytest.param(dicom_folder_not_found, id="dicom-folder-not-found"),

@@ -56,6 +56,20 @@ def test_series_in_hounsfield_units_with_geometry(tmp_path: Path) -> None:
     assert read_study(tmp_path / "ct").array.shape == (SIZE, SIZE, 5)
 
 
+def test_each_slice_keeps_its_own_rescale_slope(tmp_path: Path) -> None:
+    import pydicom
+
+    write_series(tmp_path / "ct", slope=1.0)
+    slopes = {0: 1.0, 1: 0.5, 2: 2.5, 3: 1.0, 4: 1.0}
+    for path in (tmp_path / "ct").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = slopes[int(ds.InstanceNumber) - 1]
+        ds.save_as(path, enforce_file_format=True)
+    study = read_dicom_series(tmp_path / "ct")
+    for k, slope in slopes.items():
+        np.testing.assert_array_equal(study.array[:, :, k], _raw_slice(k).T * slope - 1024.0)
+
+
 def test_several_series_need_a_choice(tmp_path: Path) -> None:
     uid_a = write_series(tmp_path / "mixed", description="lung kernel")
     uid_b = write_series(tmp_path / "mixed" / "sub", n=3, description="soft tissue")

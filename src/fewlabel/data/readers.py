@@ -68,6 +68,11 @@ _DICOM_SUFFIXES = (".dcm", ".ima")
 _MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 # A missing DICOM slice shows as a gap this many times the median slice distance.
 _GAP_FACTOR = 1.5
+# The volume's affine assumes slices on one straight line along the normal, equally spaced
+# (SimpleITK's series reader spreads them evenly between the first and the last). Slices off
+# that grid by more than these tolerances would be misplaced in world space.
+_SPACING_TOLERANCE = 0.1  # fraction of the slice spacing
+_SHEAR_TOLERANCE_MM = 0.1
 # DICOM tags read to group and sort slices; none of them identifies the patient.
 _GEOMETRY_TAGS = [
     "SeriesInstanceUID",
@@ -617,6 +622,27 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
             f"{dist[i]:.3f} mm) and slice {i + 1} ({slices[i + 1].path.name}, {dist[i + 1]:.3f} mm) "
             f"along the slice normal, where the median spacing is {median:.3f} mm",
         )
+    step = (dist[-1] - dist[0]) / (len(dist) - 1)
+    off_grid = np.abs(dist - (dist[0] + step * np.arange(len(dist))))
+    worst = int(np.argmax(off_grid))
+    if off_grid[worst] > _SPACING_TOLERANCE * step:
+        raise DataError(
+            folder,
+            f"irregular slice spacing: slice {worst} ({slices[worst].path.name}) lies "
+            f"{off_grid[worst]:.3f} mm from where an even spacing of {step:.3f} mm puts it (gaps from "
+            f"{gaps.min():.3f} to {gaps.max():.3f} mm); one volume grid cannot hold it, so resample "
+            "the series to even spacing first",
+        )
+    offsets = np.array([s.position - slices[0].position for s in slices])
+    lateral = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    worst = int(np.argmax(lateral))
+    if lateral[worst] > _SHEAR_TOLERANCE_MM:
+        raise DataError(
+            folder,
+            f"the slices do not stack along their normal: slice {worst} ({slices[worst].path.name}) is "
+            f"shifted {lateral[worst]:.3f} mm within the slice plane from the first slice (a tilted "
+            "gantry or a sheared series); its affine would misplace the voxels, so resample it first",
+        )
     return slices, median
 
 
@@ -654,6 +680,9 @@ def read_dicom_series(
     series_uid, slices = _series_slices(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in slices])
+    # Float output: ITK otherwise picks the pixel type from the first slice, and a later
+    # slice with a fractional RescaleSlope would be rounded to it.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as err:
