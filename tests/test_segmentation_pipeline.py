@@ -23,6 +23,7 @@ from fewlabel.data.synthetic_ct import make_synthetic_ct
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.errors import ConfigError, DataError
 from fewlabel.pipelines import segmentation
+from fewlabel.pipelines.mask_evaluation import evaluate_masks
 from fewlabel.pipelines.segmentation_demo import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,6 +323,9 @@ def test_collect_studies_expands_folders_and_lists(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no"):
         segmentation.collect_studies([tmp_path / "empty"])
+    (tmp_path / "latin1.txt").write_bytes("studies/a\xe9.nii\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt.*not a UTF-8 text list"):
+        segmentation.collect_studies([tmp_path / "latin1.txt"])
 
 
 def test_input_mode_must_fit_the_data():
@@ -509,3 +513,43 @@ def test_demoted_share_without_set_aside_cases_stops_before_training(msd, tmp_pa
     )
     checkpoints = tmp_path / "share" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+def test_evaluation_refuses_a_label_on_another_grid(tmp_path):
+    hu = np.full((8, 8, 6), -1000, dtype=np.int16)
+    hu[2:6, 2:6, 1:5] = 300
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    shifted = affine.copy()
+    shifted[0, 3] = 25.0  # the same shape, 25 mm away
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image((hu > 0).astype(np.uint8), shifted), tmp_path / "label.nii.gz")
+    model = _model({"preprocess": {"orientation": "RAS"}, "input": {"mode": "2d"}}, ThresholdNet(0.5), 3)
+    record = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz"), "id": "c"}
+    with pytest.raises(DataError, match="label.nii.gz.*affine differs"):
+        segmentation.evaluate_studies(model, [record], tmp_path / "report")
+
+
+def test_mask_and_model_evaluation_take_slice_dice_over_the_same_axial_slices(tmp_path):
+    # Array axis 0 runs inferior-superior; the two evaluations must slice it alike.
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    gt = np.zeros((6, 8, 8), np.uint8)
+    gt[1:5, 2:6, 2:6] = 1
+    pred = gt.copy()
+    pred[1, 2:6, 2:6] = 0
+    pred[1, 2, 2] = 1  # one axial slice nearly missed
+    for name, mask in (("gt", gt), ("pred", pred)):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(mask, affine), tmp_path / name / "c.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.where(pred > 0, 300, -1000).astype(np.int16), affine), tmp_path / "image.nii.gz"
+    )
+    by_masks = evaluate_masks(tmp_path / "pred", tmp_path / "gt", tmp_path / "masks-report")
+    model = _model(
+        {"preprocess": {"orientation": "RAS"}, "input": {"mode": "2d", "axis": 2}}, ThresholdNet(0.5), 3
+    )
+    record = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "gt" / "c.nii.gz"), "id": "c"}
+    by_model = segmentation.evaluate_studies(model, [record], tmp_path / "model-report")
+    dice = [r["summary"]["metrics"]["dice"][1]["mean"] for r in (by_masks, by_model)]
+    # Axial slices 1-4 score 2/17, 1, 1, 1; sliced along another axis the mean would differ.
+    assert dice[0] == pytest.approx((2 / 17 + 3) / 4)
+    assert dice[1] == pytest.approx(dice[0])

@@ -149,7 +149,12 @@ def evaluate_masks(
         pred, gt = read_label(preds[name], classes), read_label(gts[name], classes)
         _check_same_grid(pred, gt)
         metrics = evaluate_case(
-            pred.array, gt.array, num_classes, spatial_dims=_spatial_dims(gt), merge=merge
+            pred.array,
+            gt.array,
+            num_classes,
+            spatial_dims=_spatial_dims(gt),
+            axis=_axial_axis(gt),
+            merge=merge,
         )
         cases.append(CaseResult(name, metrics, prediction_file=str(pred.path), reference_file=str(gt.path)))
         log.debug("%s: %s", name, metrics)
@@ -216,6 +221,20 @@ def _listing(names: Sequence[str]) -> str:
 def _max_label(path: Path) -> int:
     labels = read_label(path, None).array
     return int(labels.max()) if labels.size else 0
+
+
+def _axial_axis(study: Study) -> int:
+    """The array axis closest to the body's long (inferior-superior) axis.
+
+    Slice Dice is taken over axial slices, as for a model evaluated with the default
+    ``input.axis`` 2 in RAS, whatever the order of the file's array axes.
+    """
+    import nibabel as nib
+
+    if _spatial_dims(study) != 3:
+        return 2
+    source = nib.orientations.io_orientation(study.affine)
+    return next((a for a in range(3) if int(source[a][0]) == 2), 2)
 
 
 def _spatial_dims(study: Study) -> int:

@@ -388,7 +388,7 @@ def evaluate_studies(
     Raises:
         DataError: if a label is missing, unreadable, out of range or not on its image's grid.
     """
-    from fewlabel.data.readers import read_label, write_mask
+    from fewlabel.data.readers import check_grid, read_label, write_mask
     from fewlabel.data.segmentation_transforms import build_preprocessing
     from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, rank_cases
     from fewlabel.reports.segmentation import write_segmentation_report
@@ -413,11 +413,11 @@ def evaluate_studies(
         case_id = str(record.get("id") or case_name(record["image"]))
         labels, probs, reference = predict_study(model, record["image"], preprocessing)
         gt = read_label(record["label"], model.classes)
-        if gt.array.shape != labels.shape:
-            raise DataError(
-                record["label"],
-                f"label shape {gt.array.shape} differs from its image {record['image']} {labels.shape}",
-            )
+        # The grid, not only the shape: a label shifted or rescaled against its image would
+        # score against the wrong voxels.
+        check_grid(
+            record["image"], labels.shape, reference.affine, record["label"], gt.array.shape, gt.affine
+        )
         axis = _source_axis(reference.affine, cfg, model.spatial_dims)
         metrics = evaluate_case(
             labels, gt.array, num_classes, prob=probs, spatial_dims=model.spatial_dims, axis=axis, merge=merge
