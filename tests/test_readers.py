@@ -104,6 +104,16 @@ def test_palette_mask_reads_indices(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_label(tmp_path / "m.png", ["bg", "ggo", "cons"]).array, mask)
 
 
+def test_one_bit_mask_reads_zero_and_one(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:6] = True
+    Image.fromarray(mask).save(tmp_path / "m.png")  # Pillow writes a bool array as a 1-bit PNG
+    assert Image.open(tmp_path / "m.png").mode == "1"
+    np.testing.assert_array_equal(
+        read_label(tmp_path / "m.png", ["bg", "lesion"]).array, mask.astype(np.uint8)
+    )
+
+
 @pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")  # MONAI probes an optional GPU codec
 def test_monai_loadimaged_with_fewlabel_reader(tmp_path: Path, volume) -> None:
     path, array = volume

@@ -94,7 +94,10 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
         if mode == "P":
             if src == "P":
                 return np.asarray(img, dtype=np.uint8).copy()
-            if src in ("1", "L", "LA"):
+            if src == "1":
+                # A 1-bit mask is a binary label map: 0 and 1, not the 0 and 255 of its grey view.
+                return np.asarray(img, dtype=np.uint8).copy()
+            if src in ("L", "LA"):
                 return np.asarray(img.convert("L"), dtype=np.uint8).copy()
             raise DataError(path, f"expected a label map (palette or grey image), found a {src} image")
         target = mode or ("L" if _channels_of(src) == 1 else "RGB")

@@ -301,7 +301,13 @@ def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
             raise DataError(path, "input not found")
         if path.is_file():
             if path.suffix.lower() == ".txt":
-                lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        path, f"is not a UTF-8 text list of paths ({err.reason} at byte {err.start})"
+                    ) from err
+                lines = [ln.strip() for ln in text.splitlines()]
                 listed = [
                     Path(ln) if Path(ln).is_absolute() else path.parent / ln
                     for ln in lines
