@@ -137,6 +137,19 @@ def test_local_state_dict_is_loaded(tmp_path):
     assert loaded["aux1.fc2.weight"].shape == (4, 1024)
 
 
+def test_state_dict_without_batchnorm_counters_is_loaded(tmp_path):
+    # Files exported by other tools often drop BatchNorm's num_batches_tracked buffers.
+    torch.manual_seed(2)
+    source = GoogLeNet(num_classes=1000, aux_logits=True, transform_input=False, init_weights=True)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "exported.pth"
+    torch.save(state, path)
+    loaded = build_googlenet(3, weights=str(path), freeze="none").net.state_dict()
+    assert torch.equal(
+        loaded["inception5b.branch4.1.conv.weight"], state["inception5b.branch4.1.conv.weight"]
+    )
+
+
 def test_pickled_object_file_is_refused(tmp_path):
     path = tmp_path / "whole_model.pth"
     torch.save(GoogLeNet(num_classes=10, aux_logits=False, init_weights=False), path)

@@ -202,7 +202,8 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _load_backbone(net: GoogLeNet, state: dict[str, Tensor], source: str) -> None:
     state = _strip_prefixes(state)
     own = net.state_dict()
-    core = [k for k in own if k.startswith(_CORE_PREFIXES)]
+    # BatchNorm's step counters are optional: load_state_dict keeps its own when a file lacks them.
+    core = [k for k in own if k.startswith(_CORE_PREFIXES) and not k.endswith("num_batches_tracked")]
     missing = [k for k in core if k not in state]
     mismatched = [k for k in core if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or mismatched:
