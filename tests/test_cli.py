@@ -71,6 +71,21 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
 
 
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, capsys):
+    # A config and a data folder kept inside an earlier run folder survive train --overwrite.
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text('{"state": "completed"}')
+    (run / "data").mkdir()
+    (run / "data" / "scan.png").write_bytes(b"pixels")
+    cfg = _classification_config(tmp_path, run / "data")
+    inside = run / "edited.yaml"
+    inside.write_text(cfg.read_text())
+    assert main(["train", str(inside), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert (run / "data" / "scan.png").read_bytes() == b"pixels" and inside.is_file()
+
+
 def test_resume_rejects_config_and_missing_folder(tmp_path):
     cfg = _classification_config(tmp_path, tmp_path / "data")
     assert main(["train", str(cfg), "--resume", str(tmp_path / "runs" / "r")]) == 2

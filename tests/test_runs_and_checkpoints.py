@@ -59,6 +59,18 @@ def test_completed_run_is_marked_completed(tmp_path):
     assert run.read_status()["state"] == "completed"
 
 
+def test_a_resumed_run_that_completes_drops_the_old_error(tmp_path):
+    run = create_run_dir(tmp_path, "exp")
+    with pytest.raises(RuntimeError), track_run(run):
+        raise RuntimeError("out of memory")
+    assert run.read_status()["state"] == "failed" and "traceback" in run.read_status()
+    with track_run(run):  # the resumed run, this time to the end
+        pass
+    status = run.read_status()
+    assert status["state"] == "completed"
+    assert "error" not in status and "traceback" not in status
+
+
 def test_open_run_dir_requires_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not found"):
         open_run_dir(tmp_path / "missing")

@@ -55,6 +55,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_in_session(args, cfg)
 
 
+def _input_paths(cfg: Any) -> list[Path]:
+    """Existing files and folders the config's ``data`` and ``model`` sections name."""
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value and Path(value).exists():
+            found.append(Path(value))
+
+    for section in ("data", "model"):
+        walk(getattr(cfg, section).model_dump())
+    return found
+
+
 def _train_device(name: str) -> str:
     from fewlabel.utils.runtime import select_device
 
@@ -80,7 +99,13 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
             if args.resume:
                 run = open_run_dir(args.resume)
             else:
-                run = create_run_dir(cfg.run.output_dir, cfg.run.name, Path(args.config).stem, args.overwrite)
+                run = create_run_dir(
+                    cfg.run.output_dir,
+                    cfg.run.name,
+                    Path(args.config).stem,
+                    args.overwrite,
+                    inputs=[Path(args.config), *_input_paths(cfg)],
+                )
                 dump_config(cfg, run.config_file)
             outcome = f"ok:{run.path}"
         except FewLabelError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,6 +55,10 @@ class RunDir:
             **extra: more JSON-serialisable fields (error message, report path...).
         """
         status = self.read_status()
+        if state != "failed":
+            # A resumed run that goes on is no longer failed: its old error must not linger.
+            status.pop("error", None)
+            status.pop("traceback", None)
         status.update(extra)
         status["state"] = state
         status["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -61,7 +66,11 @@ class RunDir:
 
 
 def create_run_dir(
-    output_dir: str | Path, name: str | None, stem: str = "run", overwrite: bool = False
+    output_dir: str | Path,
+    name: str | None,
+    stem: str = "run",
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> RunDir:
     """Create a fresh run folder.
 
@@ -69,13 +78,16 @@ def create_run_dir(
         output_dir: parent folder.
         name: folder name; ``None`` makes ``<stem>-<YYYYmmdd-HHMMSS>``.
         stem: prefix of generated names.
-        overwrite: allow reusing an existing folder (its old files are removed).
+        overwrite: allow reusing an existing run folder (its old files are removed).
+        inputs: files and folders the run reads (config, data, weights); a folder holding
+            one of them is never removed.
 
     Returns:
         The new run folder.
 
     Raises:
-        RunDirError: if the folder exists and ``overwrite`` is false.
+        RunDirError: if the folder exists and ``overwrite`` is false, or it is not a run folder
+            or holds one of ``inputs``.
     """
     output_dir = Path(output_dir)
     if name is None:
@@ -89,7 +101,7 @@ def create_run_dir(
             )
         import shutil
 
-        check_replaceable(path, markers=(STATUS_FILE, CONFIG_FILE))
+        check_replaceable(path, inputs, markers=(STATUS_FILE, CONFIG_FILE))
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return RunDir(path)
