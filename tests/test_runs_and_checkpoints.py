@@ -11,6 +11,7 @@ import torch
 
 from fewlabel import __version__
 from fewlabel.engines.checkpoint import (
+    export_paths,
     export_safetensors,
     load_checkpoint,
     load_state_dict_file,
@@ -118,6 +119,26 @@ def test_safetensors_export_and_reload(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["classes"] == ["x", "y", "z"]
     again = load_state_dict_file(out)
     assert torch.equal(again["layer.weight"], sd["layer.weight"])
+
+
+def test_export_keeps_dotted_names_and_refuses_to_replace_a_sidecar(tmp_path, capsys):
+    from fewlabel.cli import main
+
+    assert [p.name for p in export_paths(tmp_path / "grading-v1.2")] == [
+        "grading-v1.2.safetensors",
+        "grading-v1.2.json",
+    ]
+    assert [p.name for p in export_paths(tmp_path / "m.safetensors")] == ["m.safetensors", "m.json"]
+    ckpt = save_checkpoint(
+        {"model": {"w": torch.zeros(2)}, "meta": {"classes": ["a", "b"]}}, tmp_path / "best.pt"
+    )
+    (tmp_path / "shared.json").write_text("notes of a colleague")
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "shared")]) == 2
+    assert "shared.json: exists already" in capsys.readouterr().err
+    assert (tmp_path / "shared.json").read_text() == "notes of a colleague"
+    assert not (tmp_path / "shared.safetensors").exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "model-1.0")]) == 0
+    assert (tmp_path / "model-1.0.safetensors").is_file() and (tmp_path / "model-1.0.json").is_file()
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):

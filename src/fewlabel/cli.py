@@ -227,16 +227,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fewlabel.engines.checkpoint import export_safetensors, load_checkpoint
+    from fewlabel.engines.checkpoint import export_paths, export_safetensors, load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     if "model" not in ckpt:
         raise FewLabelError(f"{args.checkpoint}: holds no model weights")
     out = Path(args.output)
-    if out.with_suffix(".safetensors").exists() and not args.overwrite:
-        raise FewLabelError(
-            f"{out.with_suffix('.safetensors')}: exists already; pass --overwrite to replace it"
-        )
+    existing = [p for p in export_paths(out) if p.exists()]
+    if existing and not args.overwrite:
+        raise FewLabelError(f"{existing[0]}: exists already; pass --overwrite to replace it")
     path = export_safetensors(ckpt["model"], ckpt.get("meta", {}), out)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0

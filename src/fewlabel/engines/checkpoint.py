@@ -185,6 +185,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def export_paths(path: str | Path) -> tuple[Path, Path]:
+    """The weights and metadata files an export to ``path`` writes.
+
+    ``.safetensors`` is appended unless ``path`` already ends in it, so dotted names such as
+    ``grading-v1.2`` keep every character.
+
+    Args:
+        path: destination, with or without the ``.safetensors`` suffix.
+
+    Returns:
+        ``(<stem>.safetensors, <stem>.json)``.
+    """
+    path = Path(path)
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return path.with_name(stem + ".safetensors"), path.with_name(stem + ".json")
+
+
 def export_safetensors(
     state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | Path
 ) -> Path:
@@ -193,17 +210,15 @@ def export_safetensors(
     Args:
         state_dict: model weights.
         metadata: JSON-serialisable description (class names, input size, normalisation, config).
-        path: destination, with or without the ``.safetensors`` suffix.
+        path: destination, with or without the ``.safetensors`` suffix (see :func:`export_paths`).
 
     Returns:
         The path of the safetensors file.
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
+    weights, sidecar = export_paths(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
-    atomic_write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2, default=str))
-    return path
+    atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    atomic_write_text(sidecar, json.dumps(metadata, indent=2, default=str))
+    return weights
