@@ -74,6 +74,24 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("task: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("task: classification\ndata: {path: r\xe9tine}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8"):
+        load_config(latin1)
+
+
+def test_text_keys_keep_override_text_as_typed(tmp_path):
+    # YAML would read these as a number, a date and booleans; the keys hold text.
+    path = _write(tmp_path, {"task": "classification", "data": {"path": "x", "classes": [0, 1, 2]}})
+    assert load_config(path).data.classes == ["0", "1", "2"]
+    cfg = load_config(path, ["run.name=001", "data.classes=[background, no, yes]", "data.path=2024-01-01"])
+    assert cfg.run.name == "001"
+    assert cfg.data.classes == ["background", "no", "yes"]
+    assert cfg.data.path == "2024-01-01"
+    assert load_config(path, ["run.name=null"]).run.name is None
+    # Keys that hold numbers or switches still read YAML's types.
+    cfg = load_config(path, ["train.amp=false", "train.lr_head=1e-3", "train.max_epochs=7"])
+    assert cfg.train.amp is False and cfg.train.lr_head == 1e-3 and cfg.train.max_epochs == 7
 
 
 def test_override_syntax_errors():

@@ -7,11 +7,13 @@ Every error names the offending key.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from fewlabel.config.classification import ClassificationExperiment
 from fewlabel.config.segmentation import SegmentationExperiment
@@ -22,6 +24,10 @@ ExperimentConfig = Annotated[
     Field(discriminator="task"),
 ]
 _ADAPTER: TypeAdapter = TypeAdapter(ExperimentConfig)
+_EXPERIMENTS: dict[str, type[BaseModel]] = {
+    "classification": ClassificationExperiment,
+    "segmentation": SegmentationExperiment,
+}
 
 __all__ = [
     "ClassificationExperiment",
@@ -52,6 +58,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -105,7 +115,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not all(keys):
             raise ConfigError(f"override {item!r}: empty key segment")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _parse_value(text, _text_field(raw.get("task"), keys))
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
         node = out
@@ -118,6 +128,43 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[keys[-1]] = value
     return out
+
+
+def _parse_value(text: str, as_text: bool) -> Any:
+    """An override's value: YAML, but all scalars stay text where the key holds text.
+
+    ``run.name=001`` must stay ``"001"`` and ``data.classes=[no, yes]`` must not become booleans,
+    which YAML's own typing would make of them.
+    """
+    if not text.strip() or text.strip() in ("null", "~"):
+        return None
+    return yaml.load(text, Loader=yaml.BaseLoader) if as_text else yaml.safe_load(text)
+
+
+def _text_field(task: Any, keys: list[str]) -> bool:
+    """Whether the dotted key names a text field (or a list of text) of the task's schema."""
+    model: Any = _EXPERIMENTS.get(task) if isinstance(task, str) else None
+    for i, key in enumerate(keys):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return False
+        annotation = model.model_fields[key].annotation
+        if i < len(keys) - 1:
+            model = next(
+                (a for a in _members(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None
+            )
+    members = _members(annotation)
+    if str in members:
+        return True
+    return any(
+        typing.get_origin(m) in (list, tuple) and set(typing.get_args(m)) <= {str, Ellipsis} for m in members
+    )
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of a union annotation (``str | None`` -> ``[str, NoneType]``), or itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return list(typing.get_args(annotation))
+    return [annotation]
 
 
 def dump_config(cfg, path: str | Path) -> None:

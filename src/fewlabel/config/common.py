@@ -8,9 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, values are validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    Numbers are accepted where text is expected, because YAML reads unquoted names such as the
+    grade folders ``0`` to ``4`` as integers.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
 
 
 class RunConfig(StrictModel):
