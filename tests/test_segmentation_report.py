@@ -172,6 +172,16 @@ def test_evaluate_png_masks_with_merged_class_and_images(tmp_path):
     assert (tmp_path / "out" / "overlay_worst.png").is_file()
 
 
+def test_dollar_signs_in_case_and_class_names_are_drawn_as_text(tmp_path):
+    # Matplotlib reads text between two "$" as mathtext; "$^$" would not even render.
+    pred, gt = _volume_pair()
+    for folder, mask in (("pred", pred), ("gt", gt)):
+        (tmp_path / folder).mkdir()
+        _save_nifti(tmp_path / folder / "scan$^$01.nii.gz", mask)
+    result = evaluate_masks(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=["bg", "GGO $x$"])
+    assert result["report"].is_file() and (tmp_path / "out" / "overlay_best.png").is_file()
+
+
 def test_unmatched_files_are_listed(tmp_path):
     pred_dir, gt_dir = _nifti_folders(tmp_path)
     _save_nifti(pred_dir / "extra_pred.nii.gz", np.zeros((4, 4, 3)))

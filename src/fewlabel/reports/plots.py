@@ -7,22 +7,43 @@ from worker threads, and no window ever opens. Every PNG is written atomically.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 from fewlabel.utils.files import atomic_write
 
 __all__ = [
+    "plain_text",
     "plot_confusion_matrix",
     "plot_image_gallery",
     "plot_learning_curves",
     "plot_roc_curves",
     "save_figure",
 ]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def plain_text(plot: _F) -> _F:
+    """Draw every text of ``plot``'s figure literally.
+
+    Titles, captions and tick labels carry file and class names; matplotlib would read text
+    between two ``$`` signs as mathtext, drop the signs or fail to save the figure.
+    """
+
+    @functools.wraps(plot)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
@@ -40,6 +61,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
 
 
+@plain_text
 def plot_confusion_matrix(
     cm: Sequence[Sequence[int]] | np.ndarray,
     classes: Sequence[str],
@@ -82,6 +104,7 @@ def plot_confusion_matrix(
     return save_figure(fig, path)
 
 
+@plain_text
 def plot_roc_curves(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
@@ -129,6 +152,7 @@ def plot_roc_curves(
     return save_figure(fig, path)
 
 
+@plain_text
 def plot_learning_curves(
     history: Sequence[Mapping[str, float | None]], path: str | Path, x: str = "epoch"
 ) -> Path:
@@ -179,6 +203,7 @@ def plot_learning_curves(
     return save_figure(fig, path)
 
 
+@plain_text
 def plot_image_gallery(
     images: Sequence[np.ndarray],
     captions: Sequence[str],

@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 
 from fewlabel.metrics.segmentation import CaseResult, case_foreground_score, rank_cases, summarize
 from fewlabel.reports import html as H
-from fewlabel.reports.plots import save_figure
+from fewlabel.reports.plots import plain_text, save_figure
 from fewlabel.utils.files import atomic_write_text
 
 __all__ = [
@@ -189,6 +189,7 @@ def summary_json(
     return _json_ready(out)
 
 
+@plain_text
 def plot_metric_boxplot(
     cases: Sequence[CaseResult], metric: str, classes: Sequence[str], path: str | Path
 ) -> Path:
@@ -257,6 +258,7 @@ def overlay_slice(gt: np.ndarray, pred: np.ndarray, axis: int = 2) -> int:
     return gt.shape[axis] // 2
 
 
+@plain_text
 def plot_overlay(
     image: np.ndarray | None,
     gt: np.ndarray,
