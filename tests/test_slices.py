@@ -164,6 +164,28 @@ def test_build_training_dataset_modes(synthetic: Path) -> None:
         build_training_dataset(dl.train, _cfg(synthetic, mode="3d", patch_size=[8, 4, 4]), train=True)
 
 
+def test_quarter_turns_of_non_square_slices_are_refused_before_training(synthetic: Path) -> None:
+    # Sagittal slices of these volumes are 16 x 6: odd quarter turns would make 6 x 16 ones,
+    # and a batch mixing the two fails at a random iteration.
+    def cfg(axis: int, **augment: bool) -> object:
+        raw = {
+            "task": "segmentation",
+            "data": {"path": str(synthetic), "val_fraction": 0.0},
+            "input": {"mode": "2d", "axis": axis},
+            "augment": augment,
+        }
+        return parse_config(raw)
+
+    dl = build_datalist(cfg(0).data, seed=0)
+    with pytest.raises(ConfigError, match=r"augment.rotate90 .* 16x6"):
+        build_training_dataset(dl.train, cfg(0), train=True, classes=dl.classes)
+    assert (
+        len(build_training_dataset(dl.train, cfg(0, rotate90=False), train=True, classes=dl.classes))
+        == 3 * 16
+    )
+    assert len(build_training_dataset(dl.train, cfg(2), train=True, classes=dl.classes)) == 3 * 6
+
+
 def test_2d_images_only_take_2d_mode(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / "d" / "images").mkdir(parents=True, exist_ok=True)

@@ -290,6 +290,27 @@ class SliceDataset(torch.utils.data.Dataset):
         return sample
 
 
+def _check_square_slices(volumes: Sequence[Mapping[str, Any]], axis: int) -> None:
+    """Refuse quarter turns of non-square slices, which would batch H x W with W x H.
+
+    Raises:
+        ConfigError: naming the first study whose slices are not square.
+    """
+    for item in volumes:
+        image = _plain(item["image"])
+        plane = (
+            tuple(image.shape[1:])
+            if image.ndim == 3
+            else tuple(s for a, s in enumerate(image.shape[1:]) if a != axis)
+        )
+        if plane[0] != plane[1]:
+            raise ConfigError(
+                f"augment.rotate90 turns slices by quarter turns, but the slices of {_source(item)} are "
+                f"{plane[0]}x{plane[1]}: odd turns would batch them with {plane[1]}x{plane[0]} ones; set "
+                "preprocess.slice_size to a square size, augment.rotate90: false, or train.batch_size: 1"
+            )
+
+
 def _source(item: Mapping[str, Any]) -> Any:
     image = item.get("image")
     meta = getattr(image, "meta", None)
@@ -538,6 +559,10 @@ def build_training_dataset(
     volumes = build_volume_dataset(
         recs, cfg, with_label=labeled, classes=classes, cache=cache, label_dtype=compact
     )
+    if rotate and size is None and cfg.train.batch_size > 1:
+        # Volumes stay in memory, so all are checked; 2D images of one batch share one size,
+        # so the first stands for the rest.
+        _check_square_slices(volumes if spatial_dims == 3 else [volumes[0]] if len(volumes) else [], inp.axis)
     aug = build_train_augmentation(cfg.augment, 2) if train else None
     return SliceDataset(
         volumes,
