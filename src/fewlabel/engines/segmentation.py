@@ -185,7 +185,10 @@ def validate_segmentation(
     is compared with the label by :func:`fewlabel.metrics.segmentation.evaluate_case` (the
     same "dice" as the final report: mean slice Dice for volumes, image Dice for 2D), class
     values are averaged over studies ignoring NaN (class absent from both), and
-    ``mean_fg_dice`` averages the foreground classes.
+    ``mean_fg_dice`` averages the foreground classes. Scores are taken on the preprocessed
+    grid: mapping every prediction back to the source grid, as the report does, would cost an
+    inversion per study and validation. With resampling or a foreground crop the values
+    therefore differ a little from the report's; they rank models alike.
 
     Args:
         net: the network.
