@@ -188,7 +188,7 @@ def validate_segmentation(
     ``mean_fg_dice`` averages the foreground classes. Scores are taken on the preprocessed
     grid: mapping every prediction back to the source grid, as the report does, would cost an
     inversion per study and validation. With resampling or a foreground crop the values
-    therefore differ a little from the report's; they rank models alike.
+    therefore differ a little from the report's; they serve to compare models with each other.
 
     Args:
         net: the network.
