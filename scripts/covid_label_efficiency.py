@@ -43,6 +43,11 @@ ARMS = {
 PUBLISHED = {"Semi-Inf-Net (50 + 1600)": {"infection": 0.739, "ggo": 0.646, "consolidation": 0.362}}
 
 
+# An arm's wall time (data checks, training and test evaluation; history.csv's per-epoch
+# seconds cover the training alone), written by run_arm into the run folder.
+_WALL_TIME = "study_minutes.json"
+
+
 def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None = None) -> dict:
     """Read one finished arm's test Dice from its run folder.
 
@@ -50,14 +55,18 @@ def read_arm(name: str, seed: int, output_dir: str | Path, minutes: float | None
         name: arm name (key of ``ARMS``).
         seed: run seed.
         output_dir: the study's output folder.
-        minutes: wall time of the arm, when known.
+        minutes: wall time of the arm; by default the time :func:`run_arm` recorded in the run
+            folder (``None`` for runs trained otherwise).
 
     Returns:
         Dice per class (GGO, consolidation, infection), infection precision and sensitivity
         (``None`` for runs scored before fewlabel reported them) and the arm's settings.
     """
     arm = ARMS[name]
-    summary = json.loads((Path(output_dir) / f"{name}-seed{seed}" / "eval" / "summary.json").read_text())
+    run = Path(output_dir) / f"{name}-seed{seed}"
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    if minutes is None and (run / _WALL_TIME).is_file():
+        minutes = json.loads((run / _WALL_TIME).read_text())["minutes"]
     dice = {
         cls: summary["mean"][idx]["Dice"]
         for idx, cls in (("1", "ggo"), ("2", "consolidation"), ("3", "infection"))
@@ -118,6 +127,10 @@ def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
     minutes = (time.perf_counter() - start) / 60
     if status != 0:
         raise SystemExit(f"arm {name} failed (exit {status})")
+    # Kept with the run, so that --collect can tabulate it later.
+    atomic_write_text(
+        Path(args.output_dir) / run_name / _WALL_TIME, json.dumps({"minutes": round(minutes, 2)})
+    )
     return read_arm(name, seed, args.output_dir, round(minutes, 2))
 
 
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         help="train nothing: tabulate and plot the arms already in --output-dir",
     )
     args = parser.parse_args(argv)
-    if not Path(args.data).is_dir():
+    if not args.collect and not Path(args.data).is_dir():
         print(f"COVID-SemiSeg not found at {args.data}", file=sys.stderr)
         return 2
     out = Path(args.output_dir)
@@ -187,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in args.seeds:
         for name in args.arms:
-            results.append(read_arm(name, seed, out) if args.collect else run_arm(name, seed, args))
-            atomic_write_text(
-                out / "study.json", json.dumps({"settings": vars(args), "results": results}, indent=2)
-            )
+            result = read_arm(name, seed, out) if args.collect else run_arm(name, seed, args)
+            results.append(_record(out / "study.json", vars(args), result))
     plot(results, out / "dice_vs_labels.png")
     print(
         "\n| arm | labelled | seed | infection | GGO | consolidation "
@@ -208,6 +219,29 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – | – | – |"
         )
     return 0
+
+
+def _record(path: Path, settings: dict, result: dict) -> dict:
+    """Add one arm's result to ``study.json``, keeping the arms other invocations wrote there.
+
+    Two processes of one study (side by side, one per core) share the file; each replaces
+    only its own (arm, seed) rows.
+
+    Returns:
+        The row as stored (with the recorded wall time when ``result`` has none).
+    """
+    study = json.loads(path.read_text()) if path.is_file() else {"settings": [], "results": []}
+    if isinstance(study.get("settings"), dict):  # files written before settings were a list
+        study["settings"] = [study["settings"]]
+    key = (result["arm"], result["seed"])
+    old = [r for r in study.get("results", []) if (r["arm"], r["seed"]) == key]
+    if result.get("minutes") is None and old and old[0].get("minutes") is not None:
+        result = {**result, "minutes": old[0]["minutes"]}  # --collect keeps the recorded time
+    rows = [r for r in study.get("results", []) if (r["arm"], r["seed"]) != key] + [result]
+    entries = [s for s in study["settings"] if s != settings] + [settings]
+    rows.sort(key=lambda r: (r["seed"], list(ARMS).index(r["arm"]) if r["arm"] in ARMS else 0))
+    atomic_write_text(path, json.dumps({"settings": entries, "results": rows}, indent=2))
+    return result
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
