@@ -202,6 +202,29 @@ def test_loss_config_reaches_the_loss():
     per_sample = build_loss(SegmentationLoss(include_background=True, ce_weight=0.5))(logits, labels)
     assert per_sample.item() != pytest.approx(expected.item(), rel=1e-6)
     with_soft = build_loss(SegmentationLoss(soft_dice_weight=0.25))(logits, labels)
-    expected_soft = ContinuousDiceLoss(soft_dice_weight=0.25)(logits, labels)
+    expected_soft = ContinuousDiceLoss(soft_dice_weight=0.25, ce_weight=1.0)(logits, labels)
     assert with_soft.item() == pytest.approx(expected_soft.item(), rel=1e-6)
     assert with_soft.item() != pytest.approx(build_loss(SegmentationLoss())(logits, labels).item(), rel=1e-6)
+
+
+def test_a_lesion_free_sample_needs_the_cross_entropy_to_penalise_false_positives():
+    # Per sample, a class absent from the ground truth gives cDC near 0 for any softmax output,
+    # so the Dice term neither ranks faint against strong false positives nor pushes them down.
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    faint, strong = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    faint[:, 0], strong[:, 1] = 5.0, 5.0
+    dice_only = ContinuousDiceLoss()
+    assert dice_only(faint, target).item() == pytest.approx(1.0, abs=1e-3)
+    assert dice_only(strong, target).item() == pytest.approx(1.0, abs=1e-3)
+    logits = strong.clone().requires_grad_(True)
+    dice_only(logits, target).backward()
+    assert logits.grad.abs().max() < 1e-6
+    logits.grad = None
+    ContinuousDiceLoss(ce_weight=1.0)(logits, target).backward()
+    assert logits.grad.abs().max() > 1e-3
+
+
+def test_the_config_default_keeps_the_cross_entropy():
+    from fewlabel.config.segmentation import SegmentationLoss
+
+    assert SegmentationLoss().ce_weight == 1.0

@@ -136,7 +136,9 @@ class SegmentationLoss(StrictModel):
 
     Attributes:
         include_background: count the background class in the Dice term.
-        ce_weight: weight of the cross-entropy term (0 disables it).
+        ce_weight: weight of the cross-entropy term (0 disables it). On by default: on a slice or
+            patch without lesion a per-sample Dice term is about 1 whatever the prediction, so
+            only the cross-entropy teaches the network to leave such samples empty.
         soft_dice_weight: weight of a soft-Dice term (``monai.losses.DiceLoss``) beside the
             continuous Dice (0 disables it); continuous Dice ignores confidence on the true
             region, soft Dice rewards it, which helps large faint lesions.
@@ -146,7 +148,7 @@ class SegmentationLoss(StrictModel):
     """
 
     include_background: bool = False
-    ce_weight: float = Field(0.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)
     soft_dice_weight: float = Field(0.0, ge=0.0)
     batch: bool = False
 

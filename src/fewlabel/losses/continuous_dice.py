@@ -33,6 +33,10 @@ def continuous_dice(a: Tensor, b: Tensor, dims: int | Sequence[int], eps: float 
     ``eps`` is added to numerator and denominator, so a class that is empty in both the
     ground truth and the prediction scores 1 (nothing to find, nothing found) with finite
     gradients, while an empty ground truth with a non-zero prediction scores close to 0.
+    Softmax probabilities are never exactly 0, so on a sample without the class the
+    coefficient stays near 0 however small the prediction, and its gradient vanishes: such
+    samples need another term (cross-entropy, or ``batch`` pooling) to penalise false
+    positives.
 
     Args:
         a: binary ground truth (0/1 values, any float or integer dtype).
@@ -94,7 +98,9 @@ class ContinuousDiceLoss(nn.Module):
         batch: pool the whole batch before computing cDC per class, as ``monai.losses.DiceLoss(batch=True)``;
             otherwise cDC is computed per sample and class, then averaged.
         eps: smoothing of :func:`continuous_dice`; an empty class in both ground truth and
-            prediction gives cDC = 1, i.e. zero loss.
+            (binary) prediction gives cDC = 1, i.e. zero loss. Softmax outputs are never empty,
+            so per sample a class absent from the ground truth gives a loss near 1 with almost
+            no gradient; ``ce_weight`` or ``batch`` supplies the false-positive signal there.
 
     Raises:
         ValueError: on an unknown ``reduction``, negative ``ce_weight``, or ``reduction="none"``
