@@ -92,6 +92,27 @@ def test_resume_rejects_config_and_missing_folder(tmp_path):
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["train", "--resume", "RUN", "--output-dir", "elsewhere"], "--output-dir"),
+        (["train", "--resume", "RUN", "--overwrite"], "--overwrite"),
+        (
+            ["evaluate", "--pred", "P", "--gt", "G", "--checkpoint", "best.pt", "--output", "O"],
+            "--checkpoint",
+        ),
+        (["evaluate", "--pred", "P", "--gt", "G", "--split", "all", "--output", "O"], "--split"),
+        (["evaluate", "--checkpoint", "best.pt", "--classes", "bg", "lesion", "--output", "O"], "--classes"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv, named):
+    argv = [str(tmp_path / a) if a in ("RUN", "P", "G", "O", "best.pt", "elsewhere") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_evaluate_and_predict_need_a_readable_checkpoint(tmp_path, capsys):
     missing = tmp_path / "missing.pt"
     assert main(["evaluate", "--checkpoint", str(missing), "--output", str(tmp_path / "ev")]) == 2

@@ -36,9 +36,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fewlabel.utils.distributed import distributed_session
 
     if args.resume:
-        if args.config or args.set:
+        if args.config or args.set or args.output_dir or args.overwrite:
             raise FewLabelError(
-                "--resume continues a run with its saved config; do not pass a config or --set"
+                "--resume continues a run in its own folder with its saved config; do not pass a "
+                "config, --set, --output-dir or --overwrite"
             )
         from fewlabel.runs import open_run_dir
 
@@ -141,6 +142,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pred or args.gt:
         if not (args.pred and args.gt):
             raise FewLabelError("evaluate --pred DIR needs --gt DIR too (and the reverse)")
+        # Options of the model evaluation would be ignored here; say so instead.
+        given = [
+            flag
+            for flag, value in (("--checkpoint", args.checkpoint), ("--data", args.data), ("--set", args.set))
+            if value
+        ]
+        if args.split != "test":
+            given.append("--split")
+        if given:
+            raise FewLabelError(
+                f"evaluate --pred/--gt scores masks on disk; {', '.join(given)} belong to --checkpoint evaluation"
+            )
         from fewlabel.pipelines.mask_evaluation import evaluate_masks
 
         result = evaluate_masks(
@@ -155,6 +168,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint:
             raise FewLabelError("evaluate needs --checkpoint CKPT (or --pred DIR --gt DIR)")
+        given = [
+            flag
+            for flag, value in (
+                ("--classes", args.classes),
+                ("--images", args.images),
+                ("--merge", args.merge),
+            )
+            if value
+        ]
+        if given:
+            raise FewLabelError(
+                f"{', '.join(given)} belong to --pred/--gt evaluation; a checkpoint brings its own classes "
+                "(use --set eval.merge=... for merged classes)"
+            )
         from fewlabel.engines.checkpoint import load_checkpoint
 
         task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
