@@ -302,6 +302,23 @@ def test_resume_continues_after_a_crash(tmp_path, fundus, monkeypatch):
     assert (run / "eval" / "report.html").is_file()
 
 
+def test_a_diverged_loss_stops_training_with_advice(tmp_path, fundus, monkeypatch, capsys):
+    from fewlabel.engines import classification as engine
+
+    real = engine._criterion
+
+    def diverging(*args, **kwargs):
+        criterion = real(*args, **kwargs)
+        return lambda logits, aux, y: criterion(logits, aux, y) * float("nan")
+
+    monkeypatch.setattr(engine, "_criterion", diverging)
+    cfg = _write_config(tmp_path / "nan.yaml", fundus, train={"max_epochs": 1})
+    assert main(["train", str(cfg), "--set", "run.name=nan"]) == 2
+    err = capsys.readouterr().err
+    assert "training loss became nan at iteration 1" in err and "train.lr_head" in err
+    assert json.loads((tmp_path / "runs" / "nan" / "status.json").read_text())["state"] == "failed"
+
+
 def _fake_checkpoint(tmp_path: Path, data: Path) -> Path:
     """A checkpoint of an untrained model: enough to test evaluate/predict input checks."""
     from fewlabel.engines.classification_eval import checkpoint_meta

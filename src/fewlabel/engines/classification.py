@@ -57,7 +57,7 @@ from fewlabel.engines.classification_eval import (
     rank_shard,
 )
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
-from fewlabel.errors import CheckpointError, ConfigError
+from fewlabel.errors import CheckpointError, ConfigError, FewLabelError
 from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
 from fewlabel.runs import RunDir
 from fewlabel.transforms.mixup import mixup_batch
@@ -470,6 +470,22 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
     return train_loader, val_loader
 
 
+def _finite_loss(loss: torch.Tensor, engine: Engine, cfg: ClassificationExperiment) -> float:
+    """The step's loss as a float; a NaN or infinite loss stops training with advice.
+
+    Raises:
+        FewLabelError: when the loss is not finite (diverged rates, or broken images).
+    """
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FewLabelError(
+            f"the training loss became {value} at iteration {engine.state.iteration}; lower "
+            f"train.lr_head / train.lr_backbone (now {cfg.train.lr_head} / {cfg.train.lr_backbone}) "
+            "or check the images"
+        )
+    return value
+
+
 def _criterion(ctx: _Context, labels: Sequence[int], aux_weight: float) -> AuxiliaryLoss:
     weight = None
     if ctx.cfg.data.class_balance == "weighted_loss":
@@ -509,7 +525,7 @@ def _run_finetune_stage(ctx: _Context, dataset: Any, epoch_offset: int, state: d
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return {"loss": float(loss.detach())}
+        return {"loss": _finite_loss(loss, engine, cfg)}
 
     evaluator = create_evaluator(model, device, amp=ctx.amp) if val_loader is not None else None
     _run_stage(
@@ -611,7 +627,7 @@ def _run_bottleneck_stage(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return {"loss": float(loss.detach())}
+        return {"loss": _finite_loss(loss, engine, cfg)}
 
     _run_stage(
         ctx,
