@@ -237,6 +237,17 @@ def dicom_sheared_stack(inp: Path, out: Path) -> Case:
     )
 
 
+def dicom_mixed_pixel_spacing(inp: Path, out: Path) -> Case:
+    write_dicom_series(inp / "series", n=5)
+    odd = sorted((inp / "series").glob("*.dcm"))[2]
+    ds = pydicom.dcmread(odd)
+    ds.PixelSpacing = [0.9, 0.9]
+    ds.save_as(odd, enforce_file_format=True)
+    return Case(
+        _convert(inp / "series", out), [str(inp / "series")], r"differ in size or pixel spacing", "file"
+    )
+
+
 def dicom_mixed_series(inp: Path, out: Path) -> Case:
     uid_a = write_dicom_series(inp / "mixed", description="lung kernel")
     uid_b = write_dicom_series(inp / "mixed" / "extra", n=3, description="soft tissue")
@@ -547,6 +558,7 @@ CATALOGUE: list = [
     pytest.param(dicom_missing_slice, id="dicom-missing-slice"),
     pytest.param(dicom_irregular_spacing, id="dicom-irregular-spacing"),
     pytest.param(dicom_sheared_stack, id="dicom-sheared-stack"),
+    pytest.param(dicom_mixed_pixel_spacing, id="dicom-mixed-pixel-spacing"),
     pytest.param(dicom_mixed_series, id="dicom-mixed-series"),
     pytest.param(dicom_none_in_folder, id="dicom-no-dicom-files"),
     pytest.param(dicom_folder_not_found, id="dicom-folder-not-found"),

@@ -81,6 +81,9 @@ _GEOMETRY_TAGS = [
     "ImagePositionPatient",
     "ImageOrientationPatient",
     "InstanceNumber",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
 ]
 # Read only with include_identifiers=True.
 _IDENTIFYING_TAGS = [
@@ -467,6 +470,8 @@ class _DicomSlice:
     position: np.ndarray | None
     orientation: np.ndarray | None
     instance: int | None
+    # (Rows, Columns, row spacing, column spacing): one value for a whole volume.
+    grid: tuple = ()
 
 
 def looks_like_dicom(path: str | Path) -> bool:
@@ -545,6 +550,11 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
                 position=None if pos is None else np.asarray([float(v) for v in pos]),
                 orientation=None if ori is None else np.asarray([float(v) for v in ori]),
                 instance=None if inst is None or inst == "" else int(inst),
+                grid=(
+                    getattr(ds, "Rows", None),
+                    getattr(ds, "Columns", None),
+                    *(round(float(v), 6) for v in (getattr(ds, "PixelSpacing", None) or ())),
+                ),
             )
         )
     return series
@@ -596,6 +606,13 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
     ori = slices[0].orientation
     if any(np.abs(s.orientation - ori).max() > 1e-3 for s in slices):
         raise DataError(folder, "slices of the series have different ImageOrientationPatient; not one volume")
+    odd = next((s for s in slices if s.grid != slices[0].grid), None)
+    if odd is not None:
+        raise DataError(
+            folder,
+            f"slices of the series differ in size or pixel spacing ({slices[0].path.name}: rows, columns, "
+            f"spacing {slices[0].grid}; {odd.path.name}: {odd.grid}); not one volume",
+        )
     normal = np.cross(ori[:3], ori[3:])
     dist = np.array([float(np.dot(s.position, normal)) for s in slices])
     order = np.argsort(dist, kind="stable")
