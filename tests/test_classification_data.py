@@ -168,6 +168,11 @@ def test_csv_names_and_integer_labels(tmp_path):
     records, classes = load_records(named, classes=["none", "mild", "severe"])
     assert [r["label"] for r in records] == [1, 2, 2]
 
+    # Numbered classes are names, not positions: "0" is not the first of ["1", "2", "3"].
+    numbered = _csv(tmp_path, "image,label\nimg/a.png,1\nimg/b.png,3\nimg/c.png,0\n")
+    with pytest.raises(DataError, match="row 4: label '0' is not in the class list"):
+        load_records(numbered, classes=["1", "2", "3"])
+
 
 def test_csv_image_root(tmp_path):
     _png(tmp_path / "images" / "x.png")

@@ -247,6 +247,9 @@ def _load_csv(
         else:
             classes = sorted(set(raw_labels))
     index = {name: i for i, name in enumerate(classes)}
+    # Labels may be class indices, unless the class names are numbers themselves: with classes
+    # ["1", "2", "3"] a label "0" is an error, not the first class.
+    by_position = not any(_parse_int(name) is not None for name in classes)
 
     records: list[dict] = []
     channels: list[int] = []
@@ -255,7 +258,7 @@ def _load_csv(
         lab = row["label"]
         if lab in index:
             label = index[lab]
-        elif (i := _parse_int(lab)) is not None and 0 <= i < len(classes):
+        elif by_position and (i := _parse_int(lab)) is not None and 0 <= i < len(classes):
             label = i
         else:
             raise DataError(csv_path, f"row {line}: label '{lab}' is not in the class list {classes}")
