@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -553,3 +554,12 @@ def test_mask_and_model_evaluation_take_slice_dice_over_the_same_axial_slices(tm
     # Axial slices 1-4 score 2/17, 1, 1, 1; sliced along another axis the mean would differ.
     assert dice[0] == pytest.approx((2 / 17 + 3) / 4)
     assert dice[1] == pytest.approx(dice[0])
+
+
+def test_model_selection_prefers_no_false_positives_on_lesion_free_validation():
+    # With no foreground in any validation label, a model that predicts none scores NaN
+    # (nothing to find, nothing found) and one with false positives scores 0.
+    from fewlabel.engines.segmentation import _orderable
+
+    assert _orderable(math.nan) > _orderable(0.0)
+    assert _orderable(0.9) < _orderable(math.nan) and _orderable(None) < _orderable(0.0)

@@ -633,6 +633,9 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else math.nan
 
 
-def _orderable(value: float) -> float:
-    # NaN (no foreground anywhere) ranks below every real score.
-    return -math.inf if value is None or math.isnan(value) else float(value)
+def _orderable(value: float | None) -> float:
+    # NaN means that neither the labels nor the prediction hold any foreground: nothing to find
+    # and nothing falsely found, which ranks as a perfect score (a false positive scores 0).
+    if value is None:
+        return -math.inf
+    return 1.0 if math.isnan(value) else float(value)
