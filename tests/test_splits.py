@@ -79,7 +79,7 @@ def test_ungrouped_split_is_stratified():
     assert np.sum(lab[parts["test"]] == 1) == 4
 
 
-def test_tiny_class_falls_back_to_unstratified():
+def test_tiny_class_falls_back_to_the_per_label_assignment():
     labels = [0] * 10 + [1]  # one image of class 1 cannot be stratified
     parts = split_indices(labels, None, FRACTIONS, seed=0)
     _assert_partition(parts, 11)
@@ -107,3 +107,14 @@ def test_invalid_fractions_are_refused():
         split_indices([0, 1] * 5, None, {"train": 0.5}, seed=0)
     with pytest.raises(ConfigError):
         split_indices([0, 1], ["a"], {"val": 0.5}, seed=0)
+
+
+def test_a_class_too_small_to_stratify_still_reaches_training():
+    # One single-image class defeats scikit-learn's stratification; the two-image classes must
+    # not then lose both images to validation and test.
+    counts = (10, 2, 2, 1)
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    for seed in range(50):
+        parts = split_indices(labels, None, {"val": 0.15, "test": 0.15}, seed=seed)
+        assert set(np.asarray(labels)[parts["train"]].tolist()) >= {0, 1, 2}, seed
+        assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(labels)))

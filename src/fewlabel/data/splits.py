@@ -28,7 +28,8 @@ def split_indices(
     """Split case indices into ``train`` and the named held-out splits.
 
     Without groups the split is stratified by label with scikit-learn's ``train_test_split``,
-    falling back to an unstratified split when a class is too small to be stratified. With
+    falling back to the grouped assignment below (one group per case) when a class is too
+    small for it. With
     groups (patient ids) whole groups are assigned, so no group is in two splits; groups are
     balanced per label (the group's majority label) by a seeded greedy assignment, because
     scikit-learn's group splitters only make equal-sized folds, not arbitrary fractions.
@@ -106,9 +107,11 @@ def _split_cases(labels: np.ndarray, stratify: bool, fractions: dict[str, float]
             strat = labels[remaining] if stratify else None
             rest, taken = train_test_split(remaining, test_size=k, stratify=strat, random_state=state)
         except ValueError:
-            # A class with a single member (or fewer held-out cases than classes) cannot be
-            # stratified; an unstratified split is the best that can be done.
-            rest, taken = train_test_split(remaining, test_size=k, random_state=state)
+            # A class with a single member, or fewer held-out cases than classes, defeats
+            # scikit-learn's stratification. An unstratified split could then leave a small
+            # class out of training altogether; the per-label greedy assignment of patient
+            # groups, with one group per case, keeps every class's share instead.
+            return _split_groups(labels, [str(i) for i in range(n)], fractions, seed)
         parts[name] = taken
         remaining = rest
     parts["train"] = remaining
