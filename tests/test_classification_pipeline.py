@@ -411,3 +411,21 @@ def test_training_history_round_trip(tmp_path):
     assert resumed.rows == [
         {"stage": "finetune", "epoch": 1, "train_loss": 1.5, "val_kappa": None, "lr_head": None}
     ]
+
+
+def test_feature_cache_is_extracted_again_when_a_label_changes(tmp_path):
+    from fewlabel.engines.bottleneck import cached_features
+
+    def features_of(records):
+        labels = torch.tensor([r["label"] for r in records])
+        return lambda: {"features": torch.zeros(2, 1, 4), "labels": labels, "ids": ["a", "b"], "rotations": 1}
+
+    path = tmp_path / "train.pt"
+    first = [{"id": "a", "label": 0}, {"id": "b", "label": 1}]
+    cached_features(path, first, features_of(first), 1)
+    assert cached_features(path, first, lambda: pytest.fail("extracted again"), 1)["labels"].tolist() == [
+        0,
+        1,
+    ]
+    corrected = [{"id": "a", "label": 1}, {"id": "b", "label": 1}]  # a grade fixed in the CSV
+    assert cached_features(path, corrected, features_of(corrected), 1)["labels"].tolist() == [1, 1]

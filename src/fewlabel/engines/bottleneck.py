@@ -103,16 +103,19 @@ def cached_features(
     path: Path, records: Sequence[dict], make: Callable[[], dict[str, Any]], rotations: int
 ) -> dict[str, Any]:
     ids = [str(r["id"]) for r in records]
+    labels = [int(r["label"]) for r in records]
     if path.is_file():
         try:
             cached = load_checkpoint(path)
         except CheckpointError as err:
             log.warning("ignoring unreadable feature cache %s (%s); extracting again", path, err)
         else:
-            if cached.get("ids") == ids and cached.get("rotations") == rotations:
+            # The labels are compared too: a grade corrected in the CSV must not train on the old one.
+            same_labels = "labels" in cached and cached["labels"].tolist() == labels
+            if cached.get("ids") == ids and cached.get("rotations") == rotations and same_labels:
                 log.info("reusing cached bottleneck features %s", path)
                 return cached
-            log.info("feature cache %s is for other images; extracting again", path)
+            log.info("feature cache %s is for other images or labels; extracting again", path)
     feats = make()
     if is_main_process():
         save_checkpoint(feats, path)
