@@ -389,6 +389,17 @@ def test_resumable_checkpointer_keeps_the_last_states(tmp_path):
     assert kept == ["last-000000020.pt", "last-000000030.pt"]
     assert not list(tmp_path.glob(".*"))
 
+    # Past 999999999 the names no longer sort like the iterations; and a run restarted from
+    # scratch beside older states keeps its own newest ones, not the stale later ones.
+    for it in (999_999_999, 1_000_000_000, 1_000_000_001):
+        saver.save({"iteration": it}, it)
+    assert sorted(p.name for p in tmp_path.glob("last-*.pt")) == ["last-1000000000.pt", "last-1000000001.pt"]
+    (tmp_path / "last.pt").unlink()
+    for it in (5, 15):
+        saver.save({"iteration": it}, it)
+    assert sorted(p.name for p in tmp_path.glob("last-*.pt")) == ["last-000000005.pt", "last-000000015.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 15
+
     single = ResumableCheckpointer(tmp_path / "one")
     single.save({"iteration": 1}, 1)
     single.save({"iteration": 2}, 2)

@@ -157,10 +157,16 @@ class ResumableCheckpointer:
             os.link(numbered, tmp)
         except OSError:
             shutil.copyfile(numbered, tmp)
+            with open(tmp, "rb") as copy:
+                os.fsync(copy.fileno())  # on disk before the rename makes it last.pt
         os.replace(tmp, self.path)
-        kept = sorted((p for p in self.folder.iterdir() if _NUMBERED.match(p.name)), key=lambda p: p.name)
-        for old in kept[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+        # By iteration, not by name; states after this one are left from a run that was
+        # restarted from earlier and are no longer part of this run's history.
+        states = {int(m.group(1)): p for p in self.folder.iterdir() if (m := _NUMBERED.match(p.name))}
+        keep = sorted(i for i in states if i <= iteration)[-self.keep_last :]
+        for i, old in states.items():
+            if i not in keep:
+                old.unlink(missing_ok=True)
         return self.path
 
 
