@@ -163,3 +163,26 @@ def test_unavailable_device_is_a_config_error() -> None:
     assert config_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match=r"run.device='cuda'.*not available"):
         config_device("cuda")
+
+
+def test_a_gpu_index_beyond_the_machine_is_refused(monkeypatch) -> None:
+    from fewlabel.utils import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.select_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="has 1 GPU"):
+        runtime.select_device("cuda:3")
+
+
+def test_resuming_on_fewer_gpus_restores_the_generators_that_remain(monkeypatch) -> None:
+    from fewlabel.utils import runtime
+
+    state = runtime.rng_state()
+    state["cuda"] = [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append(device))
+    runtime.set_rng_state(state)
+    assert restored == [0]
