@@ -143,13 +143,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.pred and args.gt):
             raise FewLabelError("evaluate --pred DIR needs --gt DIR too (and the reverse)")
         # Options of the model evaluation would be ignored here; say so instead.
-        given = [
-            flag
-            for flag, value in (("--checkpoint", args.checkpoint), ("--data", args.data), ("--set", args.set))
-            if value
-        ]
-        if args.split != "test":
-            given.append("--split")
+        given = _given(
+            ("--checkpoint", args.checkpoint),
+            ("--data", args.data),
+            ("--split", args.split != "test"),
+            ("--set", args.set),
+        )
         if given:
             raise FewLabelError(
                 f"evaluate --pred/--gt scores masks on disk; {', '.join(given)} belong to --checkpoint evaluation"
@@ -168,15 +167,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint:
             raise FewLabelError("evaluate needs --checkpoint CKPT (or --pred DIR --gt DIR)")
-        given = [
-            flag
-            for flag, value in (
-                ("--classes", args.classes),
-                ("--images", args.images),
-                ("--merge", args.merge),
-            )
-            if value
-        ]
+        given = _given(("--classes", args.classes), ("--images", args.images), ("--merge", args.merge))
         if given:
             raise FewLabelError(
                 f"{', '.join(given)} belong to --pred/--gt evaluation; a checkpoint brings its own classes "
@@ -196,6 +187,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _print_scores(result.get("summary", result.get("metrics")), title="scores")
     print(f"report: {result['report']}")
     return 0
+
+
+def _given(*options: tuple[str, Any]) -> list[str]:
+    """The flags among ``(flag, value)`` pairs that the command line set (a truthy value)."""
+    return [flag for flag, value in options if value]
 
 
 def _eval_overrides(task: str, items: list[str]) -> dict:
@@ -264,7 +260,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise FewLabelError(f"{existing[0]}: exists already; pass --overwrite to replace it")
     path = export_safetensors(ckpt["model"], ckpt.get("meta", {}), out)
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(f"wrote {path} and {export_paths(out)[1]}")
     return 0
 
 

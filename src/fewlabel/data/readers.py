@@ -41,6 +41,7 @@ __all__ = [
     "AFFINE_TOLERANCE",
     "FewLabelReader",
     "Study",
+    "array_axis_along",
     "check_grid",
     "check_pair",
     "check_study_opens",
@@ -390,6 +391,22 @@ def _as_label_array(
             )
     top = int(values[-1]) if values.size else 0
     return array.astype(np.uint8 if top <= 255 else np.int32)
+
+
+def array_axis_along(affine: np.ndarray, world_axis: int) -> int | None:
+    """The array axis that an affine maps closest to a world axis.
+
+    Args:
+        affine: voxel-to-world (RAS) matrix.
+        world_axis: 0 (left-right), 1 (posterior-anterior) or 2 (inferior-superior).
+
+    Returns:
+        The array axis, or ``None`` when no axis is closest to it (a degenerate affine).
+    """
+    import nibabel as nib
+
+    source = nib.orientations.io_orientation(affine)
+    return next((a for a in range(len(source)) if int(source[a][0]) == world_axis), None)
 
 
 def check_pair(image: Study, label: Study, atol: float = AFFINE_TOLERANCE) -> None:

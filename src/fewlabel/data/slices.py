@@ -562,7 +562,8 @@ def build_training_dataset(
     if rotate and size is None and cfg.train.batch_size > 1:
         # Volumes stay in memory, so all are checked; 2D images of one batch share one size,
         # so the first stands for the rest.
-        _check_square_slices(volumes if spatial_dims == 3 else [volumes[0]] if len(volumes) else [], inp.axis)
+        checked = len(volumes) if spatial_dims == 3 else min(1, len(volumes))
+        _check_square_slices([volumes[i] for i in range(checked)], inp.axis)
     aug = build_train_augmentation(cfg.augment, 2) if train else None
     return SliceDataset(
         volumes,

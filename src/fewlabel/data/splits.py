@@ -29,10 +29,10 @@ def split_indices(
 
     Without groups the split is stratified by label with scikit-learn's ``train_test_split``,
     falling back to the grouped assignment below (one group per case) when a class is too
-    small for it. With
-    groups (patient ids) whole groups are assigned, so no group is in two splits; groups are
-    balanced per label (the group's majority label) by a seeded greedy assignment, because
-    scikit-learn's group splitters only make equal-sized folds, not arbitrary fractions.
+    small for it. With groups (patient ids) whole groups are assigned, so no group is in two
+    splits; groups are balanced per label (the group's majority label) by a seeded greedy
+    assignment, because scikit-learn's group splitters only make equal-sized folds, not
+    arbitrary fractions.
 
     Args:
         labels: class index of each case, or ``None`` for an unstratified split.

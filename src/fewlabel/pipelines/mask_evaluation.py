@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewlabel.data.readers import AFFINE_TOLERANCE, Study, read_label, read_study
+from fewlabel.data.readers import AFFINE_TOLERANCE, Study, array_axis_along, read_label, read_study
 from fewlabel.errors import ConfigError, DataError, RunDirError
 from fewlabel.metrics.segmentation import (
     CaseResult,
@@ -229,12 +229,8 @@ def _axial_axis(study: Study) -> int:
     Slice Dice is taken over axial slices, as for a model evaluated with the default
     ``input.axis`` 2 in RAS, whatever the order of the file's array axes.
     """
-    import nibabel as nib
-
-    if _spatial_dims(study) != 3:
-        return 2
-    source = nib.orientations.io_orientation(study.affine)
-    return next((a for a in range(3) if int(source[a][0]) == 2), 2)
+    axis = array_axis_along(study.affine, 2) if _spatial_dims(study) == 3 else None
+    return 2 if axis is None else axis
 
 
 def _spatial_dims(study: Study) -> int:

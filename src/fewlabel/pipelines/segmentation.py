@@ -494,10 +494,11 @@ def _source_axis(affine: np.ndarray, cfg: SegmentationExperiment, spatial_dims: 
         return cfg.input.axis
     import nibabel as nib
 
+    from fewlabel.data.readers import array_axis_along
+
     world_axis = int(nib.orientations.axcodes2ornt(tuple(cfg.preprocess.orientation))[cfg.input.axis][0])
-    source = nib.orientations.io_orientation(affine)
-    matches = [a for a in range(3) if int(source[a][0]) == world_axis]
-    return matches[0] if matches else cfg.input.axis
+    axis = array_axis_along(affine, world_axis)
+    return cfg.input.axis if axis is None else axis
 
 
 def evaluate(
