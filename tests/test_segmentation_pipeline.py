@@ -418,6 +418,50 @@ def test_dicom_series_folder_is_predicted_onto_its_own_grid(tmp_path, monkeypatc
         segmentation.predict(tmp_path / "model.pt", [series], series / "out")
 
 
+def test_nested_dicom_exports_are_found_and_named_by_their_path(tmp_path, monkeypatch):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from fewlabel.pipelines import segmentation_predict
+
+    hu = np.full((6, 5, 3), -800, dtype=np.int16)
+    hu[2:4, 1:3, :] = 100
+    exports = tmp_path / "exports"
+    for patient in ("P002", "P001"):
+        _write_ct_series(exports / patient / "20240101" / "CT", hu)
+    _write_ct_series(exports / ".trash" / "CT", hu)  # hidden: tool state, not a study
+    (exports / "P001" / "20240101" / "loop").symlink_to(exports, target_is_directory=True)
+    # The index of a PACS export or CD claims DICOM too, but holds no slices.
+    index = Dataset()
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.save_as(exports / "DICOMDIR", enforce_file_format=True)
+
+    assert [p.relative_to(exports).as_posix() for p in segmentation.collect_studies([exports])] == [
+        "P001/20240101/CT",
+        "P002/20240101/CT",
+    ]
+    model = _model({"preprocess": {"orientation": "RAS"}}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    out = segmentation.predict(tmp_path / "model.pt", [exports], tmp_path / "pred")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [
+        "P001_20240101_CT.nii.gz",
+        "P002_20240101_CT.nii.gz",
+    ]
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["P001_20240101_CT", "P002_20240101_CT"]
+    # A series given directly keeps its folder's name.
+    assert segmentation.case_name(exports / "P001" / "20240101" / "CT") == "CT"
+
+    with pytest.raises(DataError, match="input folder"):
+        segmentation.predict(tmp_path / "model.pt", [exports], exports / "pred")
+    (tmp_path / "empty" / "sub" / "deeper").mkdir(parents=True)
+    with pytest.raises(DataError, match="no DICOM series in any of its subfolders"):
+        segmentation.collect_studies([tmp_path / "empty"])
+
+
 def test_segmentation_demo_wiring(tmp_path, monkeypatch):
     from fewlabel.pipelines import segmentation_demo as demo
 

@@ -239,10 +239,12 @@ def predict(
             already (without ``overwrite``) or an output folder inside an input folder.
     """
     model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
-    studies = collect_studies(inputs)
+    collected = _collect(inputs)
+    studies = [path for path, _ in collected]
+    names = [name for _, name in collected]
     output = Path(output)
-    refuse_inside_inputs(output, [p if p.is_dir() else p.parent for p in studies])
-    names = [case_name(p) for p in studies]
+    folders = [Path(p) for p in inputs if Path(p).is_dir()]
+    refuse_inside_inputs(output, folders + [p if p.is_dir() else p.parent for p in studies])
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(
@@ -283,7 +285,9 @@ def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
 
     Args:
         inputs: NIfTI files, 2D images, DICOM series folders, folders holding any of those
-            (one level deep), or ``.txt`` files listing paths (relative to the list's folder).
+            (files one level deep; DICOM series folders at any depth, as PACS exports nest
+            them under patient and study folders), or ``.txt`` files listing paths (relative
+            to the list's folder).
 
     Returns:
         The studies, in the order given (folders sorted by name).
@@ -291,10 +295,19 @@ def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
     Raises:
         DataError: for missing paths, unsupported files, or folders with nothing to predict.
     """
+    return [path for path, _ in _collect(inputs)]
+
+
+def _collect(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """The studies of :func:`collect_studies`, each with its case name.
+
+    A series found below a subfolder of an input folder is named after its path from that
+    folder (``P001/CT/`` gives ``P001_CT``): exports often name every series folder alike.
+    """
     from fewlabel.data.images import is_image_file
     from fewlabel.data.readers import is_nifti_file
 
-    studies: list[Path] = []
+    studies: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if not path.exists():
@@ -315,27 +328,50 @@ def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
                 ]
                 if not listed:
                     raise DataError(path, "the list names no studies")
-                studies.extend(collect_studies(listed))
+                studies.extend(_collect(listed))
             elif is_nifti_file(path) or is_image_file(path):
-                studies.append(path)
+                studies.append((path, case_name(path)))
             else:
                 raise DataError(
                     path,
                     "unsupported input; expected .nii/.nii.gz, a 2D image, a DICOM folder or a .txt list",
                 )
         elif _is_dicom_folder(path):
-            studies.append(path)
+            studies.append((path, case_name(path)))
         else:
             found = [
-                p
+                (p, case_name(p))
                 for p in sorted(path.iterdir())
-                if (p.is_file() and (is_nifti_file(p) or is_image_file(p)))
-                or (p.is_dir() and _is_dicom_folder(p))
+                if p.is_file() and (is_nifti_file(p) or is_image_file(p))
             ]
+            found.extend((series, "_".join(series.relative_to(path).parts)) for series in _series_below(path))
             if not found:
-                raise DataError(path, "holds no NIfTI files, 2D images or DICOM series folders")
-            studies.extend(found)
+                raise DataError(
+                    path,
+                    "holds no NIfTI files or 2D images, and no DICOM series in any of its subfolders",
+                )
+            studies.extend(sorted(found, key=lambda item: item[0].relative_to(path).parts))
     return studies
+
+
+def _series_below(folder: Path) -> list[Path]:
+    """DICOM series folders anywhere below ``folder`` (not descending into a series)."""
+    found: list[Path] = []
+    seen = {folder.resolve()}
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        for sub in sorted((p for p in current.iterdir() if p.is_dir()), reverse=True):
+            real = sub.resolve()
+            # Hidden folders hold tool state, not studies; a link back up would loop forever.
+            if sub.name.startswith(".") or real in seen:
+                continue
+            seen.add(real)
+            if _is_dicom_folder(sub):
+                found.append(sub)
+            else:
+                pending.append(sub)
+    return sorted(found)
 
 
 def case_name(path: str | Path) -> str:
@@ -359,7 +395,8 @@ def _is_dicom_folder(folder: Path) -> bool:
     from fewlabel.data.readers import looks_like_dicom
 
     # The first files decide: a series folder holds nothing but slices, often thousands.
-    files = sorted(p for p in folder.iterdir() if p.is_file())[:21]
+    # A DICOMDIR (the index of a CD or PACS export) lies above the series, not among them.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")[:21]
     return any(looks_like_dicom(p) for p in files)
 
 
