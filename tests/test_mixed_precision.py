@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from ignite.engine import Events
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
@@ -85,3 +87,45 @@ def test_tcsm_trainer_with_cpu_amp_trains_in_bfloat16():
     assert torch.isfinite(out["loss"]) and out["cons_loss"].dtype == torch.float32
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert all(v.dtype == torch.float32 for v in trainer.teacher.state_dict().values())
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_resumed_supervised_trainer_keeps_its_gradient_scale(monkeypatch):
+    from monai.engines import SupervisedTrainer
+
+    from fewlabel.engines.segmentation import _restore_scaler_at_start, _scaler_state
+
+    # MONAI builds a CUDA GradScaler in Trainer.run; the CPU one behaves the same and runs here.
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: torch.amp.GradScaler("cpu"))
+
+    def trainer() -> SupervisedTrainer:
+        net = torch.nn.Conv2d(1, 2, 3, padding=1)
+        batches = [{"image": torch.randn(2, 1, 8, 8), "label": torch.randint(0, 2, (2, 8, 8))}] * 2
+        return SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=batches,
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_function=torch.nn.CrossEntropyLoss(),
+            amp=True,
+            decollate=False,
+        )
+
+    first = trainer()
+    first.run()
+    saved = _scaler_state(first)
+    assert saved["scale"] == 2.0**16 and saved["_growth_tracker"] == 2
+    saved = {**saved, "scale": 128.0}  # as after overflowing steps halved it
+
+    resumed = trainer()
+    scales = []
+    resumed.add_event_handler(Events.ITERATION_STARTED, lambda e: scales.append(e.scaler.get_scale()))
+    _restore_scaler_at_start(resumed, saved)
+    resumed.run()
+    assert scales[0] == 128.0
+
+    fresh = trainer()
+    _restore_scaler_at_start(fresh, None)  # no AMP when saved: the fresh scale stays
+    fresh.run()
+    assert _scaler_state(fresh)["scale"] == 2.0**16

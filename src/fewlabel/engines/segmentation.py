@@ -366,6 +366,7 @@ def train_segmentation(
         else:
             payload["optimizer"] = optimizer.state_dict()
             payload["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            payload["scaler"] = _scaler_state(trainer)
         return payload
 
     checkpointer = ResumableCheckpointer(ckpt_dir, cfg.train.checkpoint.keep_last)
@@ -566,6 +567,7 @@ def _restore(
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
+            _restore_scaler_at_start(trainer, ckpt.get("scaler"))
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: does not match this model/optimizer: {err}") from err
     state.history = list(ckpt.get("history", []))
@@ -586,6 +588,32 @@ def _restore(
     )
     log.info("resuming from %s at iteration %d (epoch %d)", path, iteration, iteration // epoch_length)
     return iteration
+
+
+def _scaler_state(trainer: Engine) -> dict[str, Any] | None:
+    scaler = getattr(trainer, "scaler", None)
+    return scaler.state_dict() if scaler is not None else None
+
+
+def _restore_scaler_at_start(trainer: Engine, state: dict[str, Any] | None) -> None:
+    """Give a resumed ``SupervisedTrainer`` the gradient scale it had when it was saved.
+
+    MONAI's ``Trainer.run`` creates a fresh ``GradScaler`` each time it starts, so a scale
+    loaded before ``run`` would be replaced; without it a resumed CUDA AMP run starts again
+    from 2**16 and skips its first optimizer steps on overflowing gradients while it recalibrates.
+
+    Args:
+        trainer: the trainer about to run.
+        state: the saved ``GradScaler.state_dict()``; None or empty (no AMP) does nothing.
+    """
+    if not state:
+        return
+
+    def _load(engine: Engine) -> None:
+        if getattr(engine, "scaler", None) is not None:
+            engine.scaler.load_state_dict(state)
+
+    trainer.add_event_handler(Events.STARTED, _load)
 
 
 def _resume_sampler(loader: Any, iteration: int, epoch_length: int) -> None:
