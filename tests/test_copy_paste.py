@@ -145,16 +145,7 @@ def test_pseudo_labels_are_the_teachers_argmax_in_the_original_orientation(monke
     trainer = _copy_paste_trainer(
         1.0, unlabelled=unlabelled, shape=(10, 14), net=pointwise, apply_to_labeled=apply_to_labeled
     )
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    real = tcsm_module.copy_paste_batch
-
-    def spy(labeled, label, unlabeled, pseudo, size, generator):
-        with torch.no_grad():
-            expected = trainer.teacher(unlabeled).argmax(dim=1, keepdim=True)
-        seen.append((pseudo, expected, unlabeled))
-        return real(labeled, label, unlabeled, pseudo, size, generator)
-
-    monkeypatch.setattr(tcsm_module, "copy_paste_batch", spy)
+    seen = _record_pseudo_labels(monkeypatch, lambda t: t.argmax(dim=1, keepdim=True), trainer)
     trainer.run()
     assert len(seen) == 2
     for pseudo, expected, _ in seen:
@@ -218,17 +209,9 @@ def test_copy_paste_pseudo_labels_of_one_channel_outputs_are_positive_logits(mon
         ZeroLoss(),
         TCSMConfig(enabled=True, rampup_iterations=0, copy_paste_weight=1.0),
     )
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = tcsm_module.copy_paste_batch
-
-    def spy(labeled, label, unlabeled, pseudo, size, generator):
-        with torch.no_grad():
-            seen.append((pseudo, (trainer.teacher(unlabeled) > 0).long()))
-        return real(labeled, label, unlabeled, pseudo, size, generator)
-
-    monkeypatch.setattr(tcsm_module, "copy_paste_batch", spy)
+    seen = _record_pseudo_labels(monkeypatch, lambda t: (t > 0).long(), trainer)
     trainer.run()
-    pseudo, expected = seen[0]
+    pseudo, expected, _ = seen[0]
     assert len(pseudo.unique()) == 2
     assert torch.equal(pseudo, expected)
 
@@ -238,3 +221,19 @@ def test_copy_paste_refuses_a_zoomed_transformation():
     with pytest.raises(ValueError, match="tcsm.scale = 0"):
         TCSMConfig(enabled=True, copy_paste_weight=1.0, scale=0.1)
     assert TCSMConfig(enabled=True, copy_paste_weight=0.0, scale=0.1).scale == 0.1
+
+
+def _record_pseudo_labels(monkeypatch, hard_labels, trainer: TCSMTrainer) -> list[tuple]:
+    """Record, at every copy-paste call, the pseudo-labels the trainer passed, the labels
+    ``hard_labels`` makes of the teacher's output on the same unlabelled images (no T), and
+    those images."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real = tcsm_module.copy_paste_batch
+
+    def spy(labeled, label, unlabeled, pseudo, size, generator):
+        with torch.no_grad():
+            seen.append((pseudo, hard_labels(trainer.teacher(unlabeled)), unlabeled))
+        return real(labeled, label, unlabeled, pseudo, size, generator)
+
+    monkeypatch.setattr(tcsm_module, "copy_paste_batch", spy)
+    return seen
