@@ -85,14 +85,22 @@ def test_apply_per_sample_inverse_undoes_each_transform():
 
 
 def _copy_paste_trainer(
-    weight: float, unlabelled=None, shape=(12, 12), net: nn.Module | None = None, **tcsm
+    weight: float,
+    unlabelled=None,
+    shape=(12, 12),
+    net: nn.Module | None = None,
+    labelled=None,
+    loss: nn.Module | None = None,
+    lr: float = 0.1,
+    **tcsm,
 ) -> TCSMTrainer:
     net = net if net is not None else tiny_net()
     settings = {"enabled": True, "rampup_iterations": 0, "consistency_weight": 1.0, **tcsm}
     config = TCSMConfig(copy_paste_weight=weight, **settings)
+    labelled = labelled if labelled is not None else batches(2, 2, shape)
     unlabelled = unlabelled if unlabelled is not None else batches(2, 3, shape, False, seed=2)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    return TCSMTrainer("cpu", 1, batches(2, 2, shape), unlabelled, net, optimizer, dice(), config)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    return TCSMTrainer("cpu", 1, labelled, unlabelled, net, optimizer, loss or dice(), config)
 
 
 def test_copy_paste_term_enters_the_loss_with_its_weight():
@@ -158,16 +166,14 @@ def test_pseudo_labels_are_the_teachers_argmax_in_the_original_orientation(monke
 def test_copy_paste_trains_the_student_through_the_mixed_images():
     net = tiny_net()
     before = [p.detach().clone() for p in net.parameters()]
-    config = TCSMConfig(enabled=True, rampup_iterations=0, consistency_weight=0.0, copy_paste_weight=1.0)
-    trainer = TCSMTrainer(
-        "cpu",
-        1,
-        batches(1, 2, (12, 12)),
-        batches(1, 2, (12, 12), False, seed=2),
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.5),
-        _MixedOnlyLoss(),
-        config,
+    trainer = _copy_paste_trainer(
+        1.0,
+        unlabelled=batches(1, 2, (12, 12), False, seed=2),
+        net=net,
+        labelled=batches(1, 2, (12, 12)),
+        loss=_MixedOnlyLoss(),
+        lr=0.5,
+        consistency_weight=0.0,
     )
     trainer.run()
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
@@ -199,15 +205,13 @@ def test_copy_paste_pseudo_labels_of_one_channel_outputs_are_positive_logits(mon
     identity = nn.Conv2d(1, 1, 1)  # logit = pixel value, so both signs occur
     nn.init.ones_(identity.weight)
     nn.init.zeros_(identity.bias)
-    trainer = TCSMTrainer(
-        "cpu",
-        1,
-        batches(1, 2, (12, 12)),
-        batches(1, 2, (12, 12), False, seed=2),
-        identity,
-        torch.optim.SGD(identity.parameters(), lr=0.0),
-        ZeroLoss(),
-        TCSMConfig(enabled=True, rampup_iterations=0, copy_paste_weight=1.0),
+    trainer = _copy_paste_trainer(
+        1.0,
+        unlabelled=batches(1, 2, (12, 12), False, seed=2),
+        net=identity,
+        labelled=batches(1, 2, (12, 12)),
+        loss=ZeroLoss(),
+        lr=0.0,
     )
     seen = _record_pseudo_labels(monkeypatch, lambda t: (t > 0).long(), trainer)
     trainer.run()
