@@ -607,3 +607,18 @@ def test_model_selection_prefers_no_false_positives_on_lesion_free_validation():
 
     assert _orderable(math.nan) > _orderable(0.0)
     assert _orderable(0.9) < _orderable(math.nan) and _orderable(None) < _orderable(0.0)
+
+
+def test_an_unreadable_subfolder_is_named_in_the_error(tmp_path, monkeypatch):
+    locked = tmp_path / "exports" / "P001"
+    locked.mkdir(parents=True)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:  # as for a folder without read permission (root reads them all)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match="P001.*cannot be searched for DICOM series: Permission denied"):
+        segmentation.collect_studies([tmp_path / "exports"])

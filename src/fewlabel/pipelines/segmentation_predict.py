@@ -361,16 +361,21 @@ def _series_below(folder: Path) -> list[Path]:
     pending = [folder]
     while pending:
         current = pending.pop()
-        for sub in sorted((p for p in current.iterdir() if p.is_dir()), reverse=True):
-            real = sub.resolve()
-            # Hidden folders hold tool state, not studies; a link back up would loop forever.
-            if sub.name.startswith(".") or real in seen:
-                continue
-            seen.add(real)
-            if _is_dicom_folder(sub):
-                found.append(sub)
-            else:
-                pending.append(sub)
+        try:
+            subfolders = [p for p in current.iterdir() if p.is_dir()]
+            for sub in subfolders:
+                real = sub.resolve()
+                # Hidden folders hold tool state, not studies; a link back up would loop forever.
+                if sub.name.startswith(".") or real in seen:
+                    continue
+                seen.add(real)
+                if _is_dicom_folder(sub):
+                    found.append(sub)
+                else:
+                    pending.append(sub)
+        except OSError as err:
+            where = Path(err.filename) if err.filename else current
+            raise DataError(where, f"cannot be searched for DICOM series: {err.strerror or err}") from err
     return sorted(found)
 
 
