@@ -243,3 +243,29 @@ def test_unsupported_type_and_single_dicom_file(tmp_path: Path) -> None:
     (tmp_path / "IM0001.dcm").write_bytes(b"\x00" * 10)
     with pytest.raises(DataError, match="pass the folder"):
         read_study(tmp_path / "IM0001.dcm")
+
+
+def test_an_exif_orientation_is_reported_once_and_the_stored_pixels_kept(tmp_path, caplog, monkeypatch):
+    from fewlabel.data import images
+
+    monkeypatch.setattr(images, "_exif_reported", False)
+    stored = np.zeros((8, 16), dtype=np.uint8)
+    stored[:4] = 255  # a bright top half, in the stored orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to display"
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(stored).save(tmp_path / name, quality=100, exif=exif)
+    with caplog.at_level("WARNING", logger="fewlabel.data.images"):
+        first = images.read_image(tmp_path / "a.jpg")
+        images.read_image(tmp_path / "b.jpg")
+    assert first.shape == (8, 16) and first[0].min() > 200 and first[-1].max() < 50
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "a.jpg: has EXIF orientation 6" in warnings[0]
+
+
+def test_a_mask_with_swapped_sides_is_refused_with_a_hint(tmp_path):
+    Image.fromarray(np.zeros((4, 6), dtype=np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((6, 4), dtype=np.uint8)).save(tmp_path / "mask.png")
+    image = read_study(tmp_path / "image.png")
+    with pytest.raises(DataError, match="mask.png.*the sides are swapped"):
+        check_pair(image, read_label(tmp_path / "mask.png", ["background", "lesion"]))

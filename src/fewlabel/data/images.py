@@ -7,6 +7,7 @@ lazily, and a truncated file would otherwise only fail deep inside a training ep
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,15 @@ from PIL import Image, UnidentifiedImageError
 
 from fewlabel.errors import DataError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["IMAGE_SUFFIXES", "is_image_file", "read_image", "verify_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# EXIF tag 0x0112: how a camera says the stored pixels should be turned for display.
+_EXIF_ORIENTATION = 0x0112
+_exif_reported = False
 
 # Pillow modes that hold one grey value per pixel.
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -78,6 +85,7 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
             img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(path, f"cannot decode image (truncated or corrupt?): {err}") from err
+        _report_exif_orientation(path, img)
         src = img.mode
         if src in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
             # Wide grey images (16-bit, float) cannot be squeezed into 8 bits without a
@@ -103,6 +111,31 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
         target = mode or ("L" if _channels_of(src) == 1 else "RGB")
         out = img if src == target else img.convert(target)
         return np.asarray(out, dtype=np.uint8).copy()
+
+
+def _report_exif_orientation(path: Path, img: Image.Image) -> None:
+    """Warn, once a process, about an image that asks to be shown turned.
+
+    The stored pixels are used as they are, as MONAI's readers and medical viewers do: turning
+    images by their tag would move them off masks drawn on the stored grid. A photo viewer
+    that applies the tag shows such an image turned, which is worth saying once.
+    """
+    global _exif_reported
+    if _exif_reported:
+        return
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block does not make the pixels unreadable
+        return
+    if orientation not in (None, 1):
+        _exif_reported = True
+        log.warning(
+            "%s: has EXIF orientation %s; fewlabel uses the pixels as stored, which a photo viewer "
+            "may show turned or mirrored (masks must be on the stored grid). Other such images are "
+            "not reported.",
+            path,
+            orientation,
+        )
 
 
 def verify_image(path: str | Path) -> tuple[int, int, int]:

@@ -457,10 +457,19 @@ def check_grid(
         return "x".join(f"{v:.4g}" for v in np.sqrt((cols**2).sum(axis=0)))
 
     if image_shape != label_shape:
+        # A 2D pair whose sides are swapped is the mark of an EXIF orientation tag applied by
+        # the tool that saved one of the two files and not by the one that saved the other.
+        transposed = len(image_shape) == 2 and label_shape == image_shape[::-1]
         raise DataError(
             label_path,
             f"label shape {label_shape} (spacing {spacing(label_affine, len(label_shape))} mm) does not match "
-            f"image {image_path} shape {image_shape} (spacing {spacing(image_affine, len(image_shape))} mm)",
+            f"image {image_path} shape {image_shape} (spacing {spacing(image_affine, len(image_shape))} mm)"
+            + (
+                "; the sides are swapped: if one of the files was saved by a tool that turned it by "
+                "its EXIF orientation tag, save it again unturned"
+                if transposed
+                else ""
+            ),
         )
     diff = float(np.abs(image_affine - label_affine).max())
     if diff > atol:
