@@ -211,6 +211,11 @@ def test_non_integer_label_values(tmp_path: Path) -> None:
     path = _save_nifti(tmp_path / "soft.nii.gz", label)
     with pytest.raises(DataError, match="non-integer label values"):
         read_label(path, ["background", "lesion"])
+    # A value a hair off a class index is shown as it is, not rounded to a valid-looking 1.
+    label[1, 1, 1] = np.float32(1.0000001)
+    path = _save_nifti(tmp_path / "almost.nii.gz", label)
+    with pytest.raises(DataError, match=r"e\.g\. 1\.0000001\)"):
+        read_label(path, ["background", "lesion"])
 
 
 def test_shape_mismatch_names_both_files_shapes_and_spacings(tmp_path: Path) -> None:
@@ -269,3 +274,15 @@ def test_a_mask_with_swapped_sides_is_refused_with_a_hint(tmp_path):
     image = read_study(tmp_path / "image.png")
     with pytest.raises(DataError, match="mask.png.*the sides are swapped"):
         check_pair(image, read_label(tmp_path / "mask.png", ["background", "lesion"]))
+
+
+def test_a_jpeg_mask_named_png_is_reported_as_lossy(tmp_path, caplog):
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:10, 3:12] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png", format="JPEG")
+    Image.fromarray(mask).save(tmp_path / "true.png")
+    with caplog.at_level("WARNING", logger="fewlabel.data.readers"):
+        read_label(tmp_path / "true.png", ["background", "lesion"])
+        assert not caplog.records
+        read_label(tmp_path / "mask.png", ["background", "lesion"])
+    assert "mask.png: JPEG masks are lossy" in caplog.records[0].getMessage()

@@ -17,7 +17,7 @@ from fewlabel.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_file", "read_image", "verify_image"]
+__all__ = ["IMAGE_SUFFIXES", "image_format", "is_image_file", "read_image", "verify_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -58,6 +58,23 @@ def _open(path: Path) -> Image.Image:
         raise DataError(path, "not a readable image (unknown or corrupt format)") from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(path, f"cannot open image: {err}") from err
+
+
+def image_format(path: str | Path) -> str | None:
+    """The format a file's content is in (``"PNG"``, ``"JPEG"``...), whatever its name says.
+
+    Args:
+        path: an image file.
+
+    Returns:
+        Pillow's format name, or None when the file is not a readable image (reading it
+        reports why).
+    """
+    try:
+        with Image.open(path) as img:
+            return img.format
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
 
 
 def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
