@@ -57,6 +57,21 @@ def test_case_name_strips_mask_suffixes():
     assert case_name("a.b.NII") == "a.b"
     assert case_name("18.png") == "18"
     assert case_name("notes.txt") is None
+    assert case_name("c7.TIF") == "c7" and case_name("c8.bmp") == "c8"  # as training reads masks
+
+
+def test_tiff_and_bmp_masks_are_scored(tmp_path):
+    mask = np.zeros((6, 8), dtype=np.uint8)
+    mask[1:4, 2:6] = 1
+    for folder, suffix in (("pred", ".tif"), ("gt", ".png")):
+        (tmp_path / folder).mkdir()
+        for case in ("a", "b"):
+            Image.fromarray(mask).save(tmp_path / folder / f"{case}{suffix}")
+    Image.fromarray(mask).save(tmp_path / "pred" / "b.bmp")
+    (tmp_path / "pred" / "b.tif").unlink()
+    evaluate_masks(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=["bg", "lesion"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]] == [1.0, 1.0]
 
 
 def test_report_files_and_nnunet_summary(tmp_path):

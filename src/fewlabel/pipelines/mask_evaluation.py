@@ -38,7 +38,8 @@ __all__ = ["MASK_SUFFIXES", "case_name", "evaluate_masks", "index_masks"]
 log = logging.getLogger(__name__)
 
 #: File name endings recognised as masks (and images for overlays), longest first.
-MASK_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
+# The image suffixes are those training reads masks from, so any mask it takes can be scored.
+MASK_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Names listed in an error message before the rest is only counted.
 _MAX_LISTED = 20
@@ -51,8 +52,8 @@ def case_name(path: str | Path) -> str | None:
         path: a file path.
 
     Returns:
-        The name without ``.nii.gz``/``.nii``/``.png``/``.jpg``/``.jpeg`` (any case), or
-        ``None`` when the file is not a mask file.
+        The name without one of :data:`MASK_SUFFIXES` (any case), or ``None`` when the
+        file is not a mask file.
     """
     name = Path(path).name
     for suffix in MASK_SUFFIXES:
