@@ -622,3 +622,21 @@ def test_an_unreadable_subfolder_is_named_in_the_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(DataError, match="P001.*cannot be searched for DICOM series: Permission denied"):
         segmentation.collect_studies([tmp_path / "exports"])
+
+
+def test_one_scan_is_predicted_into_a_folder_beside_it_not_into_its_own(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    hu = np.full((6, 5, 4), -800, dtype=np.int16)
+    hu[2:4, 1:3, 1:3] = 100
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), scan)
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+
+    out = segmentation.predict(tmp_path / "model.pt", [scan], tmp_path / "preds_scan")
+    assert np.asarray(nib.load(out / "scan.nii.gz").dataobj).sum() == 8
+    # In the scan's own folder the mask would take the scan's name.
+    with pytest.raises(DataError, match="is the folder of an input file"):
+        segmentation.predict(tmp_path / "model.pt", [scan], tmp_path, overwrite=True)
+    assert np.asarray(nib.load(scan).dataobj).min() == -800

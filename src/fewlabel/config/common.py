@@ -44,9 +44,8 @@ class RunConfig(StrictModel):
         # The name is joined to output_dir, and --overwrite deletes the result: ".." or "a/b"
         # would reach folders that are not this run's.
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
-            raise ValueError(
-                f"run.name must be a single folder name (no '/', '\\', '.' or '..'), got {name!r}"
-            )
+            # The config error adds the value given, so the message does not repeat it.
+            raise ValueError("run.name must be a single folder name: no slashes, and not '.' or '..'")
         return name
 
 
