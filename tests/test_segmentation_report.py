@@ -271,3 +271,17 @@ def test_covid_masks_scored_against_themselves(shared_data, tmp_path):
     for k, stats in result["summary"]["metrics"]["dice"].items():
         assert stats["n"] == 0 or stats["mean"] == pytest.approx(1.0), k
     assert result["summary"]["metrics"]["dice"][3]["n"] == 3  # every test slice has infection
+
+
+def test_a_missing_images_folder_is_called_an_image_folder(tmp_path):
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / folder / "a.png")
+    with pytest.raises(DataError, match="imgs: image folder not found"):
+        evaluate_masks(
+            tmp_path / "pred",
+            tmp_path / "gt",
+            tmp_path / "out",
+            classes=["bg", "lesion"],
+            image_dir=tmp_path / "imgs",
+        )

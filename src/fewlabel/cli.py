@@ -151,7 +151,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
         if given:
             raise FewLabelError(
-                f"evaluate --pred/--gt scores masks on disk; {', '.join(given)} belong to --checkpoint evaluation"
+                f"evaluate --pred/--gt scores masks on disk and does not take {', '.join(given)}; "
+                "to evaluate a model, give --checkpoint without --pred/--gt"
             )
         from fewlabel.pipelines.mask_evaluation import evaluate_masks
 
@@ -170,7 +171,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         given = _given(("--classes", args.classes), ("--images", args.images), ("--merge", args.merge))
         if given:
             raise FewLabelError(
-                f"{', '.join(given)} belong to --pred/--gt evaluation; a checkpoint brings its own classes "
+                f"evaluate --checkpoint does not take {', '.join(given)} (they are for --pred/--gt scoring); "
+                "a checkpoint brings its own classes "
                 "(use --set eval.merge=... for merged classes)"
             )
         from fewlabel.engines.checkpoint import load_checkpoint

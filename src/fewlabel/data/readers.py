@@ -926,7 +926,7 @@ def convert_dicom_to_nifti(
     if output.resolve().is_relative_to(dicom_dir.resolve()):
         raise DataError(output, f"refusing to write inside the input folder {dicom_dir}")
     if output.exists() and not overwrite:
-        raise DataError(output, "exists already; pass overwrite=True (--overwrite) to replace it")
+        raise DataError(output, "exists already; pass --overwrite (overwrite=True in Python) to replace it")
     study = read_dicom_series(dicom_dir, series_uid=series_uid)
     path = write_study(study, output)
     log.info(

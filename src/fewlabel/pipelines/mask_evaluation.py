@@ -62,11 +62,12 @@ def case_name(path: str | Path) -> str | None:
     return None
 
 
-def index_masks(folder: Path) -> dict[str, Path]:
+def index_masks(folder: Path, kind: str = "mask") -> dict[str, Path]:
     """Map case names to the mask files of a folder (not recursive; hidden files skipped).
 
     Args:
         folder: the folder.
+        kind: what the folder holds (``"mask"`` or ``"image"``), for the error messages.
 
     Returns:
         Case name → file, sorted by case name.
@@ -76,7 +77,7 @@ def index_masks(folder: Path) -> dict[str, Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(folder, "mask folder not found (or not a folder)")
+        raise DataError(folder, f"{kind} folder not found (or not a folder)")
     found: dict[str, Path] = {}
     skipped = 0
     for path in sorted(folder.iterdir()):
@@ -88,7 +89,7 @@ def index_masks(folder: Path) -> dict[str, Path]:
             raise DataError(folder, f"two files for case {name!r}: {found[name].name} and {path.name}")
         found[name] = path
     if not found:
-        raise DataError(folder, f"holds no mask files ({', '.join(MASK_SUFFIXES)})")
+        raise DataError(folder, f"holds no {kind} files ({', '.join(MASK_SUFFIXES)})")
     if skipped:
         log.info("%s: ignored %d entries that are not mask files", folder, skipped)
     return dict(sorted(found.items()))
@@ -265,7 +266,7 @@ def _overlays(
     """Load the best, median and worst cases only: reading every image would cost memory for nothing."""
     ranked = rank_cases(cases, "dice", foreground)
     picked = list(dict.fromkeys(c.case_id for c in (ranked[0], ranked[(len(ranked) - 1) // 2], ranked[-1])))
-    images = index_masks(Path(image_dir)) if image_dir is not None else {}
+    images = index_masks(Path(image_dir), kind="image") if image_dir is not None else {}
     missing = []
     overlays = []
     for name in picked:
