@@ -51,16 +51,18 @@ def test_bad_value_exits_2(tmp_path, capsys):
 
 
 def test_failing_run_is_marked_failed_not_complete(tmp_path, capsys):
-    cfg = _classification_config(tmp_path, tmp_path / "no_such_data")
+    (tmp_path / "empty_data").mkdir()  # exists, so the run starts, and fails on its content
+    cfg = _classification_config(tmp_path, tmp_path / "empty_data")
     assert main(["train", str(cfg)]) == 2
-    assert "no_such_data" in capsys.readouterr().err
+    assert "empty_data" in capsys.readouterr().err
     run = tmp_path / "runs" / "r"
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and "no_such_data" in status["error"]
+    assert status["state"] == "failed" and "empty_data" in status["error"]
     assert not (run / "checkpoints" / "best.pt").exists()
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
     cfg = _classification_config(tmp_path, tmp_path / "data")
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
@@ -166,3 +168,25 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
 
     assert main(["demo", "--output", str(out), "--skip-segmentation"]) == 2
     assert report.is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data.path", "fundsu"), ("model.weights", "imagnet.pt")],
+)
+def test_a_mistyped_path_is_refused_before_any_run_folder_exists(tmp_path, capsys, key, value):
+    config = Path(__file__).parents[1] / "configs" / "retinopathy_googlenet.yaml"
+    argv = [
+        "train",
+        str(config),
+        "--set",
+        f"{key}={tmp_path / value}",
+        "--output-dir",
+        str(tmp_path / "runs"),
+    ]
+    if key != "data.path":
+        (tmp_path / "fundus").mkdir()
+        argv += ["--set", f"data.path={tmp_path / 'fundus'}"]
+    assert main(argv) == 2
+    assert f"{value}: not found (set by {key})" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fewlabel import __version__
-from fewlabel.errors import FewLabelError
+from fewlabel.errors import DataError, FewLabelError
 
 log = logging.getLogger("fewlabel")
 
@@ -75,6 +75,24 @@ def _input_paths(cfg: Any) -> list[Path]:
     return found
 
 
+def _check_named_paths(cfg: Any) -> None:
+    """Refuse a fresh run whose data or weights path does not exist, before its folder exists.
+
+    Found later, by the pipeline, such a typo would leave a failed run folder behind: the
+    corrected command would then need ``--overwrite``, and ``--resume`` would repeat the typo
+    from the saved config.
+    """
+    data = cfg.data
+    named = [("data.path", data.path)]
+    named.append(("data.unlabeled_path", getattr(data, "unlabeled_path", None)))
+    weights = getattr(cfg.model, "weights", None)
+    if isinstance(weights, str) and weights not in ("imagenet", "none"):
+        named.append(("model.weights", weights))
+    for key, value in named:
+        if value and not Path(value).exists():
+            raise DataError(Path(value), f"not found (set by {key}); check the path")
+
+
 def _train_device(name: str) -> str:
     from fewlabel.utils.runtime import select_device
 
@@ -100,6 +118,7 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
             if args.resume:
                 run = open_run_dir(args.resume)
             else:
+                _check_named_paths(cfg)
                 run = create_run_dir(
                     cfg.run.output_dir,
                     cfg.run.name,
