@@ -281,7 +281,7 @@ def test_a_jpeg_mask_named_png_is_reported_as_lossy(tmp_path, caplog):
     mask[4:10, 3:12] = 1
     Image.fromarray(mask).save(tmp_path / "mask.png", format="JPEG")
     Image.fromarray(mask).save(tmp_path / "true.png")
-    with caplog.at_level("WARNING", logger="fewlabel.data.readers"):
+    with caplog.at_level("WARNING", logger="fewlabel.data.images"):
         read_label(tmp_path / "true.png", ["background", "lesion"])
         assert not caplog.records
         read_label(tmp_path / "mask.png", ["background", "lesion"])

@@ -82,9 +82,7 @@ def _check_named_paths(cfg: Any) -> None:
     corrected command would then need ``--overwrite``, and ``--resume`` would repeat the typo
     from the saved config.
     """
-    data = cfg.data
-    named = [("data.path", data.path)]
-    named.append(("data.unlabeled_path", getattr(data, "unlabeled_path", None)))
+    named = [("data.path", cfg.data.path), ("data.unlabeled_path", getattr(cfg.data, "unlabeled_path", None))]
     weights = getattr(cfg.model, "weights", None)
     if isinstance(weights, str) and weights not in ("imagenet", "none"):
         named.append(("model.weights", weights))

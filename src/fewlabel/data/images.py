@@ -17,7 +17,7 @@ from fewlabel.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "image_format", "is_image_file", "read_image", "verify_image"]
+__all__ = ["IMAGE_SUFFIXES", "is_image_file", "read_image", "verify_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -60,23 +60,6 @@ def _open(path: Path) -> Image.Image:
         raise DataError(path, f"cannot open image: {err}") from err
 
 
-def image_format(path: str | Path) -> str | None:
-    """The format a file's content is in (``"PNG"``, ``"JPEG"``...), whatever its name says.
-
-    Args:
-        path: an image file.
-
-    Returns:
-        Pillow's format name, or None when the file is not a readable image (reading it
-        reports why).
-    """
-    try:
-        with Image.open(path) as img:
-            return img.format
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
-        return None
-
-
 def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
     """Decode an image file into a ``uint8`` array.
 
@@ -117,6 +100,10 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
             arr = arr.astype(np.uint8)
             return arr if mode != "RGB" else np.repeat(arr[..., None], 3, axis=-1)
         if mode == "P":
+            # By content, not name: a JPEG saved as .png is as lossy, and its wrong pixels can
+            # still hold valid class values.
+            if img.format == "JPEG":
+                log.warning("%s: JPEG masks are lossy; compression noise may add spurious label values", path)
             if src == "P":
                 return np.asarray(img, dtype=np.uint8).copy()
             if src == "1":

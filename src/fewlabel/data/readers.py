@@ -33,7 +33,7 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from fewlabel.data.images import image_format, is_image_file, read_image, verify_image
+from fewlabel.data.images import is_image_file, read_image, verify_image
 from fewlabel.errors import DataError
 from fewlabel.utils.files import atomic_write
 
@@ -273,10 +273,6 @@ def read_label(path: str | Path, classes: Sequence[str] | None) -> Study:
         array, affine, header = _read_nifti(path, as_label=True)
         meta = {"format": "nifti"}
     elif is_image_file(path):
-        # By content, not name: a JPEG saved as .png is as lossy, and its wrong pixels can
-        # still hold valid class values.
-        if image_format(path) == "JPEG":
-            log.warning("%s: JPEG masks are lossy; compression noise may add spurious label values", path)
         array = read_image(path, mode="P")
         _check_not_empty(path, array.shape)
         affine, header, meta = np.eye(4), None, {"format": "image"}

@@ -247,9 +247,8 @@ def predict(
     refuse_inside_inputs(output, folders + [p for p in studies if p.is_dir()])
     # A file's own folder is refused (a mask may take the name of its scan there); a new
     # subfolder beside the scan, the usual place for one scan's prediction, is not.
-    for folder in {p.parent.resolve() for p in studies if p.is_file()}:
-        if output.resolve() == folder:
-            raise DataError(output, "is the folder of an input file; choose another output")
+    if output.resolve() in {p.parent.resolve() for p in studies if p.is_file()}:
+        raise DataError(output, "is the folder of an input file; choose another output")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(
