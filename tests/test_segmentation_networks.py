@@ -8,7 +8,7 @@ from monai.networks.nets import BasicUNet, UNet
 
 from fewlabel.config.segmentation import SegmentationModel
 from fewlabel.errors import ConfigError
-from fewlabel.networks.segmentation import build_segmentation_net, size_divisor
+from fewlabel.networks.segmentation import build_segmentation_net, check_training_size, size_divisor
 
 TINY_BASIC = (4, 4, 8, 8, 16, 4)
 
@@ -50,3 +50,37 @@ def test_bad_dimensions_and_classes_are_config_errors():
         build_segmentation_net(SegmentationModel(features=TINY_BASIC), 1, 1, 2)
     with pytest.raises(ConfigError, match="2 classes"):
         build_segmentation_net(SegmentationModel(features=TINY_BASIC), 2, 1, 1)
+
+
+def _trains(net: torch.nn.Module, shape: tuple[int, ...]) -> bool:
+    try:
+        net.train()
+        net(torch.rand(2, 1, *shape)).sum().backward()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("cfg", "shape"),
+    [
+        (SegmentationModel(features=(2, 2, 2, 2, 2, 2)), shape)
+        for shape in [(12, 12), (16, 16), (31, 31), (32, 32), (16, 32), (15, 48), (17, 40)]
+    ]
+    + [
+        (SegmentationModel(name="unet", features=(2, 2, 2)), shape)
+        for shape in [(4, 4), (4, 8), (8, 8), (10, 8), (12, 8)]
+    ]
+    + [(SegmentationModel(features=(2, 2, 2, 2, 2, 2)), shape) for shape in [(16, 16, 16), (16, 16, 32)]],
+)
+def test_training_size_check_matches_what_the_network_can_train_on(cfg, shape):
+    # The rule is checked against the networks themselves: it refuses exactly the sizes on
+    # which a training step fails (inside MONAI, with a message that names no file or setting).
+    net = build_segmentation_net(cfg, len(shape), 1, 2)
+    try:
+        check_training_size(cfg, shape, "the slices of a.nii.gz", "preprocess.slice_size")
+        accepted = True
+    except ConfigError as err:
+        assert "a.nii.gz" in str(err) and "preprocess.slice_size" in str(err)
+        accepted = False
+    assert accepted == _trains(net, shape)

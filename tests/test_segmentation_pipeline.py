@@ -338,6 +338,27 @@ def test_input_mode_must_fit_the_data():
     )
     with pytest.raises(ConfigError, match="multiple of 16"):
         segmentation.check_input_mode(cfg, 3)
+    cfg = parse_config(
+        {"task": "segmentation", "data": {"path": "x"}, "input": {"mode": "3d", "patch_size": [16, 16, 16]}}
+    )
+    with pytest.raises(ConfigError, match="16x16x16.*deepest level.*input.patch_size"):
+        segmentation.check_input_mode(cfg, 3)
+
+
+def test_slices_too_small_for_the_network_are_refused_naming_the_study():
+    from monai.data import MetaTensor
+
+    from fewlabel.data.slices import SliceDataset
+
+    cfg = parse_config({"task": "segmentation", "data": {"path": "x"}})
+    big = MetaTensor(torch.zeros(1, 48, 48, 4), meta={"filename_or_obj": "big.nii.gz"})
+    small = MetaTensor(torch.zeros(1, 20, 20, 4), meta={"filename_or_obj": "small.nii.gz"})
+    segmentation._check_slice_sizes(SliceDataset([{"image": big}], labeled=False), cfg)
+    with pytest.raises(ConfigError, match="small.nii.gz are 20x20.*preprocess.slice_size"):
+        segmentation._check_slice_sizes(SliceDataset([{"image": big}, {"image": small}], labeled=False), cfg)
+    # Resized slices are what the network sees, whatever the studies' own size.
+    resized = SliceDataset([{"image": small}], labeled=False, slice_size=(32, 32))
+    segmentation._check_slice_sizes(resized, cfg)
 
 
 def test_shipped_configs_validate_and_the_demo_yaml_matches_the_demo():

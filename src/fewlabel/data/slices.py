@@ -190,6 +190,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.axis = axis
         self.transform = transform
         self.foreground_ratio = float(foreground_ratio)
+        self.slice_size = tuple(int(x) for x in slice_size) if slice_size else None
+        self.single_slice = single_slice
         self._resize_image = Resize(tuple(slice_size), mode="bilinear") if slice_size else None
         self._resize_label = Resize(tuple(slice_size), mode="nearest-exact") if slice_size else None
         self.index: list[tuple[int, int]] = []
@@ -237,6 +239,23 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def slice_sizes(self) -> dict[tuple[int, ...], Any]:
+        """The in-plane sizes of the samples, each with the first study that has it.
+
+        Returns:
+            ``{(H, W): source}``: one entry, with source ``None``, when slices are resized to
+            ``slice_size``; otherwise one per distinct size among the studies in memory, or the
+            first study's alone when 2D images are read on each access.
+        """
+        if self.slice_size is not None:
+            return {self.slice_size: None}
+        sizes: dict[tuple[int, ...], Any] = {}
+        checked = min(1, len(self.volumes)) if self.single_slice else len(self.volumes)
+        for v in range(checked):
+            item = self.volumes[v]
+            sizes.setdefault(_slice_plane(item, self.axis), _source(item))
+        return sizes
 
     def volume_of(self, i: int) -> int:
         """Index in ``volumes`` of the volume that sample ``i`` is cut from.
@@ -290,6 +309,14 @@ class SliceDataset(torch.utils.data.Dataset):
         return sample
 
 
+def _slice_plane(item: Mapping[str, Any], axis: int) -> tuple[int, ...]:
+    """In-plane size of the slices of a 2D image ``(C, H, W)`` or volume ``(C, X, Y, Z)``."""
+    image = _plain(item["image"])
+    if image.ndim == 3:
+        return tuple(image.shape[1:])
+    return tuple(s for a, s in enumerate(image.shape[1:]) if a != axis)
+
+
 def _check_square_slices(volumes: Sequence[Mapping[str, Any]], axis: int) -> None:
     """Refuse quarter turns of non-square slices, which would batch H x W with W x H.
 
@@ -297,12 +324,7 @@ def _check_square_slices(volumes: Sequence[Mapping[str, Any]], axis: int) -> Non
         ConfigError: naming the first study whose slices are not square.
     """
     for item in volumes:
-        image = _plain(item["image"])
-        plane = (
-            tuple(image.shape[1:])
-            if image.ndim == 3
-            else tuple(s for a, s in enumerate(image.shape[1:]) if a != axis)
-        )
+        plane = _slice_plane(item, axis)
         if plane[0] != plane[1]:
             raise ConfigError(
                 f"augment.rotate90 turns slices by quarter turns, but the slices of {_source(item)} are "

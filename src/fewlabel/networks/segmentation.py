@@ -5,16 +5,23 @@ four max-poolings): it pads odd feature maps itself but needs at least 16 voxels
 ``unet`` is MONAI's ``UNet`` with two residual units per level and stride-2 downsampling:
 its input sizes must be divisible by ``2 ** (levels - 1)``. :func:`size_divisor` gives the
 multiple that inference pads every input to, which satisfies both.
+
+Training asks one thing more: both networks normalise each feature map per sample (instance
+normalisation), which cannot be trained on a map of one voxel, so the deepest level must keep
+at least two. :func:`check_training_size` checks a training input against both rules.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 from torch import nn
 
 from fewlabel.config.segmentation import SegmentationModel
 from fewlabel.errors import ConfigError
 
-__all__ = ["build_segmentation_net", "size_divisor"]
+__all__ = ["build_segmentation_net", "check_training_size", "size_divisor"]
 
 
 def build_segmentation_net(
@@ -87,3 +94,39 @@ def size_divisor(model_cfg: SegmentationModel) -> int:
     if model_cfg.name == "basicunet":
         return 16
     return 2 ** (len(model_cfg.features) - 1)
+
+
+def check_training_size(model_cfg: SegmentationModel, shape: Sequence[int], what: str, setting: str) -> None:
+    """Refuse training inputs the network cannot take, before the first step fails inside it.
+
+    Args:
+        model_cfg: the ``model`` section.
+        shape: spatial size of one training input (a slice ``(H, W)`` or a 3D patch).
+        what: what has this size, for the message (e.g. ``"the slices of case_001.nii.gz"``).
+        setting: the config key that changes the size, for the message.
+
+    Raises:
+        ConfigError: if ``unet`` gets sizes that are not multiples of :func:`size_divisor`, or
+            the deepest level would hold a single voxel (or none), which instance
+            normalisation cannot train on.
+    """
+    factor = size_divisor(model_cfg)
+    shape = tuple(int(s) for s in shape)
+    size = "x".join(map(str, shape))
+    network = (
+        "model 'basicunet'"
+        if model_cfg.name == "basicunet"
+        else f"model 'unet' with {len(model_cfg.features)} feature levels"
+    )
+    if model_cfg.name == "unet" and any(s % factor for s in shape):
+        raise ConfigError(
+            f"{what} are {size}, but {network} needs every size to be a multiple of {factor}; "
+            f"set {setting} to multiples of {factor}"
+        )
+    if math.prod(s // factor for s in shape) < 2:
+        raise ConfigError(
+            f"{what} are {size}: {network} halves them {int(math.log2(factor))} times, which leaves "
+            f"{'x'.join(str(s // factor) for s in shape)} voxels at the deepest level, and instance "
+            f"normalisation cannot train on fewer than two; set {setting} so that at least one size "
+            f"is {2 * factor} or more, or use fewer levels (model.name: unet with a shorter model.features)"
+        )

@@ -231,9 +231,10 @@ def check_input_mode(cfg: SegmentationExperiment, spatial_dims: int) -> None:
         spatial_dims: 3 for volumes, 2 for 2D images.
 
     Raises:
-        ConfigError: 2.5D/3D on 2D images, or a 3D patch size the network cannot take.
+        ConfigError: 2.5D/3D on 2D images, or a 3D patch size the network cannot take or
+            train on.
     """
-    from fewlabel.networks.segmentation import size_divisor
+    from fewlabel.networks.segmentation import check_training_size, size_divisor
 
     if spatial_dims == 2 and cfg.input.mode != "2d":
         raise ConfigError(f"input.mode is {cfg.input.mode!r} but the data are 2D images; use input.mode: 2d")
@@ -244,6 +245,7 @@ def check_input_mode(cfg: SegmentationExperiment, spatial_dims: int) -> None:
                 f"input.patch_size {list(cfg.input.patch_size)}: every size must be a multiple of {divisor} "
                 f"for model {cfg.model.name!r} with {len(cfg.model.features)} feature levels"
             )
+        check_training_size(cfg.model, cfg.input.patch_size, "input.patch_size patches", "input.patch_size")
 
 
 def _check_demoted_share(cfg: SegmentationExperiment, datalist: SegmentationDatalist) -> None:
@@ -296,12 +298,14 @@ def _loader(
     from monai.data import DataLoader
 
     from fewlabel.data.sampling import ResumableSampler, group_share_weights
-    from fewlabel.data.slices import build_training_dataset
+    from fewlabel.data.slices import SliceDataset, build_training_dataset
     from fewlabel.utils.distributed import per_rank_batch_size, rank, world_size
 
     dataset = build_training_dataset(records, cfg, train=True, labeled=labeled, classes=classes)
     if len(dataset) == 0:
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
+    if isinstance(dataset, SliceDataset):
+        _check_slice_sizes(dataset, cfg)
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
     weights = None
     if not labeled and cfg.tcsm.demoted_share is not None:
@@ -330,6 +334,19 @@ def _loader(
         # of a resumed run against an uninterrupted one (dropout draws from that stream).
         generator=torch.Generator().manual_seed(cfg.run.seed),
     )
+
+
+def _check_slice_sizes(dataset: Any, cfg: SegmentationExperiment) -> None:
+    """Refuse slices the network cannot train on, naming the study they come from.
+
+    Raises:
+        ConfigError: see :func:`fewlabel.networks.segmentation.check_training_size`.
+    """
+    from fewlabel.networks.segmentation import check_training_size
+
+    for size, source in dataset.slice_sizes().items():
+        what = "preprocess.slice_size slices" if source is None else f"the slices of {source}"
+        check_training_size(cfg.model, size, what, "preprocess.slice_size")
 
 
 class _SeededSamples(torch.utils.data.Dataset):
