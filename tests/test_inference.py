@@ -81,6 +81,17 @@ def test_real_network_with_resizing_and_padding_keeps_the_volume_shape(mode):
     assert net.training, "the network's mode is restored after prediction"
 
 
+def test_slices_smaller_than_the_network_depth_are_padded_enough():
+    # 12 x 12 pads to 16 x 16, which the deepest level would halve to one voxel: instance
+    # normalisation refuses that even in eval mode, so the slice is padded wider.
+    net = build_segmentation_net(TINY_BASIC, 2, 1, 2)
+    probs = predict_volume(
+        net, torch.rand(1, 12, 12, 3), InputConfig(mode="2d"), SegmentationEval(), 3, "cpu", size_divisor=16
+    )
+    assert probs.shape == (2, 12, 12, 3)
+    torch.testing.assert_close(probs.sum(0), torch.ones(12, 12, 3))
+
+
 def test_3d_sliding_window_covers_the_whole_volume():
     volume = torch.rand(1, 21, 17, 9)  # larger than the patch along some axes, smaller along none
     probs = predict_volume(

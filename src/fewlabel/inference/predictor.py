@@ -60,7 +60,9 @@ def predict_volume(
             the probabilities back to the slice's own size. ``None`` keeps the native size.
         size_divisor: the network's input sizes must be multiples of this
             (:func:`fewlabel.networks.segmentation.size_divisor`); slices are zero-padded and
-            the output cropped back.
+            the output cropped back. A slice that would pad to one ``size_divisor`` square is
+            padded to twice its width, as instance normalisation needs two voxels at the
+            network's deepest level.
         slice_batch_size: slices per forward pass in 2D/2.5D.
         amp: use CUDA autocast (ignored on the CPU).
 
@@ -201,6 +203,9 @@ def _predict_slices(
 def _softmax_padded(net: nn.Module, x: torch.Tensor, size_divisor: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
+    if size_divisor > 1 and (h + pad_h) == (w + pad_w) == size_divisor:
+        # Instance normalisation needs two voxels at the deepest level, at inference too.
+        pad_w += size_divisor
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     logits = _plain(net(x))[..., :h, :w].float()
