@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -661,3 +662,38 @@ def test_one_scan_is_predicted_into_a_folder_beside_it_not_into_its_own(tmp_path
     with pytest.raises(DataError, match="is the folder of an input file"):
         segmentation.predict(tmp_path / "model.pt", [scan], tmp_path, overwrite=True)
     assert np.asarray(nib.load(scan).dataobj).min() == -800
+
+
+def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    hu = np.full((6, 5, 4), -800, dtype=np.float32)
+    hu[2:4, 1:3, 1:3] = 100
+    for name in ("a", "b", "c"):
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / f"{name}.nii.gz")
+    broken = hu.copy()
+    broken[0, 0, 0] = np.nan  # opens fine; found only when the voxels are read
+    nib.save(nib.Nifti1Image(broken, np.eye(4)), scans / "b.nii.gz")
+    out = tmp_path / "out"
+
+    # A study that does not open stops the call before anything is written.
+    (tmp_path / "truncated.nii.gz").write_bytes((scans / "a.nii.gz").read_bytes()[:40])
+    with pytest.raises(DataError, match="truncated.nii.gz"):
+        segmentation.predict(tmp_path / "model.pt", [scans, tmp_path / "truncated.nii.gz"], out)
+    assert not out.exists()
+
+    with pytest.raises(DataError, match="b.nii.gz"):
+        segmentation.predict(tmp_path / "model.pt", [scans], out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "predictions.csv"]
+    assert [r["case"] for r in csv.DictReader((out / "predictions.csv").open())] == ["a"]
+
+    # Once b is fixed, the rest go into the same folder and the listing covers all three.
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / "b.nii.gz")
+    segmentation.predict(tmp_path / "model.pt", [scans / "b.nii.gz", scans / "c.nii.gz"], out, overwrite=True)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["case"] for r in rows] == ["a", "b", "c"]
+    assert {r["lesion_voxels"] for r in rows} == {"8"}

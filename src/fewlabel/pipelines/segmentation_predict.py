@@ -222,7 +222,10 @@ def predict(
     With ``eval.save_probabilities`` the class probabilities are written too:
     ``<case>_probabilities.nii.gz`` (``X, Y, Z, K``, float32) for volumes, one 8-bit
     ``<case>_prob_<class>.png`` per foreground class for 2D images. ``predictions.csv`` lists
-    every case with the size of each predicted class (voxels, and millilitres for volumes).
+    every case with the size of each predicted class (voxels, and millilitres for volumes);
+    with ``overwrite`` it keeps the rows of other cases whose masks are still in the folder.
+    Every study is opened before anything is written; if one fails later (e.g. its voxels
+    cannot be decoded), the studies predicted before it are listed and the error is raised.
 
     Args:
         checkpoint: the model checkpoint.
@@ -262,26 +265,66 @@ def predict(
         raise DataError(
             output, f"outputs exist already ({', '.join(existing[:5])}...); pass --overwrite to replace them"
         )
-    output.mkdir(parents=True, exist_ok=True)
-
-    from fewlabel.data.readers import write_mask
+    from fewlabel.data.readers import check_study_opens, write_mask
     from fewlabel.data.segmentation_transforms import build_preprocessing
 
+    # A study that does not even open fails the run before anything is written.
+    for path in studies:
+        check_study_opens(path)
+    output.mkdir(parents=True, exist_ok=True)
     preprocessing = build_preprocessing(
         model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims
     )
-    rows = []
+    manifest = output / "predictions.csv"
+    kept = _earlier_rows(manifest, output, set(names)) if overwrite else []
+    rows: list[dict] = []
     with torch_threads(model.cfg.run.num_threads):
         for name, path in zip(names, studies, strict=True):
-            labels, probs, reference = predict_study(model, path, preprocessing)
+            try:
+                labels, probs, reference = predict_study(model, path, preprocessing)
+            except FewLabelError:
+                # Hours of prediction are not lost to one bad study: what is done is listed.
+                if rows:
+                    _write_manifest(manifest, kept + rows)
+                    log.warning(
+                        "%d of %d studies were predicted before %s failed; they are listed in %s "
+                        "(predict the rest into the same folder with --overwrite)",
+                        len(rows),
+                        len(studies),
+                        path,
+                        manifest,
+                    )
+                raise
             mask_path = write_mask(labels, reference, output / planned[name][0])
             if model.cfg.eval.save_probabilities:
                 _write_probabilities(probs, reference, output, name, model.classes)
             rows.append(_manifest_row(name, path, mask_path, labels, reference, model.classes))
             log.info("predicted %s -> %s", path, mask_path)
             del labels, probs, reference
-    _write_manifest(output / "predictions.csv", rows)
+    _write_manifest(manifest, kept + rows)
     return output
+
+
+def _earlier_rows(manifest: Path, output: Path, names: set[str]) -> list[dict]:
+    """Rows of an existing ``predictions.csv`` for other cases whose masks are still there.
+
+    Predicting more studies into a folder with ``--overwrite`` then keeps the manifest a
+    listing of every mask in it, not only of the latest call's.
+    """
+    if not manifest.is_file():
+        return []
+    try:
+        with manifest.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        log.warning("%s: unreadable (%s); it is replaced by a listing of this call's cases", manifest, err)
+        return []
+    kept = []
+    for row in rows:
+        mask = Path(row.get("mask") or "")
+        if row.get("case") and row["case"] not in names and (output / mask.name).is_file():
+            kept.append(row)
+    return kept
 
 
 def collect_studies(inputs: Sequence[str | Path]) -> list[Path]:
