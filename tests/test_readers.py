@@ -201,7 +201,9 @@ def test_label_values_outside_classes(tmp_path: Path) -> None:
     path = _save_nifti(tmp_path / "lab.nii.gz", label)
     with pytest.raises(DataError, match=r"label values \[3, 7\] are outside the classes 0\.\.1") as err:
         read_label(path, ["background", "lesion"])
-    assert "lab.nii.gz" in str(err.value)
+    assert "lab.nii.gz" in str(err.value) and "set data.classes" in str(err.value)
+    with pytest.raises(DataError, match="outside the classes.*; use other labels$"):
+        read_label(path, ["background", "lesion"], fix="use other labels")
     assert read_label(path, [str(i) for i in range(8)]).array.max() == 7
 
 

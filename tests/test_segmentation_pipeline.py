@@ -697,3 +697,15 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [r["case"] for r in rows] == ["a", "b", "c"]
     assert {r["lesion_voxels"] for r in rows} == {"8"}
+
+
+def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):
+    hu = np.full((6, 5, 4), -800, dtype=np.int16)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "image.nii.gz")
+    label = np.zeros(hu.shape, np.uint8)
+    label[1, 1, 1] = 3
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "label.nii.gz")
+    record = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz"), "id": "c"}
+    # data.classes is not the user's to change here: the checkpoint fixes the classes.
+    with pytest.raises(DataError, match=r"label.nii.gz: label values \[3\].*the model was trained on these"):
+        segmentation.evaluate_studies(_model({}, ThresholdNet(0.5), 3), [record], tmp_path / "report")

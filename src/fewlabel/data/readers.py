@@ -249,13 +249,18 @@ def check_study_opens(path: str | Path) -> None:
         read_study(path)  # raises the same message as for any unsupported file
 
 
-def read_label(path: str | Path, classes: Sequence[str] | None) -> Study:
+_CLASSES_FIX = "set data.classes to name every value in the masks"
+
+
+def read_label(path: str | Path, classes: Sequence[str] | None, *, fix: str = _CLASSES_FIX) -> Study:
     """Read a label map and check that it holds class indices.
 
     Args:
         path: NIfTI file or PNG (palette or grey) mask.
         classes: class names, index = label value; ``None`` only checks that the values are
             non-negative integers.
+        fix: what the message tells the user to do about values outside ``classes``
+            (by default, to set ``data.classes``).
 
     Returns:
         The study with an integer array (``uint8`` when the values fit, else ``int32``).
@@ -278,7 +283,7 @@ def read_label(path: str | Path, classes: Sequence[str] | None) -> Study:
         affine, header, meta = np.eye(4), None, {"format": "image"}
     else:
         raise DataError(path, "unsupported label file type; expected .nii/.nii.gz or .png")
-    labels = _as_label_array(path, array, None if classes is None else len(classes), classes)
+    labels = _as_label_array(path, array, None if classes is None else len(classes), classes, fix)
     return Study(labels, affine, path, meta, header)
 
 
@@ -362,7 +367,11 @@ def _check_not_empty(path: Path, shape: tuple[int, ...]) -> None:
 
 
 def _as_label_array(
-    path: Path, array: np.ndarray, num_classes: int | None, classes: Sequence[str] | None = None
+    path: Path,
+    array: np.ndarray,
+    num_classes: int | None,
+    classes: Sequence[str] | None = None,
+    fix: str = _CLASSES_FIX,
 ) -> np.ndarray:
     """Check that a label map holds class indices and return it with a compact integer type."""
     if np.issubdtype(array.dtype, np.floating):
@@ -384,8 +393,7 @@ def _as_label_array(
             names = f" ({', '.join(classes)})" if classes is not None else ""
             raise DataError(
                 path,
-                f"label values {outside[:10]} are outside the classes 0..{num_classes - 1}{names}; "
-                "set data.classes to name every value in the masks",
+                f"label values {outside[:10]} are outside the classes 0..{num_classes - 1}{names}; {fix}",
             )
     top = int(values[-1]) if values.size else 0
     return array.astype(np.uint8 if top <= 255 else np.int32)

@@ -37,6 +37,14 @@ __all__ = ["MASK_SUFFIXES", "case_name", "evaluate_masks", "index_masks"]
 
 log = logging.getLogger(__name__)
 
+# Here the classes come from the command line, not from a config.
+_CLASSES_FIX = "pass --classes (classes= in Python) naming every value in the masks"
+
+
+def _read_pair(pred: Path, gt: Path, classes: Sequence[str]) -> tuple[Study, Study]:
+    return read_label(pred, classes, fix=_CLASSES_FIX), read_label(gt, classes, fix=_CLASSES_FIX)
+
+
 #: File name endings recognised as masks (and images for overlays), longest first.
 # The image suffixes are those training reads masks from, so any mask it takes can be scored.
 MASK_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -148,7 +156,7 @@ def evaluate_masks(
 
     cases: list[CaseResult] = []
     for name in gts:
-        pred, gt = read_label(preds[name], classes), read_label(gts[name], classes)
+        pred, gt = _read_pair(preds[name], gts[name], classes)
         _check_same_grid(pred, gt)
         metrics = evaluate_case(
             pred.array,
@@ -270,7 +278,7 @@ def _overlays(
     missing = []
     overlays = []
     for name in picked:
-        pred, gt = read_label(preds[name], classes), read_label(gts[name], classes)
+        pred, gt = _read_pair(preds[name], gts[name], classes)
         image = None
         if name in images:
             study = read_study(images[name])

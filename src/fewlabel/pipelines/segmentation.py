@@ -429,7 +429,11 @@ def evaluate_studies(
             raise DataError(record["image"], "has no label to evaluate against")
         case_id = str(record.get("id") or case_name(record["image"]))
         labels, probs, reference = predict_study(model, record["image"], preprocessing)
-        gt = read_label(record["label"], model.classes)
+        gt = read_label(
+            record["label"],
+            model.classes,
+            fix="the model was trained on these classes only; score it on labels of the same classes",
+        )
         # The grid, not only the shape: a label shifted or rescaled against its image would
         # score against the wrong voxels.
         check_grid(
