@@ -114,6 +114,15 @@ def test_folder_without_dicom(tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="no DICOM files"):
         read_dicom_series(tmp_path / "empty")
+    with pytest.raises(DataError, match="notes.txt: is a file, not a DICOM series folder"):
+        read_dicom_series(tmp_path / "empty" / "notes.txt")
+
+
+def test_one_dicom_file_points_at_its_series_folder(tmp_path: Path) -> None:
+    write_series(tmp_path / "series", n=3)
+    one = sorted((tmp_path / "series").iterdir())[0]
+    with pytest.raises(DataError, match=r"IM0000.dcm: is one DICOM file; give the folder .* \(.*series\)"):
+        read_dicom_series(one)
 
 
 def test_identifiers_stay_out_unless_requested(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -147,3 +156,22 @@ def test_convert_to_nifti_writes_readable_file_and_refuses_overwrite(tmp_path: P
     convert_dicom_to_nifti(tmp_path / "ct", out, overwrite=True)
     with pytest.raises(DataError, match="inside the input folder"):
         convert_dicom_to_nifti(tmp_path / "ct", tmp_path / "ct" / "x.nii.gz")
+
+
+def test_synthetic_dicom_series_is_the_synthetic_nifti_case(tmp_path: Path) -> None:
+    from fewlabel.data.synthetic_ct import make_synthetic_ct, make_synthetic_dicom
+
+    make_synthetic_ct(tmp_path / "msd", n_labeled=1, n_unlabeled=0, shape=(20, 14, 6), seed=3)
+    make_synthetic_dicom(tmp_path / "dicom", shape=(20, 14, 6), seed=3)
+    nifti = read_study(tmp_path / "msd" / "imagesTr" / "synct_000.nii.gz")
+    dicom = read_study(tmp_path / "dicom")
+    np.testing.assert_array_equal(dicom.array, nifti.array)
+    np.testing.assert_allclose(dicom.affine, nifti.affine, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "dicom").iterdir())[0] == "S3_IM0000.dcm"
+
+    # A second series beside the first makes the folder ambiguous, as mixed exports are.
+    make_synthetic_dicom(tmp_path / "dicom", shape=(20, 14, 4), seed=4, description="scout")
+    with pytest.raises(DataError, match="holds 2 DICOM series"):
+        read_study(tmp_path / "dicom")
+    with pytest.raises(DataError, match="S4_IM0000.dcm: exists already"):
+        make_synthetic_dicom(tmp_path / "dicom", seed=4)

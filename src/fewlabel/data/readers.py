@@ -724,6 +724,13 @@ def read_dicom_series(
     import SimpleITK as sitk
 
     folder = Path(folder)
+    if folder.is_file():
+        # One slice is not a volume: point at the folder that holds the whole series.
+        if looks_like_dicom(folder):
+            raise DataError(
+                folder, f"is one DICOM file; give the folder that holds the series' slices ({folder.parent})"
+            )
+        raise DataError(folder, "is a file, not a DICOM series folder")
     if not folder.is_dir():
         raise DataError(folder, "DICOM series folder not found")
     series_uid, slices = _series_slices(folder, series_uid)

@@ -1,10 +1,13 @@
-"""Small synthetic chest CT dataset in the MSD layout, for tests, demos and smoke runs.
+"""Small synthetic chest CT: an MSD-layout dataset and DICOM series, for tests, demos and smoke runs.
 
 Each case is an ``int16`` volume in Hounsfield units: air outside the body (-1000 HU), an
 elliptic body (~40 HU), two lungs (~-850 HU) and a few lesion blobs inside the lungs
 (ground-glass opacity ~-500 HU as class 1; consolidation ~0 HU as class 2 when
 ``num_lesion_classes=2``), plus Gaussian noise. Volumes carry a non-identity, anisotropic
 affine (0.8 x 0.8 x 2.5 mm, like a clinical chest CT) so that geometry handling is exercised.
+:func:`make_synthetic_dicom` writes such a case as a DICOM CT series, as a scanner would
+export it (one file per slice, unsigned pixels with a rescale to HU), to try ``convert``
+and ``predict`` on DICOM without a real study.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from fewlabel.errors import DataError
 from fewlabel.utils.files import atomic_write, atomic_write_text
 
-__all__ = ["SYNTHETIC_SPACING", "make_synthetic_ct"]
+__all__ = ["SYNTHETIC_SPACING", "make_synthetic_ct", "make_synthetic_dicom"]
 
 SYNTHETIC_SPACING = (0.8, 0.8, 2.5)
 
@@ -153,3 +156,86 @@ def make_synthetic_ct(
     }
     atomic_write_text(root / "dataset.json", json.dumps(meta, indent=1) + "\n")
     return root
+
+
+def make_synthetic_dicom(
+    folder: str | Path,
+    shape: tuple[int, int, int] = (32, 32, 12),
+    seed: int = 0,
+    description: str = "chest 1mm",
+) -> str:
+    """Write one synthetic chest CT case as a DICOM CT series (one file per axial slice).
+
+    The series is the image :func:`make_synthetic_ct` would write for the same shape and
+    seed (its first case), on the same grid: converted back to NIfTI it has the same voxels
+    and affine. Calling it twice on one folder with different seeds gives a folder holding
+    two series, as exports that mix a scan and its scout do.
+
+    Args:
+        folder: destination (created).
+        shape: volume shape ``(X, Y, Z)``; ``Z`` slices are written.
+        seed: random seed of the case; also names the files (``S<seed>_IM<slice>.dcm``).
+        description: SeriesDescription.
+
+    Returns:
+        The SeriesInstanceUID.
+
+    Raises:
+        ValueError: for an invalid shape.
+        DataError: if a file of this series exists already in ``folder``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    if len(shape) != 3 or min(shape) < 4:
+        raise ValueError(f"shape must be three sizes >= 4, not {shape}")
+    shape = tuple(int(s) for s in shape)
+    folder = Path(folder)
+    names = [folder / f"S{seed}_IM{k:04d}.dcm" for k in range(shape[2])]
+    existing = [p for p in names if p.exists()]
+    if existing:
+        raise DataError(existing[0], "exists already; choose another folder or seed")
+    image, _ = _case(np.random.default_rng(seed), shape, 1)
+    affine = _affine(shape)
+    # Stored pixels are HU + 1024 (unsigned), as most scanners write them.
+    stored = (image.astype(np.int32) + 1024).astype(np.uint16)
+    # DICOM positions are in LPS. Rows run along -L (= +R) and columns along -P (= +A), so
+    # pixel (row r, column c) of slice k is voxel (c, r, k) of the RAS volume.
+    origin = np.array([-affine[0, 3], -affine[1, 3], affine[2, 3]])
+    uids = {"series": generate_uid(), "study": generate_uid(), "frame": generate_uid()}
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(names):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.PatientID = f"SYNTHETIC-{seed}"
+        ds.Modality = "CT"
+        ds.StudyInstanceUID = uids["study"]
+        ds.SeriesInstanceUID = uids["series"]
+        ds.FrameOfReferenceUID = uids["frame"]
+        ds.SeriesDescription = description
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [
+            float(origin[0]),
+            float(origin[1]),
+            float(origin[2] + SYNTHETIC_SPACING[2] * k),
+        ]
+        ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+        ds.PixelSpacing = [SYNTHETIC_SPACING[1], SYNTHETIC_SPACING[0]]  # between rows, between columns
+        ds.SliceThickness = SYNTHETIC_SPACING[2]
+        ds.Rows, ds.Columns = shape[1], shape[0]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope = 1.0
+        ds.RescaleIntercept = -1024.0
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        atomic_write(path, lambda p, ds=ds: ds.save_as(p, enforce_file_format=True))
+    return str(uids["series"])
