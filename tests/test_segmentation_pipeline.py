@@ -328,6 +328,9 @@ def test_collect_studies_expands_folders_and_lists(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("studies/a\xe9.nii\n".encode("latin-1"))
     with pytest.raises(DataError, match="latin1.txt.*not a UTF-8 text list"):
         segmentation.collect_studies([tmp_path / "latin1.txt"])
+    (folder / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(DataError, match=r"IM0001.dcm: is one DICOM file; give the folder .*studies\)"):
+        segmentation.collect_studies([folder / "IM0001.dcm"])
 
 
 def test_input_mode_must_fit_the_data():
@@ -690,6 +693,10 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
         segmentation.predict(tmp_path / "model.pt", [scans], out)
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "predictions.csv"]
     assert [r["case"] for r in csv.DictReader((out / "predictions.csv").open())] == ["a"]
+    with pytest.raises(
+        DataError, match=r"out: outputs exist already \(a.nii.gz, predictions.csv\); pass --overwrite"
+    ):
+        segmentation.predict(tmp_path / "model.pt", [scans / "a.nii.gz"], out)
 
     # Once b is fixed, the rest go into the same folder and the listing covers all three.
     nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / "b.nii.gz")

@@ -258,13 +258,12 @@ def predict(
             None, f"several inputs share the case name(s) {duplicates}; predict them into separate folders"
         )
     planned = {n: _outputs_for(n, p, model) for n, p in zip(names, studies, strict=True)}
-    existing = [str(f) for files in planned.values() for f in files if (output / f).exists()]
+    existing = [f for files in planned.values() for f in files if (output / f).exists()]
     if (output / "predictions.csv").exists():
-        existing.append(str(output / "predictions.csv"))
+        existing.append("predictions.csv")
     if existing and not overwrite:
-        raise DataError(
-            output, f"outputs exist already ({', '.join(existing[:5])}...); pass --overwrite to replace them"
-        )
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise DataError(output, f"outputs exist already ({shown}); pass --overwrite to replace them")
     from fewlabel.data.readers import check_study_opens, write_mask
     from fewlabel.data.segmentation_transforms import build_preprocessing
 
@@ -352,7 +351,7 @@ def _collect(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     folder (``P001/CT/`` gives ``P001_CT``): exports often name every series folder alike.
     """
     from fewlabel.data.images import is_image_file
-    from fewlabel.data.readers import is_nifti_file
+    from fewlabel.data.readers import is_nifti_file, looks_like_dicom
 
     studies: list[tuple[Path, str]] = []
     for item in inputs:
@@ -378,6 +377,10 @@ def _collect(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
                 studies.extend(_collect(listed))
             elif is_nifti_file(path) or is_image_file(path):
                 studies.append((path, case_name(path)))
+            elif looks_like_dicom(path):
+                raise DataError(
+                    path, f"is one DICOM file; give the folder that holds the series' slices ({path.parent})"
+                )
             else:
                 raise DataError(
                     path,
