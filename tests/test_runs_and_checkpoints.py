@@ -35,6 +35,28 @@ def test_run_dir_is_never_overwritten_silently(tmp_path):
     assert not (again.path / "keep.txt").exists()
 
 
+def test_a_run_that_failed_before_training_is_replaced_without_overwrite(tmp_path):
+    run = create_run_dir(tmp_path, "exp")
+    (run.config_file).write_text("task: segmentation\n")
+    with pytest.raises(DataError), track_run(run):
+        raise DataError(tmp_path / "case.nii.gz", "truncated NIfTI")
+    again = create_run_dir(tmp_path, "exp")
+    assert sorted(p.name for p in again.path.iterdir()) == []
+
+    # Anything more than config and status (a checkpoint, a log, a user's file) is kept safe,
+    # and so is a run that is still running or completed.
+    for state, extra in (("failed", "checkpoints"), ("running", None), ("completed", None)):
+        again.config_file.write_text("task: segmentation\n")
+        again.write_status(state)
+        if extra:
+            (again.path / extra).mkdir()
+        with pytest.raises(RunDirError, match="--overwrite"):
+            create_run_dir(tmp_path, "exp")
+        assert again.status_file.is_file()
+        if extra:
+            (again.path / extra).rmdir()
+
+
 def test_overwrite_replaces_only_a_run_folder(tmp_path):
     # A folder fewlabel did not make (no status.json or config.yaml) survives --overwrite.
     (tmp_path / "exp").mkdir()

@@ -78,9 +78,8 @@ def _input_paths(cfg: Any) -> list[Path]:
 def _check_named_paths(cfg: Any) -> None:
     """Refuse a fresh run whose data or weights path does not exist, before its folder exists.
 
-    Found later, by the pipeline, such a typo would leave a failed run folder behind: the
-    corrected command would then need ``--overwrite``, and ``--resume`` would repeat the typo
-    from the saved config.
+    Found later, by the pipeline, such a typo would leave a failed run folder behind, and
+    ``--resume`` would repeat the typo from the saved config.
     """
     named = [("data.path", cfg.data.path), ("data.unlabeled_path", getattr(cfg.data, "unlabeled_path", None))]
     weights = getattr(cfg.model, "weights", None)

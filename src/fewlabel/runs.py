@@ -8,6 +8,7 @@ error) or ``completed``. Only a completed run looks complete; a crashed or kille
 from __future__ import annotations
 
 import json
+import logging
 import time
 import traceback
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from fewlabel.errors import FewLabelError, RunDirError
 from fewlabel.utils.files import atomic_write_text, check_replaceable
+
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
@@ -78,7 +81,9 @@ def create_run_dir(
         output_dir: parent folder.
         name: folder name; ``None`` makes ``<stem>-<YYYYmmdd-HHMMSS>``.
         stem: prefix of generated names.
-        overwrite: allow reusing an existing run folder (its old files are removed).
+        overwrite: allow reusing an existing run folder (its old files are removed). A run
+            folder that failed before training started (it holds only its config and a
+            ``failed`` status) is replaced without it.
         inputs: files and folders the run reads (config, data, weights); a folder holding
             one of them is never removed.
 
@@ -94,6 +99,11 @@ def create_run_dir(
         name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = output_dir / name
     if path.exists():
+        if not overwrite and _failed_before_training(path):
+            # Nothing was made but the config and the error: rerunning the corrected command
+            # should not need --overwrite (nor --resume, which would repeat the saved config).
+            log.info("replacing %s: it failed before training started and holds nothing else", path)
+            overwrite = True
         if not overwrite:
             raise RunDirError(
                 f"{path}: run folder exists already; choose another run.name, resume it with "
@@ -105,6 +115,16 @@ def create_run_dir(
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return RunDir(path)
+
+
+def _failed_before_training(path: Path) -> bool:
+    """Whether ``path`` is a run folder that failed with nothing in it but its config and status."""
+    if not path.is_dir() or {p.name for p in path.iterdir()} != {CONFIG_FILE, STATUS_FILE}:
+        return False
+    try:
+        return RunDir(path).read_status().get("state") == "failed"
+    except (OSError, ValueError):
+        return False
 
 
 def open_run_dir(path: str | Path) -> RunDir:
