@@ -357,12 +357,36 @@ def test_slices_too_small_for_the_network_are_refused_naming_the_study():
     cfg = parse_config({"task": "segmentation", "data": {"path": "x"}})
     big = MetaTensor(torch.zeros(1, 48, 48, 4), meta={"filename_or_obj": "big.nii.gz"})
     small = MetaTensor(torch.zeros(1, 20, 20, 4), meta={"filename_or_obj": "small.nii.gz"})
-    segmentation._check_slice_sizes(SliceDataset([{"image": big}], labeled=False), cfg)
+    other = MetaTensor(torch.zeros(1, 40, 40, 4), meta={"filename_or_obj": "other.nii.gz"})
+    segmentation._check_slice_sizes(SliceDataset([{"image": big}], labeled=False), [], cfg, 8)
     with pytest.raises(ConfigError, match="small.nii.gz are 20x20.*preprocess.slice_size"):
-        segmentation._check_slice_sizes(SliceDataset([{"image": big}, {"image": small}], labeled=False), cfg)
+        segmentation._check_slice_sizes(
+            SliceDataset([{"image": big}, {"image": small}], labeled=False), [], cfg, 8
+        )
     # Resized slices are what the network sees, whatever the studies' own size.
     resized = SliceDataset([{"image": small}], labeled=False, slice_size=(32, 32))
-    segmentation._check_slice_sizes(resized, cfg)
+    segmentation._check_slice_sizes(resized, [], cfg, 8)
+    # Slices of several sizes cannot share a batch (one at a time can).
+    mixed = SliceDataset([{"image": big}, {"image": other}], labeled=False)
+    with pytest.raises(
+        ConfigError, match=r"differ in size: 48x48 \(big.nii.gz\), 40x40 \(other.nii.gz\).*\[48, 48\]"
+    ):
+        segmentation._check_slice_sizes(mixed, [], cfg, 8)
+    segmentation._check_slice_sizes(mixed, [], cfg, 1)
+
+
+def test_2d_images_of_several_sizes_are_found_from_their_headers(tmp_path):
+    from fewlabel.data.slices import SliceDataset
+
+    cfg = parse_config({"task": "segmentation", "data": {"path": "x"}, "input": {"mode": "2d"}})
+    records = []
+    for name, size in (("a.png", (64, 48)), ("b.png", (64, 48)), ("c.png", (40, 64))):
+        Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / name)
+        records.append({"image": str(tmp_path / name)})
+    # 2D images are read on access: nothing is decoded to find their sizes.
+    dataset = SliceDataset([{"image": torch.zeros(1, 64, 48)}] * 3, labeled=False, single_slice=True)
+    with pytest.raises(ConfigError, match=r"64x48 \(.*a.png\), 40x64 \(.*c.png\)"):
+        segmentation._check_slice_sizes(dataset, records, cfg, 4)
 
 
 def test_shipped_configs_validate_and_the_demo_yaml_matches_the_demo():

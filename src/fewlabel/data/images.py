@@ -17,7 +17,7 @@ from fewlabel.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_file", "read_image", "verify_image"]
+__all__ = ["IMAGE_SUFFIXES", "image_size", "is_image_file", "read_image", "verify_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -140,6 +140,23 @@ def _report_exif_orientation(path: Path, img: Image.Image) -> None:
             path,
             orientation,
         )
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """The size of an image from its header, without decoding its pixels.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``(height, width)``, the shape :func:`read_image` gives it.
+
+    Raises:
+        DataError: if the file is missing, empty or not an image.
+    """
+    with _open(Path(path)) as img:
+        width, height = img.size
+    return height, width
 
 
 def verify_image(path: str | Path) -> tuple[int, int, int]:

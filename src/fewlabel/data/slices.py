@@ -240,19 +240,22 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def slice_sizes(self) -> dict[tuple[int, ...], Any]:
+    def slice_sizes(self) -> dict[tuple[int, ...], Any] | None:
         """The in-plane sizes of the samples, each with the first study that has it.
 
         Returns:
             ``{(H, W): source}``: one entry, with source ``None``, when slices are resized to
-            ``slice_size``; otherwise one per distinct size among the studies in memory, or the
-            first study's alone when 2D images are read on each access.
+            ``slice_size``; otherwise one per distinct size among the studies in memory.
+            ``None`` for 2D images read on each access: reading them all would cost a pass
+            over the data (their headers tell the sizes, see
+            :func:`fewlabel.data.images.image_size`).
         """
         if self.slice_size is not None:
             return {self.slice_size: None}
+        if self.single_slice:
+            return None
         sizes: dict[tuple[int, ...], Any] = {}
-        checked = min(1, len(self.volumes)) if self.single_slice else len(self.volumes)
-        for v in range(checked):
+        for v in range(len(self.volumes)):
             item = self.volumes[v]
             sizes.setdefault(_slice_plane(item, self.axis), _source(item))
         return sizes

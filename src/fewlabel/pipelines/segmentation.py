@@ -305,7 +305,7 @@ def _loader(
     if len(dataset) == 0:
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
     if isinstance(dataset, SliceDataset):
-        _check_slice_sizes(dataset, cfg)
+        _check_slice_sizes(dataset, records, cfg, batch_size)
     iterations = iterations_per_epoch or math.ceil(len(dataset) / batch_size)
     weights = None
     if not labeled and cfg.tcsm.demoted_share is not None:
@@ -336,17 +336,40 @@ def _loader(
     )
 
 
-def _check_slice_sizes(dataset: Any, cfg: SegmentationExperiment) -> None:
-    """Refuse slices the network cannot train on, naming the study they come from.
+def _check_slice_sizes(
+    dataset: Any, records: Sequence[dict[str, Any]], cfg: SegmentationExperiment, batch_size: int
+) -> None:
+    """Refuse slices the network cannot train on, or cannot batch, naming the studies.
+
+    Found by the first batch instead, either would end the run in a traceback from inside
+    MONAI or PyTorch that names neither a study nor a setting.
 
     Raises:
-        ConfigError: see :func:`fewlabel.networks.segmentation.check_training_size`.
+        ConfigError: for slices too small for the network (see
+            :func:`fewlabel.networks.segmentation.check_training_size`), or of several sizes
+            when batches hold more than one slice.
     """
+    from fewlabel.data.images import image_size
     from fewlabel.networks.segmentation import check_training_size
 
-    for size, source in dataset.slice_sizes().items():
+    sizes = dataset.slice_sizes()
+    if sizes is None:  # 2D images: their headers say how large they are
+        sizes = {}
+        for record in records:
+            sizes.setdefault(image_size(record["image"]), record["image"])
+    for size, source in sizes.items():
         what = "preprocess.slice_size slices" if source is None else f"the slices of {source}"
         check_training_size(cfg.model, size, what, "preprocess.slice_size")
+    if len(sizes) > 1 and batch_size > 1:
+        shown = ", ".join(
+            f"{'x'.join(map(str, size))} ({source})" for size, source in list(sizes.items())[:3]
+        )
+        more = f" and {len(sizes) - 3} more sizes" if len(sizes) > 3 else ""
+        largest = max(sizes, key=lambda size: size[0] * size[1])
+        raise ConfigError(
+            f"slices differ in size: {shown}{more}; a batch of {batch_size} needs one size: set "
+            f"preprocess.slice_size (e.g. [{largest[0]}, {largest[1]}]) to resize them all"
+        )
 
 
 class _SeededSamples(torch.utils.data.Dataset):
