@@ -355,16 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("convert", help="convert a DICOM series folder to NIfTI")
-    p.add_argument("dicom_dir")
+    p.add_argument("dicom_dir", help="folder holding the series' slices (searched below too)")
     p.add_argument("output", help="destination .nii.gz")
     p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing NIfTI file")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a checkpoint's weights as safetensors + JSON metadata")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True, help="destination (.safetensors)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (best.pt or last.pt of a run)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="destination .safetensors file; the metadata goes beside it as .json",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_cmd_export)
     return parser
 
