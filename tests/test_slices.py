@@ -208,3 +208,16 @@ def test_2d_images_only_take_2d_mode(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="2D images"):
         cfg.input.mode = "2.5d"
         build_training_dataset(dl.train, cfg, train=True)
+
+
+def test_a_datalist_mixing_images_and_volumes_names_one_of_each() -> None:
+    from fewlabel.data.slices import records_spatial_dims
+    from fewlabel.errors import DataError
+
+    assert records_spatial_dims([{"image": "a.png"}, {"image": "b.jpg"}]) == 2
+    assert records_spatial_dims([{"image": "a.nii.gz"}]) == 3
+    mixed = [{"image": "scans/a.nii.gz"}, {"image": "slices/b.png"}, {"image": "slices/c.png"}]
+    with pytest.raises(
+        DataError, match=r"2D images \(e.g. slices/b.png\) and 3D volumes \(e.g. scans/a.nii.gz\)"
+    ):
+        records_spatial_dims(mixed)

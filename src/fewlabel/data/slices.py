@@ -437,18 +437,22 @@ def records_spatial_dims(records: Sequence[Mapping[str, Any]]) -> int:
     Raises:
         DataError: if the records mix 2D images and volumes, or a path is neither.
     """
-    dims = set()
+    first: dict[int, Any] = {}
     for rec in records:
         path = rec["image"]
         if is_image_file(path):
-            dims.add(2)
+            first.setdefault(2, path)
         elif is_volume_path(path):
-            dims.add(3)
+            first.setdefault(3, path)
         else:
             raise DataError(path, "neither a 2D image nor a volume (NIfTI file or DICOM folder)")
-    if len(dims) > 1:
-        raise DataError(None, "the datalist mixes 2D images and 3D volumes; use one kind per experiment")
-    return dims.pop() if dims else 3
+    if len(first) > 1:
+        raise DataError(
+            None,
+            f"the datalist mixes 2D images (e.g. {first[2]}) and 3D volumes (e.g. {first[3]}); "
+            "use one kind per experiment",
+        )
+    return next(iter(first)) if first else 3
 
 
 def _clean_records(records: Sequence[Mapping[str, Any]], labeled: bool) -> list[dict]:
