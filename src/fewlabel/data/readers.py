@@ -52,6 +52,7 @@ __all__ = [
     "read_dicom_series",
     "read_label",
     "read_study",
+    "refuse_dicom_file",
     "write_mask",
     "write_study",
 ]
@@ -527,6 +528,24 @@ def looks_like_dicom(path: str | Path) -> bool:
         return False
 
 
+def refuse_dicom_file(path: str | Path) -> None:
+    """Refuse one DICOM file given where its series is expected, pointing at its folder.
+
+    One slice is not a volume, and a series is read from the folder that holds its slices.
+
+    Args:
+        path: a file given as a study.
+
+    Raises:
+        DataError: if ``path`` is a DICOM file (see :func:`looks_like_dicom`).
+    """
+    path = Path(path)
+    if looks_like_dicom(path):
+        raise DataError(
+            path, f"is one DICOM file; give the folder that holds the series' slices ({path.parent})"
+        )
+
+
 def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     """Group the DICOM files under a folder by SeriesInstanceUID (headers only, no pixels).
 
@@ -725,11 +744,7 @@ def read_dicom_series(
 
     folder = Path(folder)
     if folder.is_file():
-        # One slice is not a volume: point at the folder that holds the whole series.
-        if looks_like_dicom(folder):
-            raise DataError(
-                folder, f"is one DICOM file; give the folder that holds the series' slices ({folder.parent})"
-            )
+        refuse_dicom_file(folder)
         raise DataError(folder, "is a file, not a DICOM series folder")
     if not folder.is_dir():
         raise DataError(folder, "DICOM series folder not found")

@@ -351,7 +351,7 @@ def _collect(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     folder (``P001/CT/`` gives ``P001_CT``): exports often name every series folder alike.
     """
     from fewlabel.data.images import is_image_file
-    from fewlabel.data.readers import is_nifti_file, looks_like_dicom
+    from fewlabel.data.readers import is_nifti_file, refuse_dicom_file
 
     studies: list[tuple[Path, str]] = []
     for item in inputs:
@@ -377,11 +377,8 @@ def _collect(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
                 studies.extend(_collect(listed))
             elif is_nifti_file(path) or is_image_file(path):
                 studies.append((path, case_name(path)))
-            elif looks_like_dicom(path):
-                raise DataError(
-                    path, f"is one DICOM file; give the folder that holds the series' slices ({path.parent})"
-                )
             else:
+                refuse_dicom_file(path)
                 raise DataError(
                     path,
                     "unsupported input; expected .nii/.nii.gz, a 2D image, a DICOM folder or a .txt list",
