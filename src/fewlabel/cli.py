@@ -282,6 +282,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fewlabel.reports.comparison import compare_evaluations, comparison_json_text, comparison_lines
+    from fewlabel.utils.files import atomic_write_text
+
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix.lower() != ".json":
+            raise FewLabelError(f"{out}: compare --output writes a .json file")
+        if out.exists() and not args.overwrite:
+            raise FewLabelError(f"{out}: exists already; pass --overwrite to replace it")
+    result = compare_evaluations(args.baseline, args.candidate, args.metric)
+    print("\n".join(comparison_lines(result)))
+    if out is not None:
+        atomic_write_text(out, comparison_json_text(result))
+        print(f"wrote {out}")
+    return 0
+
+
 def _add_eval_overrides(parser: argparse.ArgumentParser) -> None:
     """Add the ``--set eval.KEY=VALUE`` option shared by ``evaluate`` and ``predict``."""
     parser.add_argument(
@@ -347,6 +365,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_overrides(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("compare", help="compare two segmentation evaluations case by case (paired)")
+    p.add_argument(
+        "--baseline",
+        nargs="+",
+        required=True,
+        metavar="EVAL",
+        help="evaluation folder(s), run folder(s) or metrics_per_case.csv; several (e.g. one per seed) are averaged per case",
+    )
+    p.add_argument(
+        "--candidate",
+        nargs="+",
+        required=True,
+        metavar="EVAL",
+        help="the same, for the model compared with the baseline",
+    )
+    p.add_argument(
+        "--metric",
+        nargs="+",
+        default=["dice"],
+        help="metrics to compare: dice, voldice, precision, sensitivity, cdice (default: dice)",
+    )
+    p.add_argument("--output", help="also write the comparison to this .json file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="run every pipeline end to end on synthetic data")
     p.add_argument("--output", default="fewlabel-demo", help="demo folder")

@@ -1,0 +1,191 @@
+"""Paired comparison of segmentation evaluations (``fewlabel compare``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from fewlabel.cli import main
+from fewlabel.errors import DataError, FewLabelError
+from fewlabel.metrics.segmentation import CaseResult
+from fewlabel.reports.comparison import compare_evaluations, comparison_lines, read_per_case_metrics
+from fewlabel.reports.segmentation import metrics_per_case_csv_text
+
+NAN = math.nan
+CLASSES = ["background", "ggo", "consolidation"]
+
+
+def _evaluation(folder: Path, dice: dict[str, tuple[float, float]]) -> Path:
+    """An evaluation folder as ``fewlabel evaluate`` leaves it (only the per-case table)."""
+    cases = [
+        CaseResult(case, {"dice": {1: g, 2: c}, "voldice": {1: g, 2: c}}) for case, (g, c) in dice.items()
+    ]
+    folder.mkdir(parents=True)
+    (folder / "metrics_per_case.csv").write_text(metrics_per_case_csv_text(cases, CLASSES))
+    return folder
+
+
+def _row(result: dict, name: str, metric: str = "dice") -> dict:
+    return next(r for r in result["rows"] if r["class"] == name and r["metric"] == metric)
+
+
+def test_paired_difference_interval_and_counts(tmp_path):
+    base = _evaluation(
+        tmp_path / "base", {"a": (0.5, 0.2), "b": (0.6, NAN), "c": (0.7, 0.4), "d": (NAN, 0.1)}
+    )
+    cand = _evaluation(
+        tmp_path / "cand", {"a": (0.6, 0.1), "b": (0.6, 0.3), "c": (0.9, 0.4), "d": (0.4, 0.1)}
+    )
+    result = compare_evaluations([base], [cand])
+    assert result["n_cases"] == 4
+    ggo = _row(result, "ggo")
+    # case d has no baseline GGO Dice, so only a, b, c pair: differences 0.1, 0.0, 0.2
+    assert ggo["n"] == 3
+    assert ggo["baseline"] == pytest.approx(0.6)
+    assert ggo["candidate"] == pytest.approx(0.7)
+    assert ggo["difference"] == pytest.approx(0.1)
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert ggo["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert (ggo["better"], ggo["worse"], ggo["ties"]) == (2, 0, 1)
+    cons = _row(result, "consolidation")  # b undefined in the baseline: a, c, d pair
+    assert cons["n"] == 3
+    assert cons["difference"] == pytest.approx(-0.1 / 3)
+    assert (cons["better"], cons["worse"], cons["ties"]) == (0, 1, 2)
+
+
+def test_several_evaluations_per_side_are_averaged_per_case_first(tmp_path):
+    seeds = [
+        _evaluation(tmp_path / "b0", {"a": (0.4, 0.0), "b": (0.6, NAN)}),
+        _evaluation(tmp_path / "b1", {"a": (0.6, 0.2), "b": (0.8, 0.5)}),
+    ]
+    cand = _evaluation(tmp_path / "cand", {"a": (0.7, 0.1), "b": (0.9, 0.5)})
+    result = compare_evaluations(seeds, [cand], metrics=["Dice", "voldice", "dice"])
+    ggo = _row(result, "ggo")
+    assert ggo["baseline"] == pytest.approx(0.6)  # (0.5 + 0.7) / 2 per case, then over cases
+    assert ggo["difference"] == pytest.approx(0.2)
+    assert ggo["ci95"] == pytest.approx([0.2, 0.2])  # the same gain on both cases
+    # one seed left b's consolidation undefined: b's baseline is the other seed's 0.5
+    assert _row(result, "consolidation")["baseline"] == pytest.approx(0.3)
+    assert [r["metric"] for r in result["rows"]] == ["dice", "dice", "voldice", "voldice"]
+    lines = comparison_lines(result)
+    assert (
+        lines[0]
+        == "candidate - baseline, paired by case (2 cases; each side's 2 and 1 evaluations averaged per case first):"
+    )
+    assert lines[2].split()[:5] == ["ggo", "Dice", "0.600", "0.800", "+0.200"]
+    assert lines[-1].startswith("interval: two-sided 95% Student-t")
+
+
+def test_a_run_folder_is_read_through_its_eval_folder(tmp_path):
+    run = tmp_path / "run"
+    _evaluation(run / "eval", {"a": (0.5, 0.5)})
+    assert read_per_case_metrics(run).source == run / "eval" / "metrics_per_case.csv"
+
+
+@pytest.mark.parametrize(
+    ("cand_cases", "classes", "message"),
+    [
+        (
+            {"a": (0.5, 0.5), "x": (0.1, 0.1)},
+            CLASSES,
+            r"other cases than .*1 \(x\) only here, 1 \(b\) only there",
+        ),
+        ({"a": (0.5, 0.5), "b": (0.1, 0.1)}, ["background", "ggo", "lesion"], "scores classes"),
+    ],
+)
+def test_evaluations_of_other_cases_or_classes_are_refused(tmp_path, cand_cases, classes, message):
+    base = _evaluation(tmp_path / "base", {"a": (0.5, 0.5), "b": (0.6, 0.6)})
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    cases = [CaseResult(c, {"dice": {1: g, 2: k}}) for c, (g, k) in cand_cases.items()]
+    (cand / "metrics_per_case.csv").write_text(metrics_per_case_csv_text(cases, classes))
+    with pytest.raises(DataError, match=message) as err:
+        compare_evaluations([base], [cand])
+    assert str(cand / "metrics_per_case.csv") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("case,metric,ggo\n", "header must be case_id,metric"),
+        ("case_id,metric,ggo\na,dice\n", "line 2 has 2 fields"),
+        ("case_id,metric,ggo\na,dice,high\n", "line 2 holds a value that is not a number"),
+        ("case_id,metric,ggo\na,dice,0.5\na,dice,0.6\n", "line 3 lists case 'a' a second time"),
+        ("case_id,metric,ggo\n", "holds no cases"),
+    ],
+)
+def test_a_damaged_table_names_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "metrics_per_case.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as err:
+        read_per_case_metrics(path)
+    assert str(path) in str(err.value)
+
+
+def test_wrong_inputs_are_named(tmp_path):
+    base = _evaluation(tmp_path / "base", {"a": (0.5, 0.5)})
+    with pytest.raises(DataError, match="not found"):
+        compare_evaluations([base], [tmp_path / "missing"])
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match="classification evaluation"):
+        compare_evaluations([base], [tmp_path / "cls"])
+    other = _evaluation(tmp_path / "other", {"a": (0.6, 0.5)})
+    with pytest.raises(DataError, match=r"holds no cDice \(its metrics: Dice, VolDice\)"):
+        compare_evaluations([base], [other], metrics=["cDice"])
+    with pytest.raises(FewLabelError, match="given twice"):
+        compare_evaluations([base], [base / "metrics_per_case.csv"])
+
+
+def test_compare_command_prints_and_writes_json(tmp_path, capsys):
+    base = _evaluation(tmp_path / "base", {"a": (0.5, NAN), "b": (0.6, NAN)})
+    cand = _evaluation(tmp_path / "cand", {"a": (0.7, NAN), "b": (0.7, 0.2)})
+    out = tmp_path / "cmp.json"
+    argv = ["compare", "--baseline", str(base), "--candidate", str(cand), "--output", str(out)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "candidate - baseline, paired by case (2 cases):"
+    assert lines[2].split() == [
+        "ggo",
+        "Dice",
+        "0.550",
+        "0.700",
+        "+0.150",
+        "-0.485",
+        "..",
+        "+0.785",
+        "2",
+        "2/0/0",
+    ]
+    # no case pairs for consolidation: nothing to report, and the JSON says null, not NaN
+    assert lines[3].split() == ["consolidation", "Dice", "n/a", "n/a", "n/a", "n/a", "0", "0/0/0"]
+    saved = json.loads(out.read_text())
+    assert saved["rows"][1]["difference"] is None and saved["rows"][0]["n"] == 2
+    assert saved["baseline"] == [str(base / "metrics_per_case.csv")]
+
+    before = out.read_text()
+    assert main(argv) == 2
+    assert "exists already; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "cmp.txt")]) == 2
+    assert "writes a .json file" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "compare",
+                "--baseline",
+                str(base),
+                "--candidate",
+                str(tmp_path / "nope"),
+                "--output",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
+    assert "nope: not found" in capsys.readouterr().err
+    assert out.read_text() == before  # a refused comparison leaves the old file as it was
