@@ -20,7 +20,10 @@ Usage::
     .venv/bin/python scripts/covid_label_efficiency.py --data ../shared/data/covid_semiseg \\
         --arms sup10 tcsm10 sup50 tcsm50 --output-dir runs/covid-study
 
-Prints a markdown table and writes ``study.json`` and ``dice_vs_labels.png`` in the output folder.
+Prints a markdown table and, for each pair of arms run on the same seeds (TCSM against
+supervised with as many labels, and TCSM-10 against supervised-50), their Dice difference
+paired per test slice (``fewlabel compare``); writes ``study.json`` and ``dice_vs_labels.png``
+in the output folder.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ ARMS = {
     "sup50": {"labels": 50, "tcsm": False},
     "tcsm50": {"labels": 50, "tcsm": True},
 }
+# (baseline, candidate) arms compared per test slice when both were run on the same seeds.
+PAIRS = (("sup10", "tcsm10"), ("sup50", "tcsm50"), ("sup50", "tcsm10"))
 PUBLISHED = {"Semi-Inf-Net (50 + 1600)": {"infection": 0.739, "ggo": 0.646, "consolidation": 0.362}}
 
 
@@ -218,7 +223,33 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – | – | – |"
         )
+    for line in paired_lines(out, args.arms, args.seeds):
+        print(line)
     return 0
+
+
+def paired_lines(output_dir: str | Path, arms: list[str], seeds: list[int]) -> list[str]:
+    """Compare the arms of :data:`PAIRS` per test slice, each side averaged over the seeds.
+
+    Args:
+        output_dir: the study's output folder.
+        arms: the arms of this invocation.
+        seeds: its seeds.
+
+    Returns:
+        Plain-text lines (:func:`fewlabel.reports.comparison.comparison_lines`), one block per
+        pair whose two arms are among ``arms``; none when no pair is.
+    """
+    from fewlabel.reports.comparison import compare_evaluations, comparison_lines
+
+    lines = []
+    for base, cand in PAIRS:
+        if base in arms and cand in arms:
+            runs = {arm: [Path(output_dir) / f"{arm}-seed{s}" for s in seeds] for arm in (base, cand)}
+            result = compare_evaluations(runs[base], runs[cand])
+            seeds_text = ", ".join(str(s) for s in seeds)
+            lines += ["", f"{cand} - {base}, seeds {seeds_text}:", *comparison_lines(result)[1:]]
+    return lines
 
 
 def _record(path: Path, settings: dict, result: dict) -> dict:

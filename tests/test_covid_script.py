@@ -30,6 +30,11 @@ def _finished_arm(
         "3": {"Dice": infection, "Precision": 0.75, "Sensitivity": 0.5},
     }
     (run / "eval" / "summary.json").write_text(json.dumps({"mean": mean}))
+    # two test slices whose infection Dice averages to `infection`
+    (run / "eval" / "metrics_per_case.csv").write_text(
+        "case_id,metric,ggo,consolidation,infection\n"
+        f"s1,dice,0.5,0.25,{infection - 0.125}\ns2,dice,0.5,0.25,{infection + 0.125}\n"
+    )
     if minutes is not None:
         (run / script._WALL_TIME).write_text(json.dumps({"minutes": minutes}))
 
@@ -42,7 +47,12 @@ def test_collect_needs_no_dataset_and_reads_the_recorded_times(script, tmp_path,
     rows = {r["arm"]: r for r in json.loads((tmp_path / "study.json").read_text())["results"]}
     assert rows["sup10"]["infection"] == 0.625 and rows["sup10"]["minutes"] == 12.5
     assert rows["tcsm10"]["minutes"] is None and rows["tcsm10"]["ggo"] == 0.5
-    assert "| tcsm10 | 10 | 0 | 0.688 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| tcsm10 | 10 | 0 | 0.688 |" in out
+    # the two 10-label arms, paired per test slice: +0.0625 on both slices
+    paired = out.split("tcsm10 - sup10, seeds 0:\n")[1].splitlines()
+    assert paired[3].split()[:5] == ["infection", "Dice", "0.625", "0.688", "+0.062"]
+    assert paired[3].split()[-1] == "2/0/0"
 
 
 def test_side_by_side_runs_keep_each_others_rows(script, tmp_path):
