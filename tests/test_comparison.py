@@ -6,13 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from fewlabel.cli import main
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.metrics.segmentation import CaseResult
-from fewlabel.reports.comparison import compare_evaluations, comparison_lines, read_per_case_metrics
+from fewlabel.reports.classification import predictions_csv_text
+from fewlabel.reports.comparison import compare_evaluations, comparison_lines, read_evaluation
 from fewlabel.reports.segmentation import metrics_per_case_csv_text
 
 NAN = math.nan
@@ -26,6 +28,18 @@ def _evaluation(folder: Path, dice: dict[str, tuple[float, float]]) -> Path:
     ]
     folder.mkdir(parents=True)
     (folder / "metrics_per_case.csv").write_text(metrics_per_case_csv_text(cases, CLASSES))
+    return folder
+
+
+def _graded(folder: Path, true: list[str], predicted: list[str], with_truth: bool = True) -> Path:
+    """A classification evaluation folder (its predictions.csv) grading images img0, img1, ..."""
+    classes = ["r0", "r1", "r2"]
+    probs = np.full((len(true), len(classes)), 0.1)
+    probs[np.arange(len(true)), [classes.index(c) for c in predicted]] = 0.8
+    names = [f"img{i}" for i in range(len(true))]
+    y_true = [classes.index(c) for c in true] if with_truth else None
+    folder.mkdir(parents=True)
+    (folder / "predictions.csv").write_text(predictions_csv_text(names, probs, classes, y_true))
     return folder
 
 
@@ -83,7 +97,7 @@ def test_several_evaluations_per_side_are_averaged_per_case_first(tmp_path):
 def test_a_run_folder_is_read_through_its_eval_folder(tmp_path):
     run = tmp_path / "run"
     _evaluation(run / "eval", {"a": (0.5, 0.5)})
-    assert read_per_case_metrics(run).source == run / "eval" / "metrics_per_case.csv"
+    assert read_evaluation(run).source == run / "eval" / "metrics_per_case.csv"
 
 
 @pytest.mark.parametrize(
@@ -111,7 +125,7 @@ def test_evaluations_of_other_cases_or_classes_are_refused(tmp_path, cand_cases,
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("case,metric,ggo\n", "header must be case_id,metric"),
+        ("case,metric,ggo\n", r"is neither a per-case metrics table \(header case_id,metric"),
         ("case_id,metric,ggo\na,dice\n", "line 2 has 2 fields"),
         ("case_id,metric,ggo\na,dice,high\n", "line 2 holds a value that is not a number"),
         ("case_id,metric,ggo\na,dice,0.5\na,dice,0.6\n", "line 3 lists case 'a' a second time"),
@@ -122,7 +136,7 @@ def test_a_damaged_table_names_the_file_and_line(tmp_path, text, message):
     path = tmp_path / "metrics_per_case.csv"
     path.write_text(text)
     with pytest.raises(DataError, match=message) as err:
-        read_per_case_metrics(path)
+        read_evaluation(path)
     assert str(path) in str(err.value)
 
 
@@ -130,10 +144,12 @@ def test_wrong_inputs_are_named(tmp_path):
     base = _evaluation(tmp_path / "base", {"a": (0.5, 0.5)})
     with pytest.raises(DataError, match="not found"):
         compare_evaluations([base], [tmp_path / "missing"])
-    (tmp_path / "cls").mkdir()
-    (tmp_path / "cls" / "metrics.json").write_text("{}")
-    with pytest.raises(DataError, match="classification evaluation"):
-        compare_evaluations([base], [tmp_path / "cls"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no metrics_per_case.csv or predictions.csv here or in its eval/"):
+        compare_evaluations([base], [tmp_path / "empty"])
+    grader = _graded(tmp_path / "grader", ["r0", "r1"], ["r0", "r1"])
+    with pytest.raises(DataError, match="is a classification evaluation, .* a segmentation one"):
+        compare_evaluations([base], [grader])
     other = _evaluation(tmp_path / "other", {"a": (0.6, 0.5)})
     with pytest.raises(DataError, match=r"holds no cDice \(its metrics: Dice, VolDice\)"):
         compare_evaluations([base], [other], metrics=["cDice"])
@@ -160,9 +176,10 @@ def test_compare_command_prints_and_writes_json(tmp_path, capsys):
         "+0.785",
         "2",
         "2/0/0",
+        "0.5",  # sign test: both slices better
     ]
     # no case pairs for consolidation: nothing to report, and the JSON says null, not NaN
-    assert lines[3].split() == ["consolidation", "Dice", "n/a", "n/a", "n/a", "n/a", "0", "0/0/0"]
+    assert lines[3].split() == ["consolidation", "Dice", "n/a", "n/a", "n/a", "n/a", "0", "0/0/0", "n/a"]
     saved = json.loads(out.read_text())
     assert saved["rows"][1]["difference"] is None and saved["rows"][0]["n"] == 2
     assert saved["baseline"] == [str(base / "metrics_per_case.csv")]
@@ -189,3 +206,31 @@ def test_compare_command_prints_and_writes_json(tmp_path, capsys):
     )
     assert "nope: not found" in capsys.readouterr().err
     assert out.read_text() == before  # a refused comparison leaves the old file as it was
+
+
+def test_classification_evaluations_compare_accuracy_per_image(tmp_path):
+    true = ["r0", "r0", "r1", "r1", "r2", "r2"]
+    base = _graded(tmp_path / "base", true, ["r0", "r1", "r1", "r0", "r0", "r2"])  # 3 of 6 right
+    cand = _graded(tmp_path / "cand", true, ["r0", "r0", "r1", "r1", "r2", "r0"])  # 5 of 6 right
+    result = compare_evaluations([base], [cand])
+    assert result["task"] == "classification"
+    every = _row(result, "all", "accuracy")
+    assert (every["baseline"], every["candidate"]) == (pytest.approx(0.5), pytest.approx(5 / 6))
+    # discordant images: img1, img3, img4 right only for the candidate, img5 only for the baseline
+    assert (every["better"], every["worse"], every["ties"]) == (3, 1, 2)
+    assert every["p_sign"] == pytest.approx(stats.binomtest(3, 4, 0.5).pvalue)  # McNemar's exact test
+    # per class: the share of that class's images graded right
+    assert [_row(result, c, "accuracy")["n"] for c in ("r0", "r1", "r2")] == [2, 2, 2]
+    assert _row(result, "r2", "accuracy")["difference"] == pytest.approx(0.0)
+    lines = comparison_lines(result)
+    assert lines[2].split()[:5] == ["all", "accuracy", "0.500", "0.833", "+0.333"]
+
+
+def test_classification_needs_ground_truth_and_the_same_ground_truth(tmp_path):
+    base = _graded(tmp_path / "base", ["r0", "r1"], ["r0", "r1"])
+    unscored = _graded(tmp_path / "predicted", ["r0", "r1"], ["r0", "r0"], with_truth=False)
+    with pytest.raises(DataError, match="has no true column"):
+        compare_evaluations([base], [unscored])
+    relabelled = _graded(tmp_path / "relabelled", ["r0", "r2"], ["r0", "r0"])
+    with pytest.raises(DataError, match=r"other true classes than .* for 1 \(img1\)"):
+        compare_evaluations([base], [relabelled])

@@ -366,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("compare", help="compare two segmentation evaluations case by case (paired)")
+    p = sub.add_parser(
+        "compare", help="compare two evaluations case by case (paired difference and interval)"
+    )
     p.add_argument(
         "--baseline",
         nargs="+",
@@ -384,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metric",
         nargs="+",
-        default=["dice"],
-        help="metrics to compare: dice, voldice, precision, sensitivity, cdice (default: dice)",
+        help="metrics to compare: dice, voldice, precision, sensitivity, cdice (default: dice); "
+        "classification evaluations compare accuracy",
     )
     p.add_argument("--output", help="also write the comparison to this .json file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")

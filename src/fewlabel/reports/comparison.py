@@ -1,10 +1,16 @@
-"""Paired comparison of segmentation evaluations, case by case.
+"""Paired comparison of evaluations, case by case (``fewlabel compare``).
 
 Two models scored on the same test cases share most of their spread: a hard case is hard for
 both. Their separate confidence intervals (``ci95`` in ``summary.json``) include that shared
 spread, so they overlap even when one model is ahead on nearly every case. The difference per
 case removes it, and its interval says whether the gap is beyond the noise of the test set.
 Neither MONAI nor scikit-learn pairs the per-case metrics of two evaluations, hence this module.
+
+Segmentation evaluations are read from ``metrics_per_case.csv`` (a value per case, metric and
+class). Classification evaluations are read from ``predictions.csv`` with its ``true`` column:
+each image scores 1 when predicted right and 0 otherwise, as metric ``accuracy`` in the column
+``all`` and in the column of its true class, so the ``all`` row compares accuracy and each
+class's row the share of that class's images graded right (its sensitivity).
 
 Rules:
 
@@ -13,7 +19,9 @@ Rules:
   is undefined for the case is left out of the case's mean).
 - A case counts for a class when the class is defined on both sides (``n``); the difference is
   candidate minus baseline, its interval the two-sided 95% Student-t interval of the mean
-  difference over those cases (not clipped: differences lie in [-1, 1]).
+  difference over those cases (not clipped: differences lie in [-1, 1]). ``p_sign`` is the
+  two-sided sign test of the cases scored better against those scored worse (ties left out);
+  for one classification evaluation per side it is McNemar's exact test.
 - Every evaluation must hold the same cases and the same classes: a comparison of different
   test cases is refused rather than quietly restricted to the cases they share.
 """
@@ -35,17 +43,22 @@ from fewlabel.errors import DataError, FewLabelError
 from fewlabel.reports.segmentation import METRIC_NAMES
 
 __all__ = [
+    "ALL_IMAGES",
     "CI_METHOD",
     "PER_CASE_FILE",
+    "PREDICTIONS_FILE",
     "PerCaseMetrics",
     "compare_evaluations",
     "comparison_json_text",
     "comparison_lines",
-    "find_per_case_file",
-    "read_per_case_metrics",
+    "find_evaluation_file",
+    "read_evaluation",
 ]
 
 PER_CASE_FILE = "metrics_per_case.csv"
+PREDICTIONS_FILE = "predictions.csv"
+#: The column of a classification comparison that holds every image.
+ALL_IMAGES = "all"
 CI_METHOD = "two-sided 95% Student-t interval of the mean paired difference over cases"
 
 # metrics_per_case.csv stores six decimals, so smaller differences are ties.
@@ -60,71 +73,74 @@ class PerCaseMetrics:
         source: the ``metrics_per_case.csv`` they were read from.
         classes: class names of the value columns, in file order.
         values: metric key (``dice``, ``voldice``, ...) → case → one value per class (NaN = undefined).
+        task: ``segmentation`` or ``classification``.
+        truth: for classification, each image's true class (images must agree across evaluations).
     """
 
     source: Path
     classes: list[str]
     values: dict[str, dict[str, list[float]]]
+    task: str = "segmentation"
+    truth: dict[str, str] | None = None
 
 
-def find_per_case_file(path: str | Path) -> Path:
-    """Locate the per-case metrics of an evaluation.
+def find_evaluation_file(path: str | Path) -> Path:
+    """Locate the per-case results of an evaluation.
 
     Args:
-        path: a ``metrics_per_case.csv``, an evaluation folder holding one (``fewlabel evaluate
-            --output``), or a run folder (its ``eval/`` folder is used).
+        path: a ``metrics_per_case.csv`` (segmentation) or ``predictions.csv`` (classification),
+            an evaluation folder holding one (``fewlabel evaluate --output``), or a run folder
+            (its ``eval/`` folder is used).
 
     Returns:
         The CSV file.
 
     Raises:
-        DataError: if the path does not exist or holds no per-case segmentation metrics.
+        DataError: if the path does not exist or holds no per-case results.
     """
     path = Path(path)
     if path.is_file():
         return path
     if not path.exists():
-        raise DataError(
-            path, "not found (give an evaluation folder, a run folder or its metrics_per_case.csv)"
-        )
+        raise DataError(path, "not found (give an evaluation folder, a run folder or its per-case CSV file)")
     for folder in (path, path / "eval"):
-        if (folder / PER_CASE_FILE).is_file():
-            return folder / PER_CASE_FILE
-    if (path / "metrics.json").is_file() or (path / "eval" / "metrics.json").is_file():
-        raise DataError(
-            path,
-            f"holds a classification evaluation; compare reads segmentation evaluations ({PER_CASE_FILE})",
-        )
+        for name in (PER_CASE_FILE, PREDICTIONS_FILE):
+            if (folder / name).is_file():
+                return folder / name
     raise DataError(
         path,
-        f"no {PER_CASE_FILE} here or in its eval/ folder; give the --output folder of fewlabel "
-        "evaluate or a segmentation run folder",
+        f"no {PER_CASE_FILE} or {PREDICTIONS_FILE} here or in its eval/ folder; give the --output "
+        "folder of fewlabel evaluate or a run folder",
     )
 
 
-def read_per_case_metrics(path: str | Path) -> PerCaseMetrics:
-    """Read an evaluation's ``metrics_per_case.csv``.
+def read_evaluation(path: str | Path) -> PerCaseMetrics:
+    """Read an evaluation's ``metrics_per_case.csv`` or classification ``predictions.csv``.
 
     Args:
-        path: see :func:`find_per_case_file`.
+        path: see :func:`find_evaluation_file`.
 
     Returns:
-        The per-case metrics.
+        The per-case metrics (for classification, ``accuracy``: 1 or 0 per image, see above).
 
     Raises:
-        DataError: if the file is not a per-case metrics table (wrong header, a row of the
-            wrong length, a value that is not a number, a case listed twice for one metric) or
-            holds no cases.
+        DataError: if the file is not such a table (wrong header, a row of the wrong length, a
+            value that is not a number or not a class, a case listed twice) or holds no cases;
+            for predictions without a ``true`` column (``fewlabel predict`` output).
     """
-    source = find_per_case_file(path)
+    source = find_evaluation_file(path)
     try:
         with open(source, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(source, f"cannot be read ({err})") from err
+    if rows and rows[0][:1] == ["image"]:
+        return _read_predictions(source, rows)
     if not rows or rows[0][:2] != ["case_id", "metric"] or len(rows[0]) < 3:
         raise DataError(
-            source, "is not a per-case metrics table (its header must be case_id,metric,<class>...)"
+            source,
+            "is neither a per-case metrics table (header case_id,metric,<class>...) nor a "
+            "classification predictions table (header image,true,predicted,prob_<class>...)",
         )
     classes = rows[0][2:]
     values: dict[str, dict[str, list[float]]] = {}
@@ -150,21 +166,22 @@ def read_per_case_metrics(path: str | Path) -> PerCaseMetrics:
 
 
 def compare_evaluations(
-    baseline: Sequence[str | Path], candidate: Sequence[str | Path], metrics: Sequence[str] = ("dice",)
+    baseline: Sequence[str | Path], candidate: Sequence[str | Path], metrics: Sequence[str] | None = None
 ) -> dict:
     """Compare two sides of evaluations per case: candidate minus baseline.
 
     Args:
-        baseline: the baseline's evaluations (see :func:`find_per_case_file`), one per seed or one.
+        baseline: the baseline's evaluations (see :func:`find_evaluation_file`), one per seed or one.
         candidate: the candidate's evaluations.
         metrics: metric keys or report names (``dice``/``Dice``, ``voldice``, ``precision``,
-            ``sensitivity``, ``cdice``).
+            ``sensitivity``, ``cdice``; ``accuracy`` for classification); by default Dice, or
+            accuracy for classification.
 
     Returns:
-        ``{"baseline": [files], "candidate": [files], "n_cases": N, "ci_method": str,
-        "rows": [{"metric", "class", "n", "baseline", "candidate", "difference", "ci95": [lo, hi],
-        "better", "worse", "ties"}]}``; means over the paired cases, NaN where fewer than two
-        cases pair (interval) or none (everything).
+        ``{"baseline": [files], "candidate": [files], "n_cases": N, "task": str, "ci_method":
+        str, "rows": [{"metric", "class", "n", "baseline", "candidate", "difference", "ci95":
+        [lo, hi], "better", "worse", "ties", "p_sign"}]}``; means over the paired cases, NaN
+        where fewer than two cases pair (interval) or none (everything).
 
     Raises:
         FewLabelError: if a side is empty or one evaluation is given twice.
@@ -173,8 +190,8 @@ def compare_evaluations(
     if not baseline or not candidate:
         raise FewLabelError("compare needs at least one baseline and one candidate evaluation")
     sides = {
-        "baseline": [read_per_case_metrics(p) for p in baseline],
-        "candidate": [read_per_case_metrics(p) for p in candidate],
+        "baseline": [read_evaluation(p) for p in baseline],
+        "candidate": [read_evaluation(p) for p in candidate],
     }
     runs = sides["baseline"] + sides["candidate"]
     seen: dict[Path, str] = {}
@@ -186,6 +203,8 @@ def compare_evaluations(
                     f"{run.source} is given twice (as {seen[key]} and {role}); each evaluation counts once"
                 )
             seen[key] = role
+    if not metrics:
+        metrics = ["accuracy" if runs[0].task == "classification" else "dice"]
     wanted = list(dict.fromkeys(_metric_key(m, runs[0]) for m in metrics))
     _check_same_layout(runs, wanted)
 
@@ -200,6 +219,7 @@ def compare_evaluations(
         "baseline": [str(r.source) for r in sides["baseline"]],
         "candidate": [str(r.source) for r in sides["candidate"]],
         "n_cases": len(cases),
+        "task": runs[0].task,
         "ci_method": CI_METHOD,
         "rows": rows,
     }
@@ -223,17 +243,18 @@ def comparison_lines(result: dict) -> list[str]:
     width = max(len("class"), *(len(r["class"]) for r in result["rows"]))
     lines.append(
         f"  {'class':<{width}}  {'metric':<11}  {'baseline':>8}  {'candidate':>9}  {'difference':>10}"
-        f"  {'95% interval':>17}    n  better/worse/tied"
+        f"  {'95% interval':>17}    n  better/worse/tied  sign test p"
     )
     for r in result["rows"]:
         lo, hi = r["ci95"]
         interval = "n/a" if math.isnan(lo) else f"{lo:+.3f} .. {hi:+.3f}"
+        counts = f"{r['better']}/{r['worse']}/{r['ties']}"
         lines.append(
             f"  {r['class']:<{width}}  {METRIC_NAMES.get(r['metric'], r['metric']):<11}"
             f"  {_fmt(r['baseline']):>8}  {_fmt(r['candidate']):>9}  {_fmt(r['difference'], '+.3f'):>10}"
-            f"  {interval:>17}  {r['n']:>3}  {r['better']}/{r['worse']}/{r['ties']}"
+            f"  {interval:>17}  {r['n']:>3}  {counts:>17}  {_fmt(r['p_sign'], '.3g'):>11}"
         )
-    lines.append(f"interval: {result['ci_method']}")
+    lines.append(f"interval: {result['ci_method']}; p: two-sided sign test, ties left out")
     return lines
 
 
@@ -259,6 +280,45 @@ def comparison_json_text(result: dict) -> str:
     return json.dumps(ready(result), indent=2, allow_nan=False) + "\n"
 
 
+def _read_predictions(source: Path, rows: list[list[str]]) -> PerCaseMetrics:
+    """Score each image of a classification ``predictions.csv`` as right (1) or wrong (0)."""
+    header = rows[0]
+    if header[1:2] != ["true"]:
+        raise DataError(
+            source,
+            "has no true column (predictions of fewlabel predict); compare needs evaluations with "
+            "ground truth (fewlabel evaluate or a run's eval/ folder)",
+        )
+    classes = [h.removeprefix("prob_") for h in header[3:]]
+    if header[2:3] != ["predicted"] or not classes or any(not h.startswith("prob_") for h in header[3:]):
+        raise DataError(source, "is not a predictions table (header image,true,predicted,prob_<class>...)")
+    correct: dict[str, list[float]] = {}
+    truth: dict[str, str] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(source, f"line {line} has {len(row)} fields, the header {len(header)}")
+        image, true, predicted = row[:3]
+        for value in (true, predicted):
+            if value not in classes:
+                raise DataError(source, f"line {line} names class {value!r}, not one of {classes}")
+        if image in correct:
+            raise DataError(source, f"line {line} lists image {image!r} a second time")
+        hit = float(true == predicted)
+        correct[image] = [hit] + [hit if c == true else math.nan for c in classes]
+        truth[image] = true
+    if not correct:
+        raise DataError(source, "holds no images")
+    return PerCaseMetrics(
+        source=source,
+        classes=[ALL_IMAGES, *classes],
+        values={"accuracy": correct},
+        task="classification",
+        truth=truth,
+    )
+
+
 def _metric_key(name: str, run: PerCaseMetrics) -> str:
     key = name.lower()
     if key not in run.values:
@@ -270,6 +330,11 @@ def _metric_key(name: str, run: PerCaseMetrics) -> str:
 def _check_same_layout(runs: Sequence[PerCaseMetrics], metrics: Sequence[str]) -> None:
     first = runs[0]
     for run in runs:
+        if run.task != first.task:
+            raise DataError(
+                run.source,
+                f"is a {run.task} evaluation, {first.source} a {first.task} one; compare like with like",
+            )
         if run.classes != first.classes:
             raise DataError(
                 run.source,
@@ -285,6 +350,14 @@ def _check_same_layout(runs: Sequence[PerCaseMetrics], metrics: Sequence[str]) -
                     run.source,
                     f"was scored on other cases than {first.source}: {_cases(mine - theirs)} only here, "
                     f"{_cases(theirs - mine)} only there; compare evaluations of the same test cases",
+                )
+        if run.truth is not None and first.truth is not None:
+            differ = {c for c in run.truth if run.truth[c] != first.truth[c]}
+            if differ:
+                raise DataError(
+                    run.source,
+                    f"gives other true classes than {first.source} for {_cases(differ)}; compare "
+                    "evaluations against the same ground truth",
                 )
 
 
@@ -319,7 +392,13 @@ def _paired(base: np.ndarray, cand: np.ndarray) -> dict:
         "better": int((d > _TIE).sum()),
         "worse": int((d < -_TIE).sum()),
         "ties": int((np.abs(d) <= _TIE).sum()),
+        "p_sign": math.nan,
     }
+    changed = out["better"] + out["worse"]
+    if changed:
+        out["p_sign"] = float(stats.binomtest(out["better"], changed, 0.5).pvalue)
+    elif n:
+        out["p_sign"] = 1.0
     if n >= 2:
         half = float(stats.t.ppf(0.975, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)
         out["ci95"] = [out["difference"] - half, out["difference"] + half]
