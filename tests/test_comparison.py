@@ -234,3 +234,27 @@ def test_classification_needs_ground_truth_and_the_same_ground_truth(tmp_path):
     relabelled = _graded(tmp_path / "relabelled", ["r0", "r2"], ["r0", "r0"])
     with pytest.raises(DataError, match=r"other true classes than .* for 1 \(img1\)"):
         compare_evaluations([base], [relabelled])
+
+
+def test_plot_draws_the_paired_cases_and_refuses_grading_runs(tmp_path, capsys):
+    base = _evaluation(tmp_path / "base", {"a": (0.5, 0.1), "b": (0.6, 0.2)})
+    cand = _evaluation(tmp_path / "cand", {"a": (0.7, 0.3), "b": (0.8, NAN)})
+    plot, out = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    argv = ["compare", "--baseline", str(base), "--candidate", str(cand)]
+    assert main([*argv, "--plot", str(plot), "--output", str(out)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ggo, cons = json.loads(out.read_text())["rows"]
+    assert ggo["per_case"] == [
+        {"case": "a", "baseline": 0.5, "candidate": 0.7},
+        {"case": "b", "baseline": 0.6, "candidate": 0.8},
+    ]
+    assert [p["case"] for p in cons["per_case"]] == ["a"]  # b's candidate consolidation is undefined
+    capsys.readouterr()
+
+    graders = [_graded(tmp_path / n, ["r0", "r1"], ["r0", "r1"]) for n in ("g0", "g1")]
+    new_plot = tmp_path / "grading.png"
+    argv = ["compare", "--baseline", str(graders[0]), "--candidate", str(graders[1]), "--plot", str(new_plot)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "score 0 or 1 per image" in captured.err and captured.out == ""
+    assert not new_plot.exists()

@@ -283,20 +283,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fewlabel.reports.comparison import compare_evaluations, comparison_json_text, comparison_lines
+    from fewlabel.reports.comparison import (
+        compare_evaluations,
+        comparison_json_text,
+        comparison_lines,
+        plot_comparison,
+    )
     from fewlabel.utils.files import atomic_write_text
 
-    out = Path(args.output) if args.output else None
-    if out is not None:
-        if out.suffix.lower() != ".json":
-            raise FewLabelError(f"{out}: compare --output writes a .json file")
-        if out.exists() and not args.overwrite:
-            raise FewLabelError(f"{out}: exists already; pass --overwrite to replace it")
+    outputs = {"--output": (args.output, ".json"), "--plot": (args.plot, ".png")}
+    for option, (given, suffix) in outputs.items():
+        if given is None:
+            continue
+        if Path(given).suffix.lower() != suffix:
+            raise FewLabelError(f"{given}: compare {option} writes a {suffix} file")
+        if Path(given).exists() and not args.overwrite:
+            raise FewLabelError(f"{given}: exists already; pass --overwrite to replace it")
     result = compare_evaluations(args.baseline, args.candidate, args.metric)
+    if args.plot and result["task"] == "classification":
+        plot_comparison(result, args.plot)  # refuses, before anything is printed or written
     print("\n".join(comparison_lines(result)))
-    if out is not None:
-        atomic_write_text(out, comparison_json_text(result))
-        print(f"wrote {out}")
+    if args.output:
+        atomic_write_text(args.output, comparison_json_text(result))
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot_comparison(result, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -390,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         "classification evaluations compare accuracy",
     )
     p.add_argument("--output", help="also write the comparison to this .json file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument(
+        "--plot", help="also draw each class's per-case scores, baseline against candidate, as this .png"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing --output and --plot files")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="run every pipeline end to end on synthetic data")

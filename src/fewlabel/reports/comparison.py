@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
 from fewlabel.errors import DataError, FewLabelError
+from fewlabel.reports.plots import plain_text, save_figure
 from fewlabel.reports.segmentation import METRIC_NAMES
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "comparison_json_text",
     "comparison_lines",
     "find_evaluation_file",
+    "plot_comparison",
     "read_evaluation",
 ]
 
@@ -180,8 +183,9 @@ def compare_evaluations(
     Returns:
         ``{"baseline": [files], "candidate": [files], "n_cases": N, "task": str, "ci_method":
         str, "rows": [{"metric", "class", "n", "baseline", "candidate", "difference", "ci95":
-        [lo, hi], "better", "worse", "ties", "p_sign"}]}``; means over the paired cases, NaN
-        where fewer than two cases pair (interval) or none (everything).
+        [lo, hi], "better", "worse", "ties", "p_sign", "per_case": [{"case", "baseline",
+        "candidate"}]}]}``; means over the paired cases, NaN where fewer than two cases pair
+        (interval) or none (everything).
 
     Raises:
         FewLabelError: if a side is empty or one evaluation is given twice.
@@ -214,7 +218,7 @@ def compare_evaluations(
         base = _side_means(sides["baseline"], metric, cases)
         cand = _side_means(sides["candidate"], metric, cases)
         for k, name in enumerate(runs[0].classes):
-            rows.append({"metric": metric, "class": name, **_paired(base[:, k], cand[:, k])})
+            rows.append({"metric": metric, "class": name, **_paired(base[:, k], cand[:, k], cases)})
     return {
         "baseline": [str(r.source) for r in sides["baseline"]],
         "candidate": [str(r.source) for r in sides["candidate"]],
@@ -319,6 +323,51 @@ def _read_predictions(source: Path, rows: list[list[str]]) -> PerCaseMetrics:
     )
 
 
+@plain_text
+def plot_comparison(result: dict, path: str | Path) -> Path:
+    """Draw each row's paired values: baseline on x, candidate on y, one point per case.
+
+    Points above the diagonal are cases the candidate scores better; the title of each panel
+    gives the mean difference and its interval.
+
+    Args:
+        result: :func:`compare_evaluations`' output of segmentation evaluations.
+        path: destination ``.png``.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        FewLabelError: for a classification comparison, whose 0/1 values a scatter cannot show.
+    """
+    if result.get("task") == "classification":
+        raise FewLabelError(
+            "a comparison plot shows per-case scores of segmentation evaluations; grading runs "
+            "score 0 or 1 per image, read their table instead"
+        )
+    rows = result["rows"]
+    cols = min(3, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig = Figure(figsize=(3.3 * cols, 3.3 * nrows))
+    for i, row in enumerate(rows):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        xs = [p["baseline"] for p in row["per_case"]]
+        ys = [p["candidate"] for p in row["per_case"]]
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        ax.scatter(xs, ys, s=14, alpha=0.7)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        lo, hi = row["ci95"]
+        gap = "n/a" if math.isnan(row["difference"]) else f"{row['difference']:+.3f}"
+        interval = "" if math.isnan(lo) else f" ({lo:+.3f} .. {hi:+.3f})"
+        name = METRIC_NAMES.get(row["metric"], row["metric"])
+        ax.set_title(f"{row['class']} {name}: {gap}{interval}", fontsize=9)
+        ax.set_xlabel("baseline")
+        ax.set_ylabel("candidate")
+    return save_figure(fig, path)
+
+
 def _metric_key(name: str, run: PerCaseMetrics) -> str:
     key = name.lower()
     if key not in run.values:
@@ -378,9 +427,10 @@ def _side_means(side: Sequence[PerCaseMetrics], metric: str, cases: Sequence[str
     return np.where(counts > 0, sums / np.maximum(counts, 1), math.nan)
 
 
-def _paired(base: np.ndarray, cand: np.ndarray) -> dict:
+def _paired(base: np.ndarray, cand: np.ndarray, cases: Sequence[str]) -> dict:
     both = ~np.isnan(base) & ~np.isnan(cand)
     b, c = base[both], cand[both]
+    paired_cases = [case for case, keep in zip(cases, both, strict=True) if keep]
     d = c - b
     n = int(d.size)
     out = {
@@ -393,6 +443,10 @@ def _paired(base: np.ndarray, cand: np.ndarray) -> dict:
         "worse": int((d < -_TIE).sum()),
         "ties": int((np.abs(d) <= _TIE).sum()),
         "p_sign": math.nan,
+        "per_case": [
+            {"case": case, "baseline": float(x), "candidate": float(y)}
+            for case, x, y in zip(paired_cases, b, c, strict=True)
+        ],
     }
     changed = out["better"] + out["worse"]
     if changed:
