@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,20 @@ def test_plot_draws_the_paired_cases_and_refuses_grading_runs(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "score 0 or 1 per image" in captured.err and captured.out == ""
     assert not new_plot.exists()
+
+
+def test_a_reader_that_closes_the_pipe_stops_the_command_quietly(tmp_path, monkeypatch, capsys):
+    """``fewlabel compare ... | head -1``: no traceback, the shell's status for SIGPIPE."""
+    base = _evaluation(tmp_path / "base", {"a": (0.5, 0.2), "b": (0.6, 0.3)})
+    cand = _evaluation(tmp_path / "cand", {"a": (0.6, 0.1), "b": (0.7, 0.3)})
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed_pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stdout", closed_pipe)
+    try:
+        status = main(["compare", "--baseline", str(base), "--candidate", str(cand)])
+    finally:
+        monkeypatch.undo()
+        closed_pipe.close()
+    assert status == 141
+    assert "Traceback" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from fewlabel.errors import DataError, FewLabelError
 log = logging.getLogger("fewlabel")
 
 EXIT_USER_ERROR = 2
+# 128 + SIGPIPE, what a shell reports for a command whose reader closed the pipe.
+EXIT_BROKEN_PIPE = 141
 
 
 def _pipeline(task: str):
@@ -448,10 +451,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        status = args.func(args)
+        # Flushing here, not at interpreter exit, lets a closed pipe surface below.
+        sys.stdout.flush()
+        return status
     except FewLabelError as err:
         print(f"fewlabel: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader (``| head``) has gone: stop quietly like other Unix tools, and point
+        # stdout at devnull so the interpreter's final flush does not print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover
