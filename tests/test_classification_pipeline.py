@@ -145,6 +145,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
     assert meta["image_size"] == SIZE and len(meta["mean"]) == 3 and meta["channels"] == 3
     assert meta["best_metric"] == "kappa" and meta["model"]["weights"] == "none"
     parse_config(meta["config"])  # the stored config is complete and valid
+    assert meta["software"]["Pytorch"] == torch.__version__  # what made the weights
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"optimizer", "scheduler", "scaler", "engine", "rng"} <= set(last)
     assert last["engine"]["epoch"] == 2

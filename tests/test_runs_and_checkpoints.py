@@ -94,6 +94,35 @@ def test_a_resumed_run_that_completes_drops_the_old_error(tmp_path):
     assert "error" not in status and "traceback" not in status
 
 
+def test_every_session_of_a_run_records_its_software(tmp_path, monkeypatch, caplog):
+    run = create_run_dir(tmp_path, "exp")
+    with track_run(run):
+        pass
+    (session,) = json.loads(run.environment_file.read_text())["sessions"]
+    assert session["software"]["fewlabel"] == __version__
+    assert session["software"]["Pytorch"] == torch.__version__
+    assert session["started"] == run.read_status()["started"]
+
+    # A resume under the same software adds a session quietly; under another PyTorch it warns.
+    with track_run(run):
+        pass
+    assert "other software" not in caplog.text
+    newer = {**session["software"], "Pytorch": "9.9.9"}
+    monkeypatch.setattr("fewlabel.utils.environment.software_versions", lambda: newer)
+    with track_run(run):
+        pass
+    sessions = json.loads(run.environment_file.read_text())["sessions"]
+    assert [s["software"]["Pytorch"] for s in sessions] == [torch.__version__, torch.__version__, "9.9.9"]
+    assert f"Pytorch {torch.__version__} -> 9.9.9" in caplog.text
+
+    # The file records and does not steer: a damaged one is started again, the run goes on.
+    run.environment_file.write_text("{not json")
+    with track_run(run):
+        pass
+    assert len(json.loads(run.environment_file.read_text())["sessions"]) == 1
+    assert run.read_status()["state"] == "completed"
+
+
 def test_open_run_dir_requires_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not found"):
         open_run_dir(tmp_path / "missing")

@@ -87,6 +87,7 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     assert (meta["spatial_dims"], meta["in_channels"], meta["model_name"]) == (3, 3, "student")
     assert meta["best_metric"] == "mean_fg_dice" and 0.0 <= meta["best_value"] <= 1.0
     assert meta["config"]["tcsm"]["enabled"] is False
+    assert meta["software"]["MONAI"] and meta["software"]["Pytorch"] == torch.__version__
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["engine"]["iteration"] == 6 and "optimizer" in last and "rng_state" in last
     # Saved at iterations 2, 3 (epoch end), 4 and 6; keep_last=2 keeps the newest two states.

@@ -3,6 +3,8 @@
 A run folder carries ``status.json`` whose ``state`` is ``running``, ``failed`` (with the
 error) or ``completed``. Only a completed run looks complete; a crashed or killed run stays
 ``running`` (or ``failed``) and can be resumed with ``fewlabel train --resume RUN_DIR``.
+``environment.json`` lists each session of the run (the start and every resume) with the
+software versions it ran under.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
+ENVIRONMENT_FILE = "environment.json"
 
 
 @dataclass
@@ -43,6 +46,44 @@ class RunDir:
     @property
     def status_file(self) -> Path:
         return self.path / STATUS_FILE
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / ENVIRONMENT_FILE
+
+    def record_session(self, software: dict[str, str], started: str) -> None:
+        """Append a session (a start or a resume) and its software versions to ``environment.json``.
+
+        A resume under other versions than the run's first session is logged as a warning:
+        the run is then no longer reproducible bit for bit.
+
+        Args:
+            software: see :func:`fewlabel.utils.environment.software_versions`.
+            started: ISO time of the session's start.
+        """
+        sessions: list[dict] = []
+        if self.environment_file.is_file():
+            try:
+                sessions = list(json.loads(self.environment_file.read_text(encoding="utf-8"))["sessions"])
+            except (OSError, ValueError, KeyError, TypeError):
+                # The file records, it does not steer: a damaged one must not stop the run.
+                log.warning("%s is unreadable; it is started again", self.environment_file)
+        if sessions:
+            first = sessions[0].get("software", {})
+            changed = sorted(
+                k for k in set(first) | set(software) if k != "gpus" and first.get(k) != software.get(k)
+            )
+            if changed:
+                log.warning(
+                    "resuming %s under other software than it started with (%s): the results may "
+                    "differ from an uninterrupted run",
+                    self.path,
+                    ", ".join(
+                        f"{k} {first.get(k, 'absent')} -> {software.get(k, 'absent')}" for k in changed
+                    ),
+                )
+        sessions.append({"started": started, "software": software})
+        atomic_write_text(self.environment_file, json.dumps({"sessions": sessions}, indent=2))
 
     def read_status(self) -> dict:
         """Return the parsed ``status.json`` (empty dict when absent)."""
@@ -118,8 +159,11 @@ def create_run_dir(
 
 
 def _failed_before_training(path: Path) -> bool:
-    """Whether ``path`` is a run folder that failed with nothing in it but its config and status."""
-    if not path.is_dir() or {p.name for p in path.iterdir()} != {CONFIG_FILE, STATUS_FILE}:
+    """Whether ``path`` is a failed run folder holding only its config, status and environment."""
+    if not path.is_dir() or {p.name for p in path.iterdir()} - {ENVIRONMENT_FILE} != {
+        CONFIG_FILE,
+        STATUS_FILE,
+    }:
         return False
     try:
         return RunDir(path).read_status().get("state") == "failed"
@@ -157,7 +201,12 @@ def track_run(run: RunDir):
     Yields:
         The run folder.
     """
-    run.write_status("running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # Deferred: it imports torch and MONAI, which commands that only read run folders never need.
+    from fewlabel.utils.environment import software_versions
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run.record_session(software_versions(), started)
+    run.write_status("running", started=started)
     try:
         yield run
     except KeyboardInterrupt:

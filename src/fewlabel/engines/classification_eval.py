@@ -25,6 +25,7 @@ from fewlabel.config.classification import ClassificationExperiment
 from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError
 from fewlabel.utils.distributed import gather_sharded, is_distributed, rank, world_size
+from fewlabel.utils.environment import software_versions
 from fewlabel.utils.runtime import autocast
 
 __all__ = [
@@ -62,6 +63,7 @@ def checkpoint_meta(
     return {
         "task": "classification",
         "fewlabel_version": __version__,
+        "software": software_versions(),
         "classes": list(classes),
         "image_size": int(cfg.model.image_size),
         "mean": [float(m) for m in mean],

@@ -44,6 +44,7 @@ from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 from fewlabel.runs import RunDir
 from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
+from fewlabel.utils.environment import software_versions
 from fewlabel.utils.runtime import CPUAutocast, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def checkpoint_meta(
     return {
         "task": "segmentation",
         "fewlabel_version": __version__,
+        "software": software_versions(),
         "classes": list(classes),
         "spatial_dims": int(spatial_dims),
         "in_channels": int(in_channels),
