@@ -190,3 +190,16 @@ def test_a_mistyped_path_is_refused_before_any_run_folder_exists(tmp_path, capsy
     assert main(argv) == 2
     assert f"{value}: not found (set by {key})" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["train"], ["evaluate"], ["predict"], ["compare"], ["demo"], ["convert"], ["export"]]
+)
+def test_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fewlabel")
+    # Docstring markup (``literal``, :func:) reads as noise in a terminal.
+    assert "``" not in out and ":func:" not in out and ":mod:" not in out

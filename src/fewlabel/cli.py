@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser with every subcommand.
     """
-    parser = argparse.ArgumentParser(prog="fewlabel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fewlabel",
+        description="Train and evaluate medical-imaging models from few annotations.",
+        epilog="Run 'fewlabel COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"fewlabel {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
