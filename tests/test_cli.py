@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from fewlabel.cli import main
+from fewlabel.cli import build_parser, main
 from fewlabel.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,9 +193,13 @@ def test_a_mistyped_path_is_refused_before_any_run_folder_exists(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["train"], ["evaluate"], ["predict"], ["compare"], ["demo"], ["convert"], ["export"]]
-)
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [[]] + [[name] for name in _subcommands()])
 def test_help_is_plain_text(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
