@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -320,17 +321,66 @@ def test_a_diverged_loss_stops_training_with_advice(tmp_path, fundus, monkeypatc
     assert json.loads((tmp_path / "runs" / "nan" / "status.json").read_text())["state"] == "failed"
 
 
-def _fake_checkpoint(tmp_path: Path, data: Path) -> Path:
-    """A checkpoint of an untrained model: enough to test evaluate/predict input checks."""
+def _fake_checkpoint(
+    tmp_path: Path, data: Path, name: str = "fake", init: int = 0, spread: float = 0.0, **sections
+) -> Path:
+    """A checkpoint of an untrained model: enough to test evaluate/predict input checks.
+
+    Untrained networks grade every image 1/3 each; ``spread`` > 0 gives the classifier random
+    biases of that scale, so that models of other ``init`` visibly disagree.
+    """
     from fewlabel.engines.classification_eval import checkpoint_meta
     from fewlabel.networks.googlenet import build_googlenet
 
-    cfg = parse_config(yaml.safe_load(_write_config(tmp_path / "fake.yaml", data).read_text()))
+    cfg = parse_config(yaml.safe_load(_write_config(tmp_path / f"{name}.yaml", data, **sections).read_text()))
+    torch.manual_seed(init)
     model = build_googlenet(3, "none", "none", 0.2, True)
+    with torch.no_grad():
+        model.net.fc.bias.copy_(spread * torch.randn(3))
     meta = checkpoint_meta(
         cfg, CLASSES, 3, (0.5,) * 3, (0.5,) * 3, best_metric="kappa", best_value=None, epoch=0
     )
-    return save_checkpoint({"model": model.state_dict(), "meta": meta}, tmp_path / "fake.pt")
+    return save_checkpoint({"model": model.state_dict(), "meta": meta}, tmp_path / f"{name}.pt")
+
+
+def test_several_checkpoints_grade_with_their_mean_probabilities(tmp_path, fundus, capsys):
+    first = _fake_checkpoint(tmp_path, fundus, "a", init=1, spread=1.0)
+    # Another input size and test-time augmentation: each member predicts its own way.
+    second = _fake_checkpoint(
+        tmp_path, fundus, "b", init=2, spread=1.0, model={"image_size": 32}, eval={"tta_rotations": True}
+    )
+    images = str(fundus / "grade_1")
+    alone = []
+    for ckpt in (first, second):
+        out = tmp_path / f"{ckpt.stem}.csv"
+        assert main(["predict", "--checkpoint", str(ckpt), images, "--output", str(out)]) == 0
+        alone.append(_read_csv(out))
+    both = ["--checkpoint", str(first), "--checkpoint", str(second)]
+    assert main(["predict", *both, images, "--output", str(tmp_path / "mean.csv")]) == 0
+    mean = _read_csv(tmp_path / "mean.csv")
+    columns = [f"prob_{c}" for c in CLASSES]
+    assert [r["image"] for r in mean] == [r["image"] for r in alone[0]]
+    assert any(abs(float(a[c]) - float(b[c])) > 0.01 for a, b in zip(*alone, strict=True) for c in columns)
+    for row, a, b in zip(mean, *alone, strict=True):
+        expected = [(float(a[c]) + float(b[c])) / 2 for c in columns]
+        assert [float(row[c]) for c in columns] == pytest.approx(expected, abs=2e-6)
+        assert row["predicted"] == CLASSES[int(np.argmax([float(row[c]) for c in columns]))]
+
+    # Scored on the first one's test split: both held out the same images (same seed).
+    capsys.readouterr()
+    assert main(["evaluate", *both, "--output", str(tmp_path / "ens")]) == 0
+    report = (tmp_path / "ens" / "report.html").read_text(encoding="utf-8")
+    assert "mean of 2 models" in report and "32 px, mean of 4 rotations" in report
+
+    # A run of another seed drew another split: it trained on some of those test images.
+    other = _fake_checkpoint(tmp_path, fundus, "c", init=3, run={"seed": 5})
+    pair = ["--checkpoint", str(first), "--checkpoint", str(other)]
+    assert main(["evaluate", *pair, "--output", str(tmp_path / "leak")]) == 2
+    err = capsys.readouterr().err
+    assert "c.pt" in err and "was trained or validated on" in err
+    assert not (tmp_path / "leak").exists()
+    # On other data (used whole) the choice is the user's: no split to leak from.
+    assert main(["evaluate", *pair, "--data", str(fundus), "--output", str(tmp_path / "whole")]) == 0
 
 
 def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, capsys):

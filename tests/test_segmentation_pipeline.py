@@ -23,7 +23,7 @@ from fewlabel.config import load_config, parse_config
 from fewlabel.data.readers import read_label
 from fewlabel.data.synthetic_ct import make_synthetic_ct
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
-from fewlabel.errors import ConfigError, DataError
+from fewlabel.errors import CheckpointError, ConfigError, DataError
 from fewlabel.pipelines import segmentation
 from fewlabel.pipelines.mask_evaluation import evaluate_masks
 from fewlabel.pipelines.segmentation_demo import DEMO_CONFIG
@@ -741,3 +741,128 @@ def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):
     # data.classes is not the user's to change here: the checkpoint fixes the classes.
     with pytest.raises(DataError, match=r"label.nii.gz: label values \[3\].*the model was trained on these"):
         segmentation.evaluate_studies(_model({}, ThresholdNet(0.5), 3), [record], tmp_path / "report")
+
+
+class RampNet(nn.Module):
+    """Soft lesion probability rising with the centre input channel: members of other slopes disagree."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, x.shape[1] // 2]
+        return torch.stack([torch.zeros_like(centre), self.slope * (centre - 0.5)], dim=1)
+
+
+def test_an_ensemble_averages_its_members_probabilities_on_the_source_grid(tmp_path):
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 400, size=(14, 10, 9)).astype(np.int16)
+    affine = np.diag([0.7, 0.9, 2.5, 1.0])
+    study = tmp_path / "in" / "case.nii.gz"
+    study.parent.mkdir()
+    nib.save(nib.Nifti1Image(hu, affine), study)
+    # Members predict their own way: one slab-wise on reoriented slices, one in 3D on a resampled grid.
+    sliced = _model(
+        {
+            "preprocess": {"orientation": "RAS"},
+            "input": {"mode": "2.5d", "slab": 3, "axis": 2},
+            "train": {"batch_size": 1},
+        },
+        RampNet(4.0),
+        3,
+    )
+    volumetric = _model(
+        {"preprocess": {"spacing": [1.2, 1.2, 1.5]}, "input": {"mode": "3d", "patch_size": [16, 16, 16]}},
+        RampNet(-9.0),
+        3,
+    )
+    _, alone_a, _ = segmentation.predict_study(sliced, study)
+    _, alone_b, _ = segmentation.predict_study(volumetric, study)
+    assert not np.allclose(alone_a, alone_b, atol=0.1)
+
+    labels, probs, reference = segmentation.predict_study(
+        segmentation.ModelEnsemble([sliced, volumetric]), study
+    )
+    assert probs.shape == (2, *hu.shape)
+    np.testing.assert_allclose(probs, (alone_a + alone_b) / 2, atol=1e-6)
+    np.testing.assert_array_equal(labels, probs.argmax(axis=0))
+    np.testing.assert_allclose(reference.affine, affine)
+
+
+def test_an_ensemble_refuses_members_of_other_classes_or_studies():
+    raw = {"input": {"mode": "2.5d", "slab": 3}}
+    first = _model(raw, RampNet(1.0), 3)
+    other = _model(raw, RampNet(1.0), 3)
+    other.classes = ["background", "tumour"]
+    other.path = Path("other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt.*tumour.*same classes"):
+        segmentation.ModelEnsemble([first, other])
+    flat = _model({"preprocess": {"modality": "image"}, "input": {"mode": "2d"}}, RampNet(1.0), 2)
+    flat.path = Path("flat.pt")
+    with pytest.raises(CheckpointError, match=r"flat\.pt: was trained on 2D images"):
+        segmentation.ModelEnsemble([first, flat])
+
+
+def test_evaluate_and_predict_average_the_checkpoints_given(msd, tmp_path, capsys):
+    small = _train(msd, tmp_path, "small", "tcsm.enabled=false")
+    wide = _train(msd, tmp_path, "wide", "tcsm.enabled=false", "model.features=[8,8,8,8,16,8]")
+    checkpoints = [small / "checkpoints" / "best.pt", wide / "checkpoints" / "best.pt"]
+    both = [arg for c in checkpoints for arg in ("--checkpoint", str(c))]
+
+    assert main(["evaluate", *both, "--output", str(tmp_path / "ens")]) == 0
+    summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
+    report = (tmp_path / "ens" / "report.html").read_text()
+    assert "mean of 2 models" in report and "[8, 8, 8, 8, 16, 8]" in report
+    # The first run's test split, every case of it.
+    single = sorted(p.name for p in (small / "eval" / "predictions").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ens" / "predictions").iterdir()) == single
+    assert summary["n_cases"] == len(single)
+    assert summary["context"]["model"].startswith("mean of 2 models: basicunet [4, 4, 8, 8, 16, 4]")
+
+    # predict writes the arg-max of the members' mean probabilities.
+    study = sorted((msd / "imagesTr").glob("*.nii.gz"))[0]
+    assert main(["predict", *both, str(study), "--output", str(tmp_path / "pred")]) == 0
+    members = [segmentation.load_segmentation_model(c) for c in checkpoints]
+    mean = sum(segmentation.predict_study(m, study)[1] for m in members) / 2
+    written = np.asarray(nib.load(tmp_path / "pred" / study.name).dataobj)
+    np.testing.assert_array_equal(written, mean.argmax(axis=0))
+
+    # A run of another seed split the data differently: it trained on some of the first run's
+    # test studies, so scoring the pair on that split is refused, and nothing is written.
+    other_seed = _train(msd, tmp_path, "seed7", "tcsm.enabled=false", "run.seed=7")
+    capsys.readouterr()
+    rc = main(
+        [
+            "evaluate",
+            *both[:2],
+            "--checkpoint",
+            str(other_seed / "checkpoints" / "best.pt"),
+            "--output",
+            str(tmp_path / "leak"),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "seed7" in err and "was trained or validated on" in err and "test split" in err
+    assert not (tmp_path / "leak").exists()
+
+    # The same checkpoint twice, or a classification checkpoint beside a segmentation one.
+    assert main(["predict", *both[:2], *both[:2], str(study), "--output", str(tmp_path / "twice")]) == 2
+    assert "given more than once" in capsys.readouterr().err
+    grading = save_checkpoint({"model": {}, "meta": {"task": "classification"}}, tmp_path / "grading.pt")
+    assert (
+        main(
+            [
+                "predict",
+                *both[:2],
+                "--checkpoint",
+                str(grading),
+                str(study),
+                "--output",
+                str(tmp_path / "mixed"),
+            ]
+        )
+        == 2
+    )
+    assert "an ensemble averages models of one task" in capsys.readouterr().err

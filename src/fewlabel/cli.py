@@ -194,11 +194,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "a checkpoint brings its own classes "
                 "(use --set eval.merge=... for merged classes)"
             )
-        from fewlabel.engines.checkpoint import load_checkpoint
-
-        task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
+        task = _checkpoints_task(args.checkpoint)
         result = _pipeline(task).evaluate(
-            Path(args.checkpoint),
+            _one_or_many(args.checkpoint),
             args.data,
             Path(args.output),
             split=args.split,
@@ -236,12 +234,28 @@ def _parse_merge(items: list[str]) -> dict[str, list[int]] | None:
     return merge or None
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _checkpoints_task(checkpoints: list[str]) -> str:
+    """The task of the checkpoints given (``--checkpoint`` repeated for an ensemble), all alike."""
     from fewlabel.engines.checkpoint import load_checkpoint
 
-    task = load_checkpoint(args.checkpoint).get("meta", {}).get("task", "classification")
+    tasks = [load_checkpoint(c).get("meta", {}).get("task", "classification") for c in checkpoints]
+    for path, task in zip(checkpoints[1:], tasks[1:], strict=True):
+        if task != tasks[0]:
+            raise FewLabelError(
+                f"{path}: a {task} checkpoint, {checkpoints[0]} a {tasks[0]} one; "
+                "an ensemble averages models of one task"
+            )
+    return tasks[0]
+
+
+def _one_or_many(checkpoints: list[str]) -> Path | list[Path]:
+    return Path(checkpoints[0]) if len(checkpoints) == 1 else [Path(c) for c in checkpoints]
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    task = _checkpoints_task(args.checkpoint)
     out = _pipeline(task).predict(
-        Path(args.checkpoint),
+        _one_or_many(args.checkpoint),
         [Path(p) for p in args.inputs],
         Path(args.output),
         overwrite=args.overwrite,
@@ -356,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="score a trained model, or masks on disk")
-    p.add_argument("--checkpoint", help="model checkpoint (best.pt in a run folder)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        help="model checkpoint (best.pt in a run folder); repeat it to score the mean of several models",
+    )
     p.add_argument("--data", help="dataset to evaluate on (default: the checkpoint's test split)")
     p.add_argument(
         "--split", default="test", choices=["train", "val", "test", "all"], help="which split of --data"
@@ -378,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="apply a trained model to new images or studies")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="model checkpoint; repeat it to average several models (e.g. one per seed)",
+    )
     p.add_argument("inputs", nargs="+", help="images, folders of images, a .txt list, or studies")
     p.add_argument("--output", required=True, help="CSV file (classification) or folder (segmentation)")
     _add_eval_overrides(p)

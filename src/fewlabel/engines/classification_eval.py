@@ -30,6 +30,7 @@ from fewlabel.utils.runtime import autocast
 
 __all__ = [
     "ClassifierOutputs",
+    "average_outputs",
     "checkpoint_meta",
     "create_evaluator",
     "evaluate_sharded",
@@ -199,6 +200,30 @@ def run_evaluator(engine: Engine, loader: Any) -> ClassifierOutputs:
     if all(o["label"] is not None for o in outs):
         labels = torch.cat([o["label"] for o in outs]).numpy().astype(np.int64)
     return _outputs(probs, labels, ids)
+
+
+def average_outputs(outputs: Sequence[ClassifierOutputs]) -> ClassifierOutputs:
+    """The outputs of an ensemble: the mean of its members' class probabilities.
+
+    The loss is recomputed on the averaged probabilities (the ensemble's own NLL), not averaged.
+
+    Args:
+        outputs: one :func:`run_evaluator` result per model, over the same images in the same order.
+
+    Returns:
+        The averaged outputs, with the first member's labels and ids.
+
+    Raises:
+        ValueError: if no outputs are given or they cover different images.
+    """
+    if not outputs:
+        raise ValueError("no outputs to average")
+    first = outputs[0]
+    for other in outputs[1:]:
+        if other.ids != first.ids or other.probs.shape != first.probs.shape:
+            raise ValueError("ensemble members were run over different images")
+    probs = np.mean([o.probs for o in outputs], axis=0)
+    return _outputs(probs, first.labels, list(first.ids))
 
 
 def _outputs(probs: np.ndarray, labels: np.ndarray | None, ids: list[str]) -> ClassifierOutputs:

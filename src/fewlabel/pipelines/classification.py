@@ -101,7 +101,7 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
         "best epoch": result.best_epoch,
     }
     with _staged_dir(run.path / EVAL_DIR, overwrite=True) as out:
-        report = _evaluate_records(model, meta, dataset.splits[split], out, device, context)
+        report = _evaluate_records([(model, meta)], dataset.splits[split], out, device, context)
     return {
         "report": run.path / EVAL_DIR / report["report"].name,
         "metrics": report["metrics"],
@@ -110,12 +110,18 @@ def _train(cfg: ClassificationExperiment, run: RunDir, resume: bool) -> dict[str
 
 
 def evaluate(
-    checkpoint: Path, data: str | None, output: Path, split: str = "test", overwrite: bool = False
+    checkpoint: Path | Sequence[Path],
+    data: str | None,
+    output: Path,
+    split: str = "test",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Score a trained classifier and write a report folder.
+    """Score a trained classifier, or the ensemble of several, and write a report folder.
 
     Args:
-        checkpoint: a ``best.pt`` (or ``last.pt``) written by training.
+        checkpoint: a ``best.pt`` (or ``last.pt``) written by training, or several whose
+            class probabilities are averaged; the first one's dataset and split apply, and an
+            ensemble is refused on that ``val`` or ``test`` split if another member trained on it.
         data: ``None`` re-creates the checkpoint's own dataset and split (same seed, same
             split); otherwise a class folder, CSV or ``.npz`` file whose class names must be
             among the checkpoint's. Folders and CSV files are used whole; ``.npz`` files
@@ -129,15 +135,15 @@ def evaluate(
 
     Raises:
         FewLabelError: if the output exists (without ``overwrite``) or lies inside the data.
-        DataError: if the data has classes the checkpoint does not know, or the split is empty.
-        CheckpointError: if the checkpoint is not a usable classification checkpoint.
+        DataError: if the data has classes the checkpoint does not know, the split is empty, or
+            another ensemble member trained on the held-out split.
+        CheckpointError: if a checkpoint is not a usable classification checkpoint, or the
+            checkpoints of an ensemble have different classes.
     """
-    from fewlabel.engines.checkpoint import load_checkpoint
-    from fewlabel.engines.classification_eval import model_from_checkpoint
-
-    checkpoint, output = Path(checkpoint), Path(output)
-    _check_output_dir(output, overwrite, [checkpoint] + ([Path(data)] if data is not None else []))
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    checkpoints, output = _checkpoint_list(checkpoint), Path(output)
+    _check_output_dir(output, overwrite, checkpoints + ([Path(data)] if data is not None else []))
+    members = _load_members(checkpoints)
+    meta = members[0][1]
     cfg = ClassificationExperiment.model_validate(meta["config"])
     if data is None:
         from fewlabel.data.classification import load_classification_dataset
@@ -151,26 +157,30 @@ def evaluate(
             {s: dataset.splits[s] for s in ("train", "val", "test")}, split, cfg.data.path
         )
         source = cfg.data.path
+        if split in ("val", "test"):
+            _refuse_seen_by_members(members, checkpoints, records, split)
     else:
         source = data
         _check_not_inside(output, Path(data))
         records, split = _records_for(Path(data), split, list(meta["classes"]))
     device = _device_for_inference()
-    context = {"checkpoint": str(checkpoint), "data": str(source), "split": split}
-    with _staged_dir(output, overwrite, [checkpoint, Path(source)]) as out:
-        report = _evaluate_records(model, meta, records, out, device, context)
+    context = {"checkpoint": ", ".join(str(c) for c in checkpoints), "data": str(source), "split": split}
+    with _staged_dir(output, overwrite, [*checkpoints, Path(source)]) as out:
+        report = _evaluate_records(members, records, out, device, context)
     return {"report": output / report["report"].name, "metrics": report["metrics"]}
 
 
-def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool = False) -> Path:
+def predict(
+    checkpoint: Path | Sequence[Path], inputs: list[Path], output: Path, overwrite: bool = False
+) -> Path:
     """Predict the class of every input image and write a CSV.
 
     The CSV has columns ``image,predicted,prob_<class>...``, one row per image, in input
     order. With ``eval.tta_rotations`` in the checkpoint's config, probabilities average
-    the four 90-degree rotations.
+    the four 90-degree rotations. Several checkpoints average their probabilities.
 
     Args:
-        checkpoint: a checkpoint written by training.
+        checkpoint: a checkpoint written by training, or several (an ensemble).
         inputs: images, folders of images and ``.txt`` lists of image paths.
         output: destination CSV; must not exist unless ``overwrite``.
         overwrite: replace an existing CSV.
@@ -181,42 +191,36 @@ def predict(checkpoint: Path, inputs: list[Path], output: Path, overwrite: bool 
     Raises:
         FewLabelError: if the output exists (without ``overwrite``) or is a folder.
         DataError: if an input is missing or not a readable image.
-        CheckpointError: if the checkpoint is not a usable classification checkpoint.
+        CheckpointError: if a checkpoint is not a usable classification checkpoint, or the
+            checkpoints of an ensemble have different classes.
     """
     from fewlabel.data.classification import list_images
     from fewlabel.data.images import verify_image
-    from fewlabel.engines.checkpoint import load_checkpoint
-    from fewlabel.engines.classification_eval import create_evaluator, model_from_checkpoint, run_evaluator
     from fewlabel.reports.classification import write_predictions_csv
 
-    checkpoint, output = Path(checkpoint), Path(output)
+    checkpoints, output = _checkpoint_list(checkpoint), Path(output)
     if output.is_dir():
         raise FewLabelError(
             f"{output}: is a folder; predict writes a CSV file (e.g. {output / 'predictions.csv'})"
         )
     if output.exists() and not overwrite:
         raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    members = _load_members(checkpoints)
     paths = list_images(inputs)
     # Decode errors inside the data loader would surface wrapped in MONAI's RuntimeError;
     # checking first names the bad file.
     channels = {verify_image(p)[2] for p in paths}
-    trained = meta.get("channels")
-    if trained and channels - {trained}:
-        log.warning(
-            "the model was trained on %d-channel images; some inputs have %s channel(s)",
-            trained,
-            sorted(channels),
-        )
-    cfg = ClassificationExperiment.model_validate(meta["config"])
-    device = _device_for_inference()
-    model.to(device)
-    loader = _eval_loader(
-        [{"image": str(p), "id": str(p)} for p in paths], meta, cfg.train.batch_size, device
+    for trained in sorted({meta.get("channels") for _, meta in members if meta.get("channels")}):
+        if channels - {trained}:
+            log.warning(
+                "the model was trained on %d-channel images; some inputs have %s channel(s)",
+                trained,
+                sorted(channels),
+            )
+    outs = _predict_members(
+        members, [{"image": str(p), "id": str(p)} for p in paths], _device_for_inference()
     )
-    evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
-    outs = run_evaluator(evaluator, loader)
-    path = write_predictions_csv(output, [str(p) for p in paths], outs.probs, meta["classes"])
+    path = write_predictions_csv(output, [str(p) for p in paths], outs.probs, members[0][1]["classes"])
     log.info("predicted %d images", len(paths))
     return path
 
@@ -244,30 +248,109 @@ def _eval_loader(records: Sequence[dict], meta: dict, batch_size: int, device: t
     )
 
 
+def _checkpoint_list(checkpoint: Path | Sequence[Path]) -> list[Path]:
+    return [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+
+
+def _load_members(checkpoints: Sequence[Path]) -> list[tuple[torch.nn.Module, dict]]:
+    """The ``(model, meta)`` of every checkpoint; an ensemble's must grade the same classes."""
+    from fewlabel.engines.checkpoint import load_checkpoint
+    from fewlabel.engines.classification_eval import model_from_checkpoint
+    from fewlabel.errors import CheckpointError
+
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    resolved = [Path(c).resolve() for c in checkpoints]
+    repeated = sorted({str(c) for c, r in zip(checkpoints, resolved, strict=True) if resolved.count(r) > 1})
+    if repeated:
+        raise CheckpointError(f"{repeated[0]}: given more than once; each model of an ensemble counts once")
+    members = [model_from_checkpoint(load_checkpoint(c), c) for c in checkpoints]
+    first = list(members[0][1]["classes"])
+    for path, (_, meta) in zip(checkpoints[1:], members[1:], strict=True):
+        if list(meta["classes"]) != first:
+            raise CheckpointError(
+                f"{path}: grades {list(meta['classes'])}, {checkpoints[0]} {first}; models averaged "
+                "together must grade the same classes in the same order"
+            )
+    return members
+
+
+def _record_key(record: dict) -> str:
+    image = record["image"]
+    return str(Path(image).resolve()) if isinstance(image, (str, Path)) else f"id:{record['id']}"
+
+
+def _refuse_seen_by_members(
+    members: Sequence[tuple[torch.nn.Module, dict]],
+    checkpoints: Sequence[Path],
+    records: Sequence[dict],
+    split: str,
+) -> None:
+    """Refuse an ensemble whose later members trained on the first member's held-out split.
+
+    Runs of other seeds split a folder or CSV differently, so the first checkpoint's test
+    images can be another run's training images.
+    """
+    from fewlabel.data.classification import load_classification_dataset
+
+    held_out = {_record_key(r) for r in records}
+    for path, (_, meta) in zip(checkpoints[1:], members[1:], strict=True):
+        cfg = ClassificationExperiment.model_validate(meta["config"])
+        splits = load_classification_dataset(cfg.data, cfg.run.seed).splits
+        seen = sum(1 for r in splits["train"] + splits["val"] if _record_key(r) in held_out)
+        if seen:
+            raise DataError(
+                path,
+                f"was trained or validated on {seen} of the {len(records)} images of {checkpoints[0]}'s "
+                f"{split} split; average models that held out the same images, or evaluate the "
+                "ensemble on other data with --data",
+            )
+
+
+def _predict_members(
+    members: Sequence[tuple[torch.nn.Module, dict]], records: Sequence[dict], device: torch.device
+) -> Any:
+    """Every member's class probabilities over ``records``, averaged (each with its own input size and TTA)."""
+    from fewlabel.engines.classification_eval import average_outputs, create_evaluator, run_evaluator
+
+    outputs = []
+    for model, meta in members:
+        cfg = ClassificationExperiment.model_validate(meta["config"])
+        model.to(device)
+        loader = _eval_loader(records, meta, cfg.train.batch_size, device)
+        evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
+        outputs.append(run_evaluator(evaluator, loader))
+        model.to("cpu")
+    return average_outputs(outputs)
+
+
+def _describe(meta: dict) -> str:
+    cfg = ClassificationExperiment.model_validate(meta["config"])
+    tta = ", mean of 4 rotations" if cfg.eval.tta_rotations else ""
+    return f"GoogLeNet ({meta['model'].get('weights')} weights, {meta['image_size']} px{tta})"
+
+
 def _evaluate_records(
-    model: torch.nn.Module,
-    meta: dict,
+    members: Sequence[tuple[torch.nn.Module, dict]],
     records: Sequence[dict],
     output: Path,
     device: torch.device,
     context: dict[str, Any],
 ) -> dict[str, Any]:
-    from fewlabel.engines.classification_eval import create_evaluator, run_evaluator
     from fewlabel.reports.classification import write_classification_report
 
     if not records:
         raise DataError(None, "no images to evaluate")
+    meta = members[0][1]
     cfg = ClassificationExperiment.model_validate(meta["config"])
-    model.to(device)
-    loader = _eval_loader(records, meta, cfg.train.batch_size, device)
-    evaluator = create_evaluator(model, device, amp=cfg.train.amp, tta=cfg.eval.tta_rotations)
-    outs = run_evaluator(evaluator, loader)
-    context = {
-        **context,
-        "images": len(records),
-        "model": f"GoogLeNet ({meta['model'].get('weights')} weights, {meta['image_size']} px)",
-        "test-time augmentation": "mean of 4 rotations" if cfg.eval.tta_rotations else "none",
-    }
+    outs = _predict_members(members, records, device)
+    context = {**context, "images": len(records)}
+    if len(members) == 1:
+        context["model"] = f"GoogLeNet ({meta['model'].get('weights')} weights, {meta['image_size']} px)"
+        context["test-time augmentation"] = "mean of 4 rotations" if cfg.eval.tta_rotations else "none"
+    else:
+        described = sorted({_describe(m) for _, m in members})
+        context["model"] = f"mean of {len(members)} models: {'; '.join(described)}"
     names = [r["image"] if isinstance(r["image"], (str, Path)) else r["id"] for r in records]
     return write_classification_report(
         output,

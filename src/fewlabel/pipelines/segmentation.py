@@ -31,9 +31,11 @@ from fewlabel.config.segmentation import SegmentationData, SegmentationExperimen
 from fewlabel.errors import ConfigError, DataError, FewLabelError
 from fewlabel.pipelines.segmentation_predict import (
     LoadedModel,
+    ModelEnsemble,
     case_name,
     collect_studies,
     load_segmentation_model,
+    load_segmentation_models,
     mask_suffix,
     predict,
     predict_study,
@@ -50,11 +52,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
+    "ModelEnsemble",
     "collect_studies",
     "evaluate",
     "evaluate_masks",
     "evaluate_studies",
     "load_segmentation_model",
+    "load_segmentation_models",
     "predict",
     "predict_study",
     "train",
@@ -400,7 +404,7 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 def evaluate_studies(
-    model: LoadedModel,
+    model: LoadedModel | ModelEnsemble,
     records: Sequence[dict[str, Any]],
     output: Path,
     title: str = "Segmentation report",
@@ -416,7 +420,7 @@ def evaluate_studies(
     cases, and ``report.html``.
 
     Args:
-        model: the loaded model.
+        model: the loaded model, or an ensemble (its first member's ``eval`` settings apply).
         records: ``{"image", "label", "id"}`` records.
         output: the report folder (created).
         title: report title.
@@ -429,7 +433,6 @@ def evaluate_studies(
         DataError: if a label is missing, unreadable, out of range or not on its image's grid.
     """
     from fewlabel.data.readers import check_grid, read_label, write_mask
-    from fewlabel.data.segmentation_transforms import build_preprocessing
     from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, rank_cases
     from fewlabel.reports.segmentation import write_segmentation_report
 
@@ -444,14 +447,13 @@ def evaluate_studies(
     except ValueError as err:
         raise ConfigError(f"eval.merge: {err}") from err
     foreground = list(range(1, num_classes))
-    preprocessing = build_preprocessing(cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims)
     cases: list[CaseResult] = []
     files: dict[str, tuple[str, str, Path]] = {}
     for record in records:
         if not record.get("label"):
             raise DataError(record["image"], "has no label to evaluate against")
         case_id = str(record.get("id") or case_name(record["image"]))
-        labels, probs, reference = predict_study(model, record["image"], preprocessing)
+        labels, probs, reference = predict_study(model, record["image"])
         gt = read_label(
             record["label"],
             model.classes,
@@ -491,7 +493,7 @@ def evaluate_studies(
             **(context or {}),
             "classes": ", ".join(model.classes),
             "input mode": cfg.input.mode,
-            "model": f"{cfg.model.name} {list(cfg.model.features)} ({model.meta.get('model_name', 'student')})",
+            "model": model.describe(),
             "cases": len(cases),
         },
     )
@@ -546,21 +548,23 @@ def _source_axis(affine: np.ndarray, cfg: SegmentationExperiment, spatial_dims: 
 
 
 def evaluate(
-    checkpoint: Path,
+    checkpoint: Path | Sequence[Path],
     data: str | None,
     output: Path,
     split: str = "test",
     overwrite: bool = False,
     eval_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Score a trained model on a labelled dataset split.
+    """Score a trained model, or the ensemble of several, on a labelled dataset split.
 
     Args:
-        checkpoint: the model checkpoint.
+        checkpoint: the model checkpoint, or several whose probabilities are averaged
+            (:class:`ModelEnsemble`); the first one's dataset, split and ``eval`` settings apply.
         data: dataset (folder or CSV, in any format the config's ``data.format`` accepts);
             ``None`` uses the checkpoint's own dataset. The checkpoint's seed and split
             fractions apply, so ``test`` is the same held-out patients when the dataset is the
-            same; ``all`` evaluates every labelled study.
+            same; ``all`` evaluates every labelled study. An ensemble is refused on its first
+            checkpoint's ``val`` or ``test`` split if another member trained on any of it.
         output: the report folder (must not exist unless ``overwrite``).
         split: ``train``, ``val``, ``test`` or ``all``.
         overwrite: replace an existing report folder.
@@ -570,14 +574,16 @@ def evaluate(
         ``{"report": path, "summary": summary dict}``.
 
     Raises:
-        DataError: if the split is empty or the data unreadable.
+        DataError: if the split is empty or the data unreadable, or another ensemble member
+            trained on the held-out split.
         FewLabelError: if ``output`` exists and ``overwrite`` is false.
     """
     from fewlabel.data.segmentation import build_datalist
 
     if split not in _SPLITS:
         raise ConfigError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
-    model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
+    checkpoints = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+    model = load_segmentation_models(checkpoints, eval_overrides=eval_overrides)
     cfg = model.cfg
     if data is None:
         data_cfg = cfg.data
@@ -601,17 +607,52 @@ def evaluate(
         raise DataError(
             data_cfg.path, f"the {split!r} split holds no labelled studies; choose another --split (e.g. all)"
         )
+    if data is None and split in ("val", "test") and isinstance(model, ModelEnsemble):
+        _refuse_seen_by_members(model, records, split)
     refuse_inside_inputs(output, [Path(data_cfg.path)])
-    _prepare_output(Path(output), overwrite, [Path(checkpoint), Path(data_cfg.path)])
+    _prepare_output(Path(output), overwrite, [*checkpoints, Path(data_cfg.path)])
     with torch_threads(cfg.run.num_threads):
         result = evaluate_studies(
             model,
             records,
             Path(output),
             title=f"Segmentation: {split} split of {data_cfg.path}",
-            context={"checkpoint": str(checkpoint), "data": str(data_cfg.path), "split": split},
+            context={
+                "checkpoint": ", ".join(str(c) for c in checkpoints),
+                "data": str(data_cfg.path),
+                "split": split,
+            },
         )
     return {"report": result["report"], "summary": result["summary"]}
+
+
+def _refuse_seen_by_members(model: ModelEnsemble, records: list[dict], split: str) -> None:
+    """Refuse an ensemble whose later members trained on the first member's held-out split.
+
+    Runs of other seeds split a dataset differently, so the first checkpoint's test patients
+    can be another run's training patients; averaging that run in would score it on cases it
+    has seen.
+
+    Raises:
+        DataError: naming the member and some of the cases it saw.
+    """
+    from fewlabel.data.segmentation import build_datalist
+
+    held_out = {str(Path(r["image"]).resolve()): str(r.get("id") or case_name(r["image"])) for r in records}
+    for member in model.members[1:]:
+        seen = build_datalist(member.cfg.data, member.cfg.run.seed)
+        used = seen.train + seen.val + seen.unlabeled[: seen.demoted]
+        overlap = sorted(
+            {held_out[key] for r in used if (key := str(Path(r["image"]).resolve())) in held_out}
+        )
+        if overlap:
+            shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
+            raise DataError(
+                member.path,
+                f"was trained or validated on {len(overlap)} of the {len(records)} studies of "
+                f"{model.members[0].path}'s {split} split ({shown}); average models that held out the "
+                "same studies, or evaluate the ensemble on other data with --data",
+            )
 
 
 def evaluate_masks(

@@ -1,6 +1,7 @@
 """Using a trained segmentation network: loading it, predicting studies on their own grid.
 
-- :func:`load_segmentation_model` rebuilds the network and its config from a checkpoint.
+- :func:`load_segmentation_model` rebuilds the network and its config from a checkpoint;
+  :func:`load_segmentation_models` several of them, joined into a :class:`ModelEnsemble`.
 - :func:`predict_study` predicts one study (NIfTI file, DICOM series folder or 2D image) and
   maps the class probabilities back onto the source's voxel grid by inverting the
   preprocessing with MONAI's ``Invertd`` (reorientation, resampling and foreground crop
@@ -33,9 +34,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
+    "ModelEnsemble",
     "case_name",
     "collect_studies",
     "load_segmentation_model",
+    "load_segmentation_models",
     "mask_suffix",
     "predict",
     "predict_study",
@@ -71,6 +74,80 @@ class LoadedModel:
         self.spatial_dims = int(meta["spatial_dims"])
         self.device = device
         self.path = path
+        self._preprocessing: Any = None
+
+    @property
+    def preprocessing(self) -> Any:
+        """The preprocessing ``Compose`` of the config, built on first use and then reused."""
+        if self._preprocessing is None:
+            from fewlabel.data.segmentation_transforms import build_preprocessing
+
+            self._preprocessing = build_preprocessing(
+                self.cfg.preprocess, with_label=False, spatial_dims=self.spatial_dims
+            )
+        return self._preprocessing
+
+    @property
+    def members(self) -> list[LoadedModel]:
+        """The networks whose probabilities are averaged: this one alone."""
+        return [self]
+
+    def describe(self) -> str:
+        """The network and which of a run's models it is, for reports."""
+        return f"{self.cfg.model.name} {list(self.cfg.model.features)} ({self.meta.get('model_name', 'student')})"
+
+
+class ModelEnsemble:
+    """Several trained segmentation networks whose class probabilities are averaged.
+
+    Each member predicts a study its own way (its own preprocessing, sliding window and
+    test-time augmentation) and its probabilities are mapped back onto the study's grid before
+    they are averaged, so networks trained at other resolutions or input modes can be joined,
+    e.g. the runs of several seeds or folds. Everything else (the data and test split it is
+    evaluated on, the ``eval`` settings of the outputs, the threads) is the first member's:
+    the ensemble is used like that model.
+
+    MONAI's ``MeanEnsemble`` stacks every member's output before averaging, which for a whole
+    CT study is one float32 volume per class and member; :func:`predict_study` keeps a running
+    sum instead, so memory does not grow with the number of members.
+
+    Args:
+        members: the loaded models, at least one.
+
+    Raises:
+        CheckpointError: if the members predict different classes or kinds of studies.
+    """
+
+    def __init__(self, members: Sequence[LoadedModel]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        first = members[0]
+        kinds = {2: "2D images", 3: "3D volumes"}
+        for other in members[1:]:
+            if other.classes != first.classes:
+                raise CheckpointError(
+                    f"{other.path}: predicts the classes {other.classes}, {first.path} {first.classes}; "
+                    "models averaged together must predict the same classes in the same order"
+                )
+            if other.spatial_dims != first.spatial_dims:
+                raise CheckpointError(
+                    f"{other.path}: was trained on {kinds[other.spatial_dims]}, {first.path} on "
+                    f"{kinds[first.spatial_dims]}; models averaged together must take the same studies"
+                )
+        self.members = list(members)
+        self.cfg = first.cfg
+        self.meta = first.meta
+        self.classes = first.classes
+        self.spatial_dims = first.spatial_dims
+        self.device = first.device
+        self.path = first.path
+
+    def describe(self) -> str:
+        """How many networks are averaged and which, for reports."""
+        if len(self.members) == 1:
+            return self.members[0].describe()
+        kinds = sorted({m.describe() for m in self.members})
+        return f"mean of {len(self.members)} models: {'; '.join(kinds)}"
 
 
 def load_segmentation_model(
@@ -130,16 +207,41 @@ def load_segmentation_model(
     return LoadedModel(net, cfg, meta, device, path)
 
 
-def predict_study(
-    model: LoadedModel, path: str | Path, preprocessing=None
-) -> tuple[np.ndarray, np.ndarray, Any]:
+def load_segmentation_models(
+    checkpoints: Sequence[str | Path], eval_overrides: list[str] | None = None
+) -> LoadedModel | ModelEnsemble:
+    """Load one checkpoint as a model, or several as the ensemble of their averaged probabilities.
+
+    Args:
+        checkpoints: ``best.pt`` files of segmentation runs, e.g. one per seed or fold.
+        eval_overrides: ``eval.KEY=VALUE`` changes applied to every checkpoint's config.
+
+    Returns:
+        The :class:`LoadedModel` of a single checkpoint, else a :class:`ModelEnsemble`.
+
+    Raises:
+        CheckpointError: if a file is not a usable segmentation checkpoint, or the models
+            predict different classes or kinds of studies.
+        ValueError: if no checkpoint is given.
+    """
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    paths = [Path(c) for c in checkpoints]
+    resolved = [p.resolve() for p in paths]
+    repeated = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
+    if repeated:
+        raise CheckpointError(f"{repeated[0]}: given more than once; each model of an ensemble counts once")
+    models = [load_segmentation_model(p, eval_overrides=eval_overrides) for p in paths]
+    return models[0] if len(models) == 1 else ModelEnsemble(models)
+
+
+def predict_study(model: LoadedModel | ModelEnsemble, path: str | Path) -> tuple[np.ndarray, np.ndarray, Any]:
     """Predict one study and map the result back onto the source's voxel grid.
 
     Args:
-        model: the loaded model.
+        model: the loaded model, or an ensemble whose members' probabilities are averaged
+            (each on the source grid, after its own preprocessing is inverted).
         path: NIfTI file, DICOM series folder, or 2D image.
-        preprocessing: the model's preprocessing ``Compose`` (built when ``None``; pass it to
-            reuse it across studies).
 
     Returns:
         ``(labels, probabilities, reference)``: ``uint8`` labels with the source's shape,
@@ -148,13 +250,7 @@ def predict_study(
     Raises:
         DataError: if the study is unreadable, or its kind (2D/3D) does not match the model.
     """
-    from monai.data import MetaTensor
-    from monai.transforms import Invertd
-
     from fewlabel.data.readers import read_study
-    from fewlabel.data.segmentation_transforms import build_preprocessing
-    from fewlabel.inference import predict_volume
-    from fewlabel.networks.segmentation import size_divisor
 
     path = Path(path)
     dims = _study_dims(path)
@@ -163,9 +259,40 @@ def predict_study(
         raise DataError(
             path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}"
         )
+    members = model.members
+    probs = _source_probabilities(members[0], path, dims)
+    for member in members[1:]:
+        more = _source_probabilities(member, path, dims)
+        if more.shape != probs.shape:  # pragma: no cover - a preprocessing step that Invertd missed
+            raise FewLabelError(
+                f"{path}: {member.path} predicts shape {more.shape}, {members[0].path} {probs.shape}"
+            )
+        probs += more
+        del more
+    if len(members) > 1:
+        probs /= len(members)
+    # A foreground crop is undone by zero padding; those voxels are background.
+    probs[0] = np.clip(1.0 - probs[1:].sum(axis=0), 0.0, 1.0)
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    reference = read_study(path)
+    if labels.shape != reference.array.shape:  # pragma: no cover - a preprocessing step that Invertd missed
+        raise FewLabelError(
+            f"{path}: the inverted prediction has shape {labels.shape}, the study {reference.array.shape}; "
+            f"a preprocessing step could not be inverted"
+        )
+    return labels, probs, reference
+
+
+def _source_probabilities(model: LoadedModel, path: Path, dims: int) -> np.ndarray:
+    """One network's float32 class probabilities ``(K, *shape)`` on the study's own grid."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from fewlabel.inference import predict_volume
+    from fewlabel.networks.segmentation import size_divisor
+
     cfg = model.cfg
-    if preprocessing is None:
-        preprocessing = build_preprocessing(cfg.preprocess, with_label=False, spatial_dims=dims)
+    preprocessing = model.preprocessing
     data = preprocessing({"image": str(path)})
     image = data["image"]
     probs = predict_volume(
@@ -188,17 +315,7 @@ def predict_study(
         del inverted
     else:  # nothing geometric was applied (2D images): the prediction is on the source grid already
         probs = probs.numpy()
-    del data, image
-    # A foreground crop is undone by zero padding; those voxels are background.
-    probs[0] = np.clip(1.0 - probs[1:].sum(axis=0), 0.0, 1.0)
-    labels = probs.argmax(axis=0).astype(np.uint8)
-    reference = read_study(path)
-    if labels.shape != reference.array.shape:  # pragma: no cover - a preprocessing step that Invertd missed
-        raise FewLabelError(
-            f"{path}: the inverted prediction has shape {labels.shape}, the study {reference.array.shape}; "
-            f"a preprocessing step could not be inverted"
-        )
-    return labels, probs, reference
+    return probs
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -210,7 +327,7 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def predict(
-    checkpoint: Path,
+    checkpoint: Path | Sequence[Path],
     inputs: list[Path],
     output: Path,
     overwrite: bool = False,
@@ -226,9 +343,10 @@ def predict(
     with ``overwrite`` it keeps the rows of other cases whose masks are still in the folder.
     Every study is opened before anything is written; if one fails later (e.g. its voxels
     cannot be decoded), the studies predicted before it are listed and the error is raised.
+    Several checkpoints predict as one :class:`ModelEnsemble` (probabilities averaged).
 
     Args:
-        checkpoint: the model checkpoint.
+        checkpoint: the model checkpoint, or several to average.
         inputs: NIfTI files, DICOM series folders, 2D images, folders of those, or ``.txt``
             files listing them one per line.
         output: destination folder (created); must not be one of the input folders.
@@ -241,7 +359,8 @@ def predict(
         DataError: for missing or unreadable inputs, duplicate case names, outputs that exist
             already (without ``overwrite``) or an output folder inside an input folder.
     """
-    model = load_segmentation_model(checkpoint, eval_overrides=eval_overrides)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    model = load_segmentation_models(checkpoints, eval_overrides=eval_overrides)
     collected = _collect(inputs)
     studies = [path for path, _ in collected]
     names = [name for _, name in collected]
@@ -265,22 +384,20 @@ def predict(
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise DataError(output, f"outputs exist already ({shown}); pass --overwrite to replace them")
     from fewlabel.data.readers import check_study_opens, write_mask
-    from fewlabel.data.segmentation_transforms import build_preprocessing
 
     # A study that does not even open fails the run before anything is written.
     for path in studies:
         check_study_opens(path)
     output.mkdir(parents=True, exist_ok=True)
-    preprocessing = build_preprocessing(
-        model.cfg.preprocess, with_label=False, spatial_dims=model.spatial_dims
-    )
+    if isinstance(model, ModelEnsemble):
+        log.info("averaging %d models: %s", len(model.members), ", ".join(str(m.path) for m in model.members))
     manifest = output / "predictions.csv"
     kept = _earlier_rows(manifest, output, set(names)) if overwrite else []
     rows: list[dict] = []
     with torch_threads(model.cfg.run.num_threads):
         for name, path in zip(names, studies, strict=True):
             try:
-                labels, probs, reference = predict_study(model, path, preprocessing)
+                labels, probs, reference = predict_study(model, path)
             except FewLabelError:
                 # Hours of prediction are not lost to one bad study: what is done is listed.
                 if rows:
@@ -466,7 +583,7 @@ def mask_suffix(reference_or_dims: Any) -> str:
     return ".png" if dims == 2 else ".nii.gz"
 
 
-def _outputs_for(name: str, path: Path, model: LoadedModel) -> list[str]:
+def _outputs_for(name: str, path: Path, model: LoadedModel | ModelEnsemble) -> list[str]:
     dims = _study_dims(path)
     files = [name + mask_suffix(dims)]
     if model.cfg.eval.save_probabilities:
