@@ -118,3 +118,45 @@ def test_a_class_too_small_to_stratify_still_reaches_training():
         parts = split_indices(labels, None, {"val": 0.15, "test": 0.15}, seed=seed)
         assert set(np.asarray(labels)[parts["train"]].tolist()) >= {0, 1, 2}, seed
         assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(labels)))
+
+
+def test_folds_partition_the_non_test_cases_and_share_one_test_split():
+    from fewlabel.data.splits import split_folds
+
+    labels, groups = _grouped_data(n_patients=40)
+    folds = [split_folds(labels, groups, {"test": 0.2}, 5, f, seed=2) for f in range(5)]
+    for parts in folds:
+        assert set(parts) == {"train", "val", "test"}
+        _assert_partition(parts, len(labels))
+        owner = {}
+        for name, idx in parts.items():
+            for i in idx:
+                assert owner.setdefault(groups[i], name) == name, "a patient in two parts"
+        np.testing.assert_array_equal(parts["test"], folds[0]["test"])
+    # Each non-test case validates exactly one fold; the folds are about equal in patients.
+    vals = np.concatenate([p["val"] for p in folds])
+    assert sorted(vals.tolist()) == sorted(np.concatenate([folds[0]["train"], folds[0]["val"]]).tolist())
+    patients = [len({groups[i] for i in p["val"]}) for p in folds]
+    assert max(patients) - min(patients) <= 1, patients
+    # Stratified: every fold validates on every grade.
+    assert all({labels[i] for i in p["val"]} == {0, 1, 2} for p in folds)
+    # The same seed gives the same folds; the test split is split_indices' own.
+    again = split_folds(labels, groups, {"test": 0.2}, 5, 3, seed=2)
+    assert all(np.array_equal(again[k], folds[3][k]) for k in again)
+    np.testing.assert_array_equal(
+        folds[0]["test"], split_indices(labels, groups, {"test": 0.2}, seed=2)["test"]
+    )
+
+
+def test_folds_refuse_what_cannot_be_cut():
+    from fewlabel.data.splits import split_folds
+
+    with pytest.raises(ConfigError, match="needs at least 5 patients outside the test split, found 3"):
+        split_folds(None, ["a", "a", "b", "c", "c", "d"], {"test": 0.25}, 5, 0, seed=0)
+    with pytest.raises(ConfigError, match="data.fold=4 must be one of 0 to 3"):
+        split_folds(None, None, {}, 4, 4, seed=0, n=20)
+    with pytest.raises(ConfigError, match="a fold, not a fraction"):
+        split_folds(None, None, {"val": 0.2}, 4, 0, seed=0, n=20)
+    # Without groups the cases are cut one by one.
+    parts = split_folds(None, None, {}, 4, 1, seed=0, n=10)
+    assert len(parts["val"]) in (2, 3) and len(parts["train"]) + len(parts["val"]) == 10

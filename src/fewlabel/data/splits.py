@@ -3,6 +3,8 @@
 Images of the same patient (two eyes, several slices or nodules) are strongly correlated, so
 a patient must never appear in two splits: otherwise validation and test scores measure
 memorisation. :func:`split_indices` therefore splits whole groups when group ids are given.
+:func:`split_folds` does the same for k-fold cross-validation: the test cases are held out
+first, then the rest is cut into k folds, one of which validates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from fewlabel.errors import ConfigError
 
-__all__ = ["split_indices"]
+__all__ = ["split_folds", "split_indices"]
 
 
 def split_indices(
@@ -68,6 +70,66 @@ def split_indices(
     out = {"train": parts.pop("train")}
     out.update(parts)
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def split_folds(
+    labels: Sequence[int] | None,
+    groups: Sequence[str] | None,
+    fractions: dict[str, float],
+    folds: int,
+    fold: int,
+    seed: int,
+    n: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Split case indices for fold ``fold`` of a ``folds``-fold cross-validation.
+
+    The held-out splits of ``fractions`` (e.g. ``{"test": 0.2}``) are taken first, exactly as
+    :func:`split_indices` takes them, so every fold of one seed has the same test cases. The
+    remaining cases are cut into ``folds`` folds of about equal size, by group and stratified
+    by label in the same way, with the same seed whatever ``fold`` is: fold ``fold`` becomes
+    ``val`` and the others ``train``, so each case validates exactly one fold's model.
+
+    Args:
+        labels: class index of each case, or ``None``.
+        groups: group (patient) id of each case, or ``None``.
+        fractions: held-out splits other than ``val``, as for :func:`split_indices`.
+        folds: number of folds, at least 2.
+        fold: which fold validates, ``0`` to ``folds - 1``.
+        seed: the split is a pure function of the inputs and this seed.
+        n: number of cases; only needed when both ``labels`` and ``groups`` are ``None``.
+
+    Returns:
+        ``{"train": ..., "val": ..., **{name: ...}}`` sorted ``int64`` index arrays.
+
+    Raises:
+        ConfigError: if ``fractions`` names ``val`` or ``train``, ``fold`` is out of range, or
+            fewer than ``folds`` groups (cases, without groups) remain for the folds.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise ConfigError(
+            f"data.fold={fold} must be one of 0 to {folds - 1} with data.folds={folds} (at least 2)"
+        )
+    if "val" in fractions:
+        raise ConfigError("with cross-validation folds the validation cases are a fold, not a fraction")
+    n = _num_cases(labels, groups, n)
+    outer = split_indices(labels, groups, fractions, seed, n)
+    pool = outer.pop("train")
+    pool_groups = None if groups is None else [str(groups[i]) for i in pool]
+    units = len(pool) if pool_groups is None else len(set(pool_groups))
+    if units < folds:
+        what = "patients" if groups is not None else "cases"
+        raise ConfigError(
+            f"data.folds={folds} needs at least {folds} {what} outside the test split, found {units}"
+        )
+    pool_labels = None if labels is None else [int(labels[i]) for i in pool]
+    # k - 1 folds of 1/k each; what remains is the last fold. The fractions sum to (k-1)/k < 1.
+    cut = split_indices(
+        pool_labels, pool_groups, {f"fold{i}": 1.0 / folds for i in range(folds - 1)}, seed, len(pool)
+    )
+    parts = [cut[f"fold{i}"] for i in range(folds - 1)] + [cut["train"]]
+    val = pool[parts[fold]]
+    train = pool[np.concatenate([p for i, p in enumerate(parts) if i != fold])]
+    return {"train": np.sort(train), "val": np.sort(val), **outer}
 
 
 def _num_cases(labels: Sequence[int] | None, groups: Sequence[str] | None, n: int | None) -> int:
