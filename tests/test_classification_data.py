@@ -12,7 +12,7 @@ from fewlabel.config.classification import ClassificationData
 from fewlabel.data.classification import list_images, load_classification_dataset, load_records
 from fewlabel.data.images import read_image, verify_image
 from fewlabel.data.synthetic_fundus import make_synthetic_fundus
-from fewlabel.errors import DataError
+from fewlabel.errors import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -247,6 +247,23 @@ def test_npz_official_and_pooled_split(tmp_path):
         ClassificationData(path=str(_npz(tmp_path / "grey.npz", grey=True))), seed=0
     )
     assert grey.channels == 1 and grey.splits["train"][0]["image"].shape == (28, 28, 1)
+
+
+def test_folds_cross_validate_pooled_images_but_not_a_stored_split(tmp_path):
+    path = _npz(tmp_path / "mnist.npz")
+    with pytest.raises(
+        ConfigError, match="has a stored train/val/test split; set data.use_official_split=false"
+    ):
+        load_classification_dataset(ClassificationData(path=str(path), folds=3), seed=0)
+    cfg = ClassificationData(path=str(path), use_official_split=False, test_fraction=0.2, folds=3)
+    splits = [
+        load_classification_dataset(cfg.model_copy(update={"fold": f}), seed=0).splits for f in range(3)
+    ]
+    test = [r["id"] for r in splits[0]["test"]]
+    assert len(test) == 6 and all([r["id"] for r in s["test"]] == test for s in splits)
+    validated = [r["id"] for s in splits for r in s["val"]]
+    assert len(validated) == len(set(validated)) == 31 - 6
+    assert all(len(s["train"]) + len(s["val"]) == 25 for s in splits)
 
 
 def test_npz_missing_keys_are_named(tmp_path):

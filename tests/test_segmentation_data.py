@@ -388,3 +388,31 @@ def test_real_covid_semiseg_and_lidc_layouts(shared_data: Path) -> None:
     mask = read_label(shared_data / "lidc_voi" / "masks" / image.name, ["background", "nodule"])
     np.testing.assert_array_equal(mask.affine, study.affine)
     assert study.array.min() < -500 and mask.array.max() == 1  # HU values and a nodule
+
+
+def test_folds_validate_on_each_patient_once_and_keep_the_test_patients(tmp_path: Path) -> None:
+    table = _csv_dataset(tmp_path, n_patients=10, per_patient=3)
+    cfg = SegmentationData(path=str(table), val_fraction=0.2, test_fraction=0.2, folds=4, labeled_count=3)
+    lists = [build_datalist(cfg.model_copy(update={"fold": f}), seed=1) for f in range(4)]
+    test = {r["id"] for r in lists[0].test}
+    assert len({r["patient_id"] for r in lists[0].test}) == 2
+    validated = []
+    for dl in lists:
+        assert {r["id"] for r in dl.test} == test
+        val_patients = {r["patient_id"] for r in dl.val}
+        assert val_patients and not val_patients & {r["patient_id"] for r in dl.train + dl.unlabeled}
+        # val_fraction is not used: the 8 non-test patients are cut into 4 folds of 2.
+        assert len(val_patients) == 2
+        assert len(dl.train) == 3 and dl.demoted == len(dl.unlabeled) == 18 - 3
+        validated += [r["id"] for r in dl.val]
+    assert len(validated) == len(set(validated)) == 24
+
+
+def test_fold_settings_are_checked() -> None:
+    for fields, message in (
+        ({"folds": 1}, "folds=1 is no cross-validation"),
+        ({"fold": 2}, "fold=2 needs folds"),
+        ({"folds": 3, "fold": 3}, "fold=3 must be one of 0 to 2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SegmentationData(path="x", **fields)

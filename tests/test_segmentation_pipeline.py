@@ -866,3 +866,25 @@ def test_evaluate_and_predict_average_the_checkpoints_given(msd, tmp_path, capsy
         == 2
     )
     assert "an ensemble averages models of one task" in capsys.readouterr().err
+
+
+def test_the_folds_of_a_cross_validation_ensemble_on_their_shared_test_split(msd, tmp_path, capsys):
+    runs = [
+        _train(msd, tmp_path, f"fold{f}", "tcsm.enabled=false", "data.folds=2", f"data.fold={f}")
+        for f in (0, 1)
+    ]
+    from fewlabel.data.segmentation import build_datalist
+
+    configs = [load_config(run / "config.yaml") for run in runs]
+    lists = [build_datalist(cfg.data, cfg.run.seed) for cfg in configs]
+    assert lists[0].test == lists[1].test
+    val = [{r["id"] for r in dl.val} for dl in lists]
+    assert val[0] and val[1] and not val[0] & val[1]
+    assert val[1] <= {r["id"] for r in lists[0].train + lists[0].unlabeled}
+
+    both = [arg for run in runs for arg in ("--checkpoint", str(run / "checkpoints" / "best.pt"))]
+    assert main(["evaluate", *both, "--output", str(tmp_path / "cv-test")]) == 0
+    # Fold 1 trained on fold 0's validation patients.
+    capsys.readouterr()
+    assert main(["evaluate", *both, "--split", "val", "--output", str(tmp_path / "cv-val")]) == 2
+    assert "fold1" in capsys.readouterr().err and not (tmp_path / "cv-val").exists()

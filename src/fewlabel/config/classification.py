@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fewlabel.config.common import CheckpointConfig, OptimizerName, RunConfig, SchedulerName, StrictModel
+from fewlabel.config.common import (
+    CheckpointConfig,
+    OptimizerName,
+    RunConfig,
+    SchedulerName,
+    StrictModel,
+    check_folds,
+)
 
 # The lowest layers of torchvision's GoogLeNet, in forward order; ``freeze`` names the last frozen one.
 FreezePoint = Literal[
@@ -36,8 +43,12 @@ class ClassificationData(StrictModel):
         path: the folder, CSV or ``.npz`` file.
         image_root: folder that relative CSV image paths are relative to (default: the CSV's folder).
         classes: class names in grade order; ``None`` takes folder names (sorted) or the sorted labels.
-        val_fraction: share of cases for validation when the data has no official split.
+        val_fraction: share of cases for validation when the data has no official split (unused
+            with ``folds``).
         test_fraction: share of cases for testing when the data has no official split.
+        folds: k-fold cross-validation: the cases outside the test split are cut into this many
+            folds (by patient, stratified, seeded); 0 turns it off. Not with an official split.
+        fold: with ``folds``, the fold that validates (``0`` to ``folds - 1``); the others train.
         use_official_split: use the ``train/val/test`` split stored in an ``.npz`` file.
         class_balance: ``none``, ``weighted_loss`` (inverse-frequency class weights) or ``sampler``.
         num_workers: data-loading worker processes.
@@ -50,6 +61,8 @@ class ClassificationData(StrictModel):
     classes: list[str] | None = None
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    folds: int = Field(0, ge=0)
+    fold: int = Field(0, ge=0)
     use_official_split: bool = True
     class_balance: Literal["none", "weighted_loss", "sampler"] = "none"
     num_workers: int = Field(0, ge=0)
@@ -59,6 +72,7 @@ class ClassificationData(StrictModel):
     def _fractions(self) -> ClassificationData:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave cases for training (< 1)")
+        check_folds(self.folds, self.fold)
         return self
 
 

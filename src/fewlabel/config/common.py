@@ -63,3 +63,21 @@ class CheckpointConfig(StrictModel):
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 SchedulerName = Literal["none", "cosine", "step"]
+
+
+def check_folds(folds: int, fold: int) -> None:
+    """Validate the ``data.folds`` / ``data.fold`` pair of a data section.
+
+    Args:
+        folds: number of cross-validation folds; 0 for none.
+        fold: the validating fold.
+
+    Raises:
+        ValueError: for one fold, a fold without ``folds``, or a fold out of range.
+    """
+    if folds == 1:
+        raise ValueError("folds=1 is no cross-validation: use 0 (a val_fraction split) or at least 2")
+    if folds == 0 and fold:
+        raise ValueError(f"fold={fold} needs folds (the number of cross-validation folds), e.g. folds=5")
+    if folds and fold >= folds:
+        raise ValueError(f"fold={fold} must be one of 0 to {folds - 1} with folds={folds}")

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fewlabel.config.common import CheckpointConfig, OptimizerName, RunConfig, SchedulerName, StrictModel
+from fewlabel.config.common import (
+    CheckpointConfig,
+    OptimizerName,
+    RunConfig,
+    SchedulerName,
+    StrictModel,
+    check_folds,
+)
 
 
 class SegmentationData(StrictModel):
@@ -22,8 +29,12 @@ class SegmentationData(StrictModel):
         test_path: a separate labelled test set in the same format as ``path``.
         classes: class names, index = label value (0 is background); ``None`` takes the
             ``labels`` map of ``dataset.json`` or ``[background, lesion]``.
-        val_fraction: share of labelled training patients held out for validation.
+        val_fraction: share of labelled training patients held out for validation (unused with
+            ``folds``).
         test_fraction: share of labelled patients held out for testing (when no ``test_path``).
+        folds: k-fold cross-validation: the labelled patients outside the test set are cut into
+            this many folds (seeded, the same for every fold of one seed); 0 turns it off.
+        fold: with ``folds``, the fold that validates (``0`` to ``folds - 1``); the others train.
         labeled_fraction: share of the remaining training patients that keep their labels;
             the others become unlabelled (for TCSM). Chosen by patient, seeded.
         labeled_count: number of training cases that keep labels (overrides ``labeled_fraction``).
@@ -39,6 +50,8 @@ class SegmentationData(StrictModel):
     classes: list[str] | None = None
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    folds: int = Field(0, ge=0)
+    fold: int = Field(0, ge=0)
     labeled_fraction: float = Field(1.0, gt=0.0, le=1.0)
     labeled_count: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -50,6 +63,7 @@ class SegmentationData(StrictModel):
             raise ValueError("val_fraction + test_fraction must leave cases for training (< 1)")
         if self.classes is not None and len(self.classes) < 2:
             raise ValueError("classes needs at least background and one foreground class")
+        check_folds(self.folds, self.fold)
         return self
 
 

@@ -12,6 +12,7 @@ split they came from.
 from __future__ import annotations
 
 import csv
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import numpy as np
 
 from fewlabel.config.classification import ClassificationData
 from fewlabel.data.images import is_image_file, verify_image
-from fewlabel.data.splits import split_indices
-from fewlabel.errors import DataError
+from fewlabel.data.splits import split_folds, split_indices
+from fewlabel.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ClassificationDataset",
@@ -363,8 +366,9 @@ def load_classification_dataset(cfg: ClassificationData, seed: int) -> Classific
     """Load, check and split the data of a classification experiment.
 
     ``.npz`` files with ``use_official_split`` keep their stored split. Otherwise cases are
-    split with :func:`fewlabel.data.splits.split_indices`: by patient when the data has
-    patient ids (records without one count as their own patient), stratified by label.
+    split with :func:`fewlabel.data.splits.split_indices` (or, with ``folds``,
+    :func:`fewlabel.data.splits.split_folds`): by patient when the data has patient ids
+    (records without one count as their own patient), stratified by label.
 
     Args:
         cfg: the ``data`` section of the experiment.
@@ -381,6 +385,11 @@ def load_classification_dataset(cfg: ClassificationData, seed: int) -> Classific
     records, classes = load_records(path, cfg.format, cfg.classes, cfg.image_root)
     from_npz = "split" in records[0]
     if from_npz and cfg.use_official_split:
+        if cfg.folds:
+            raise ConfigError(
+                f"data.folds={cfg.folds}: {path} has a stored train/val/test split; set "
+                "data.use_official_split=false to cross-validate on its images instead"
+            )
         stored = {r["split"] for r in records}
         missing = [s for s in _NPZ_SPLITS if s not in stored]
         if missing:
@@ -391,12 +400,13 @@ def load_classification_dataset(cfg: ClassificationData, seed: int) -> Classific
         groups = None
         if any(patients):
             groups = [p if p else f"\0record:{r['id']}" for p, r in zip(patients, records, strict=True)]
-        idx = split_indices(
-            [r["label"] for r in records],
-            groups,
-            {"val": cfg.val_fraction, "test": cfg.test_fraction},
-            seed,
-        )
+        labels = [r["label"] for r in records]
+        if cfg.folds:
+            if cfg.val_fraction > 0:
+                log.info("data.folds is set: data.val_fraction=%s is not used", cfg.val_fraction)
+            idx = split_folds(labels, groups, {"test": cfg.test_fraction}, cfg.folds, cfg.fold, seed)
+        else:
+            idx = split_indices(labels, groups, {"val": cfg.val_fraction, "test": cfg.test_fraction}, seed)
         splits = {s: [records[i] for i in idx[s]] for s in ("train", "val", "test")}
     if not splits["train"]:
         raise DataError(path, "no images left for training after splitting")
