@@ -888,3 +888,31 @@ def test_the_folds_of_a_cross_validation_ensemble_on_their_shared_test_split(msd
     capsys.readouterr()
     assert main(["evaluate", *both, "--split", "val", "--output", str(tmp_path / "cv-val")]) == 2
     assert "fold1" in capsys.readouterr().err and not (tmp_path / "cv-val").exists()
+
+
+def test_predicted_specks_below_the_minimum_size_become_background(tmp_path):
+    hu = np.full((16, 12, 6), -900, dtype=np.int16)
+    hu[3:9, 3:9, 1:5] = 100  # a lesion of 144 voxels = 144 mm³ × 1.5
+    hu[13, 10, 3] = 100  # one bright voxel far from it
+    affine = np.diag([1.0, 1.0, 1.5, 1.0])
+    study = tmp_path / "in" / "case.nii.gz"
+    study.parent.mkdir()
+    nib.save(nib.Nifti1Image(hu, affine), study)
+    raw = {"input": {"mode": "2.5d", "slab": 3, "axis": 2}, "train": {"batch_size": 1}}
+    labels, probs, _ = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
+    assert labels[13, 10, 3] == 1 and labels.sum() == 145
+
+    raw["eval"] = {"min_component_size": 10.0}  # mm³: the speck is 1.5
+    cleaned, cleaned_probs, _ = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
+    assert cleaned[13, 10, 3] == 0 and cleaned.sum() == 144
+    np.testing.assert_array_equal(cleaned_probs, probs)  # the probabilities are left as predicted
+
+
+def test_keep_largest_of_an_unknown_class_stops_training_before_it_starts(msd, tmp_path, capsys):
+    args = ["train", str(DEMO_YAML), "--output-dir", str(tmp_path)]
+    for item in [f"data.path={msd}", "run.name=bad", *FAST, "eval.keep_largest=[tumour]"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "eval.keep_largest names 'tumour'" in err and "['lesion']" in err
+    assert not (tmp_path / "bad" / "checkpoints").exists()

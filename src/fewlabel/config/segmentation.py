@@ -282,6 +282,10 @@ class SegmentationEval(StrictModel):
             prediction time; 3D sliding-window prediction ignores it).
         merge: extra classes scored as the union of label values, e.g. ``{infection: [1, 2]}``
             (reported beside the configured classes, left out of the foreground mean).
+        min_component_size: predicted connected components of a foreground class smaller than
+            this become background: mm³ for volumes, pixels for 2D images; 0 keeps them all.
+        keep_largest: foreground classes of which only the largest connected component is
+            kept (structures that are one piece, e.g. one nodule per crop).
     """
 
     overlays: int = Field(3, ge=0)
@@ -290,6 +294,8 @@ class SegmentationEval(StrictModel):
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     tta: bool = False
     merge: dict[str, list[int]] = {}
+    min_component_size: float = Field(0.0, ge=0.0)
+    keep_largest: list[str] = []
 
 
 class SegmentationExperiment(StrictModel):

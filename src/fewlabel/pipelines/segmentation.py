@@ -29,6 +29,7 @@ import torch
 
 from fewlabel.config.segmentation import SegmentationData, SegmentationExperiment
 from fewlabel.errors import ConfigError, DataError, FewLabelError
+from fewlabel.inference.postprocessing import check_keep_largest
 from fewlabel.pipelines.segmentation_predict import (
     LoadedModel,
     ModelEnsemble,
@@ -110,6 +111,8 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
 
     datalist = build_datalist(cfg.data, cfg.run.seed)
     classes = list(datalist.classes)
+    # Checked now, not when the final evaluation would stop on it after the training.
+    check_keep_largest(cfg.eval.keep_largest, classes)
     if not datalist.train:
         raise DataError(cfg.data.path, "no labelled training studies left after the validation/test split")
     if cfg.tcsm.enabled and datalist.unlabeled:
@@ -495,6 +498,7 @@ def evaluate_studies(
             "input mode": cfg.input.mode,
             "model": model.describe(),
             "cases": len(cases),
+            **_postprocessing_context(cfg, model.spatial_dims),
         },
     )
     from fewlabel.metrics.segmentation import summarize
@@ -624,6 +628,17 @@ def evaluate(
             },
         )
     return {"report": result["report"], "summary": result["summary"]}
+
+
+def _postprocessing_context(cfg: SegmentationExperiment, spatial_dims: int) -> dict[str, str]:
+    """The report line for the ``eval`` post-processing rules, when any is on."""
+    rules = []
+    if cfg.eval.min_component_size > 0:
+        unit = "mm³" if spatial_dims == 3 else "pixels"
+        rules.append(f"components under {cfg.eval.min_component_size:g} {unit} removed")
+    if cfg.eval.keep_largest:
+        rules.append(f"largest component kept for {', '.join(cfg.eval.keep_largest)}")
+    return {"post-processing": "; ".join(rules)} if rules else {}
 
 
 def _refuse_seen_by_members(model: ModelEnsemble, records: list[dict], split: str) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from fewlabel.config.segmentation import SegmentationExperiment
 from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
+from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
 from fewlabel.utils.files import atomic_write, atomic_write_text
 from fewlabel.utils.runtime import config_device, torch_threads
 
@@ -195,6 +196,7 @@ def load_segmentation_model(
         if eval_overrides:
             raise
         raise CheckpointError(str(err)) from err
+    check_keep_largest(cfg.eval.keep_largest, list(meta["classes"]))
     device = config_device(cfg.run.device) if device is None else torch.device(device)
     net = build_segmentation_net(
         cfg.model, 3 if cfg.input.mode == "3d" else 2, int(meta["in_channels"]), len(meta["classes"])
@@ -244,8 +246,10 @@ def predict_study(model: LoadedModel | ModelEnsemble, path: str | Path) -> tuple
         path: NIfTI file, DICOM series folder, or 2D image.
 
     Returns:
-        ``(labels, probabilities, reference)``: ``uint8`` labels with the source's shape,
-        float32 probabilities ``(K, *shape)`` and the source :class:`~fewlabel.data.readers.Study`.
+        ``(labels, probabilities, reference)``: ``uint8`` labels with the source's shape (after
+        the ``eval.min_component_size`` and ``eval.keep_largest`` post-processing), float32
+        probabilities ``(K, *shape)`` (before it) and the source
+        :class:`~fewlabel.data.readers.Study`.
 
     Raises:
         DataError: if the study is unreadable, or its kind (2D/3D) does not match the model.
@@ -280,6 +284,10 @@ def predict_study(model: LoadedModel | ModelEnsemble, path: str | Path) -> tuple
             f"{path}: the inverted prediction has shape {labels.shape}, the study {reference.array.shape}; "
             f"a preprocessing step could not be inverted"
         )
+    rules = model.cfg.eval
+    labels = postprocess_labels(
+        labels, model.classes, reference.spacing, rules.min_component_size, rules.keep_largest
+    )
     return labels, probs, reference
 
 
