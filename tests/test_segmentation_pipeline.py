@@ -237,15 +237,19 @@ def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path, method):
 
 
 class ThresholdNet(nn.Module):
-    """Class 1 where the centre input channel exceeds a threshold (a network with known output)."""
+    """Class 1 where the centre input channel exceeds a threshold (a network with known output).
 
-    def __init__(self, threshold: float) -> None:
+    A small ``slope`` gives soft probabilities instead, so that two such networks disagree.
+    """
+
+    def __init__(self, threshold: float, slope: float = 100.0) -> None:
         super().__init__()
         self.threshold = threshold
+        self.slope = slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centre = x[:, x.shape[1] // 2]
-        return torch.stack([torch.zeros_like(centre), 100.0 * (centre - self.threshold)], dim=1)
+        return torch.stack([torch.zeros_like(centre), self.slope * (centre - self.threshold)], dim=1)
 
 
 def _model(raw: dict, net: nn.Module, spatial_dims: int) -> segmentation.LoadedModel:
@@ -743,18 +747,6 @@ def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):
         segmentation.evaluate_studies(_model({}, ThresholdNet(0.5), 3), [record], tmp_path / "report")
 
 
-class RampNet(nn.Module):
-    """Soft lesion probability rising with the centre input channel: members of other slopes disagree."""
-
-    def __init__(self, slope: float) -> None:
-        super().__init__()
-        self.slope = slope
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x[:, x.shape[1] // 2]
-        return torch.stack([torch.zeros_like(centre), self.slope * (centre - 0.5)], dim=1)
-
-
 def test_an_ensemble_averages_its_members_probabilities_on_the_source_grid(tmp_path):
     rng = np.random.default_rng(3)
     hu = rng.integers(-1000, 400, size=(14, 10, 9)).astype(np.int16)
@@ -769,12 +761,12 @@ def test_an_ensemble_averages_its_members_probabilities_on_the_source_grid(tmp_p
             "input": {"mode": "2.5d", "slab": 3, "axis": 2},
             "train": {"batch_size": 1},
         },
-        RampNet(4.0),
+        ThresholdNet(0.5, slope=4.0),
         3,
     )
     volumetric = _model(
         {"preprocess": {"spacing": [1.2, 1.2, 1.5]}, "input": {"mode": "3d", "patch_size": [16, 16, 16]}},
-        RampNet(-9.0),
+        ThresholdNet(0.5, slope=-9.0),
         3,
     )
     _, alone_a, _ = segmentation.predict_study(sliced, study)
@@ -792,13 +784,15 @@ def test_an_ensemble_averages_its_members_probabilities_on_the_source_grid(tmp_p
 
 def test_an_ensemble_refuses_members_of_other_classes_or_studies():
     raw = {"input": {"mode": "2.5d", "slab": 3}}
-    first = _model(raw, RampNet(1.0), 3)
-    other = _model(raw, RampNet(1.0), 3)
+    first = _model(raw, ThresholdNet(0.5, slope=1.0), 3)
+    other = _model(raw, ThresholdNet(0.5, slope=1.0), 3)
     other.classes = ["background", "tumour"]
     other.path = Path("other.pt")
     with pytest.raises(CheckpointError, match=r"other\.pt.*tumour.*same classes"):
         segmentation.ModelEnsemble([first, other])
-    flat = _model({"preprocess": {"modality": "image"}, "input": {"mode": "2d"}}, RampNet(1.0), 2)
+    flat = _model(
+        {"preprocess": {"modality": "image"}, "input": {"mode": "2d"}}, ThresholdNet(0.5, slope=1.0), 2
+    )
     flat.path = Path("flat.pt")
     with pytest.raises(CheckpointError, match=r"flat\.pt: was trained on 2D images"):
         segmentation.ModelEnsemble([first, flat])
