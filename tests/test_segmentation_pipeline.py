@@ -99,6 +99,7 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 1  # 6 cases, 20% test -> one patient
     case = summary["metric_per_case"][0]["case"]
+    assert 0.0 <= summary["metric_per_case"][0]["uncertainty"] <= 1.0
     assert (run / "eval" / "predictions" / f"{case}.nii.gz").is_file()
 
     # predict: a mask on the source grid, refused a second time without --overwrite.
@@ -733,6 +734,7 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [r["case"] for r in rows] == ["a", "b", "c"]
     assert {r["lesion_voxels"] for r in rows} == {"8"}
+    assert {r["uncertainty"] for r in rows} == {"0.0"}  # a threshold network is never in doubt
 
 
 def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):

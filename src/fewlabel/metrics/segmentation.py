@@ -70,12 +70,15 @@ class CaseResult:
         metrics: metric name (``dice``, ``voldice``, ``cdice``) → class index → value (NaN = undefined).
         prediction_file: where the prediction came from, when known.
         reference_file: where the ground truth came from, when known.
+        uncertainty: :func:`fewlabel.inference.uncertainty.mask_uncertainty` of the
+            prediction, when it was made from probabilities.
     """
 
     case_id: str
     metrics: dict[str, dict[int, float]]
     prediction_file: str | None = None
     reference_file: str | None = None
+    uncertainty: float | None = None
 
 
 def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -436,6 +436,7 @@ def evaluate_studies(
         DataError: if a label is missing, unreadable, out of range or not on its image's grid.
     """
     from fewlabel.data.readers import check_grid, read_label, write_mask
+    from fewlabel.inference.uncertainty import mask_uncertainty, uncertainty_dice_correlation
     from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, rank_cases
     from fewlabel.reports.segmentation import write_segmentation_report
 
@@ -473,7 +474,13 @@ def evaluate_studies(
         )
         mask_path = write_mask(labels, reference, pred_dir / (case_id + mask_suffix(reference)))
         cases.append(
-            CaseResult(case_id, metrics, prediction_file=str(mask_path), reference_file=str(record["label"]))
+            CaseResult(
+                case_id,
+                metrics,
+                prediction_file=str(mask_path),
+                reference_file=str(record["label"]),
+                uncertainty=round(mask_uncertainty(probs), 4),
+            )
         )
         files[case_id] = (str(record["image"]), str(record["label"]), mask_path)
         log.debug(
@@ -499,6 +506,9 @@ def evaluate_studies(
             "model": model.describe(),
             "cases": len(cases),
             **_postprocessing_context(cfg, model.spatial_dims),
+            **_uncertainty_context(
+                uncertainty_dice_correlation(cases, {k: n for k, n in enumerate(names) if k > 0})
+            ),
         },
     )
     from fewlabel.metrics.segmentation import summarize
@@ -628,6 +638,14 @@ def evaluate(
             },
         )
     return {"report": result["report"], "summary": result["summary"]}
+
+
+def _uncertainty_context(rho: dict[str, float]) -> dict[str, str]:
+    """The report line saying how well ``predict``'s uncertainty ranks the cases by Dice."""
+    if not rho:
+        return {}
+    shown = ", ".join(f"{name} {value:+.2f}" for name, value in rho.items())
+    return {"uncertainty vs Dice": f"Spearman ρ {shown} (negative: the uncertain masks are the worse ones)"}
 
 
 def _postprocessing_context(cfg: SegmentationExperiment, spatial_dims: int) -> dict[str, str]:

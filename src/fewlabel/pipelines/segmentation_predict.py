@@ -347,7 +347,8 @@ def predict(
     With ``eval.save_probabilities`` the class probabilities are written too:
     ``<case>_probabilities.nii.gz`` (``X, Y, Z, K``, float32) for volumes, one 8-bit
     ``<case>_prob_<class>.png`` per foreground class for 2D images. ``predictions.csv`` lists
-    every case with the size of each predicted class (voxels, and millilitres for volumes);
+    every case with the size of each predicted class (voxels, and millilitres for volumes)
+    and its :func:`~fewlabel.inference.uncertainty.mask_uncertainty`;
     with ``overwrite`` it keeps the rows of other cases whose masks are still in the folder.
     Every study is opened before anything is written; if one fails later (e.g. its voxels
     cannot be decoded), the studies predicted before it are listed and the error is raised.
@@ -422,7 +423,7 @@ def predict(
             mask_path = write_mask(labels, reference, output / planned[name][0])
             if model.cfg.eval.save_probabilities:
                 _write_probabilities(probs, reference, output, name, model.classes)
-            rows.append(_manifest_row(name, path, mask_path, labels, reference, model.classes))
+            rows.append(_manifest_row(name, path, mask_path, labels, probs, reference, model.classes))
             log.info("predicted %s -> %s", path, mask_path)
             del labels, probs, reference
     _write_manifest(manifest, kept + rows)
@@ -625,8 +626,16 @@ def _write_probabilities(
 
 
 def _manifest_row(
-    name: str, path: Path, mask: Path, labels: np.ndarray, reference: Any, classes: list[str]
+    name: str,
+    path: Path,
+    mask: Path,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    reference: Any,
+    classes: list[str],
 ) -> dict:
+    from fewlabel.inference.uncertainty import mask_uncertainty
+
     counts = np.bincount(labels.ravel(), minlength=len(classes))
     row: dict[str, Any] = {"case": name, "input": str(path), "mask": str(mask)}
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0 if labels.ndim == 3 else None
@@ -634,6 +643,7 @@ def _manifest_row(
         row[f"{cls}_voxels"] = int(counts[k])
         if voxel_ml is not None:
             row[f"{cls}_ml"] = round(counts[k] * voxel_ml, 3)
+    row["uncertainty"] = round(mask_uncertainty(probs), 4)
     return row
 
 

@@ -166,6 +166,8 @@ def summary_json(
         if case.reference_file:
             entry["reference_file"] = case.reference_file
         entry["metrics"] = _by_class({m: v for m, v in case.metrics.items()})
+        if case.uncertainty is not None:
+            entry["uncertainty"] = case.uncertainty
         per_case.append(entry)
     stat = {
         key: _by_class({m: {k: s[key] for k, s in per.items()} for m, per in summary["metrics"].items()})
