@@ -416,3 +416,17 @@ def test_fold_settings_are_checked() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             SegmentationData(path="x", **fields)
+
+
+def test_a_long_list_of_labelled_cases_is_cut_short_in_the_log(tmp_path: Path, caplog) -> None:
+    table = _csv_dataset(tmp_path, n_patients=15, per_patient=2)
+    cfg = SegmentationData(path=str(table), val_fraction=0.2, test_fraction=0.0)
+    with caplog.at_level("DEBUG", logger="fewlabel.data.segmentation"):
+        dl = build_datalist(cfg, seed=0)
+    listed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("labelled training cases")]
+    assert len(dl.train) == 24
+    assert listed == [listed[0]] and listed[0].endswith("and 4 more (all of them with --verbose)")
+    full = [
+        r.getMessage() for r in caplog.records if r.levelname == "DEBUG" and "all labelled" in r.getMessage()
+    ]
+    assert full and all(r["id"] in full[0] for r in dl.train)

@@ -50,6 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = ["background", "lesion"]
+_LISTED_CASES = 20  # labelled training cases named in the log at INFO level
 
 # File names that encode a patient (case) and a slice or lesion number; the patient part groups
 # the files so that one patient never lands in two splits.
@@ -636,5 +637,15 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
         len(val),
         len(test),
     )
-    log.info("labelled training cases: %s", ", ".join(r["id"] for r in kept))
+    ids = [r["id"] for r in kept]
+    # A fully labelled dataset of hundreds of cases would make this one line pages long.
+    if len(ids) <= _LISTED_CASES:
+        log.info("labelled training cases: %s", ", ".join(ids))
+    else:
+        log.info(
+            "labelled training cases: %s and %d more (all of them with --verbose)",
+            ", ".join(ids[:_LISTED_CASES]),
+            len(ids) - _LISTED_CASES,
+        )
+        log.debug("all labelled training cases: %s", ", ".join(ids))
     return datalist
