@@ -285,3 +285,18 @@ def test_a_missing_images_folder_is_called_an_image_folder(tmp_path):
             classes=["bg", "lesion"],
             image_dir=tmp_path / "imgs",
         )
+
+
+def test_cases_with_an_uncertainty_get_a_scatter_against_dice(tmp_path):
+    cases = [CaseResult(f"c{i}", {"dice": {1: 0.9 - 0.2 * i, 2: 0.5}}, uncertainty=0.1 * i) for i in range(4)]
+    report = write_segmentation_report(tmp_path / "rep", cases, ["background", "GGO $x$", "b"])
+    page = report.read_text()
+    assert (tmp_path / "rep" / "uncertainty_vs_dice.png").stat().st_size > 0
+    assert "Uncertainty against Dice" in page and page.count("data:image/png;base64,") == 2
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert [c["uncertainty"] for c in summary["metric_per_case"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+    # Masks scored from disk have no probabilities, so no uncertainty and no scatter.
+    plain = [CaseResult(c.case_id, c.metrics) for c in cases]
+    page = write_segmentation_report(tmp_path / "plain", plain, ["background", "a", "b"]).read_text()
+    assert not (tmp_path / "plain" / "uncertainty_vs_dice.png").exists() and "Uncertainty" not in page

@@ -100,6 +100,8 @@ def write_segmentation_report(
         plot_metric_boxplot(cases, metric, classes, path)
         boxplots.append((path, f"{METRIC_NAMES.get(metric, metric)} per case"))
 
+    uncertainty = plot_uncertainty_vs_dice(cases, classes, output / "uncertainty_vs_dice.png")
+
     drawn = []
     for role, entry in _pick_overlays(cases, overlays or [], summary["foreground"]):
         case = next(c for c in cases if c.case_id == entry["case_id"])
@@ -112,6 +114,13 @@ def write_segmentation_report(
     sections = [("Summary", _summary_html(summary, context))]
     if boxplots:
         sections.append(("Distributions over cases", "\n".join(H.image(p, c) for p, c in boxplots)))
+    if uncertainty is not None:
+        note = (
+            "<p class='muted'>Uncertainty: of the voxels predicted as lesion or doubtful (most probable class "
+            "below 0.75), the share that are doubtful. Where the cases fall from top left to bottom right, "
+            "sorting new predictions by uncertainty puts the worse masks first.</p>"
+        )
+        sections.append(("Uncertainty", note + H.image(uncertainty, "Uncertainty against Dice")))
     if drawn:
         legend = (
             "<p class='muted'>Ground truth: solid contours; prediction: dashed. A 3D study shows the slice "
@@ -235,6 +244,49 @@ def plot_metric_boxplot(
     ax.set_ylabel(METRIC_NAMES.get(metric, metric))
     ax.set_title(f"{METRIC_NAMES.get(metric, metric)} per case")
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+@plain_text
+def plot_uncertainty_vs_dice(
+    cases: Sequence[CaseResult], classes: Sequence[str], path: str | Path
+) -> Path | None:
+    """Each case's mask uncertainty against its Dice, one colour per foreground class.
+
+    Args:
+        cases: per-case results; those without ``uncertainty`` are left out.
+        classes: class names, index = class index (merged classes included).
+        path: destination ``.png``.
+
+    Returns:
+        The destination path, or ``None`` (nothing drawn) when no case has an uncertainty.
+    """
+    from fewlabel.inference.uncertainty import uncertainty_dice_correlation
+
+    scored = [c for c in cases if c.uncertainty is not None]
+    if not scored:
+        return None
+    indices = [k for k in sorted({k for c in scored for k in c.metrics.get("dice", {})}) if k > 0]
+    names = {k: _class_name(classes, k) for k in indices}
+    rho = uncertainty_dice_correlation(scored, names)
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.add_subplot()
+    for k in indices:
+        pairs = [(c.uncertainty, c.metrics["dice"].get(k, math.nan)) for c in scored]
+        pairs = [(u, d) for u, d in pairs if not math.isnan(d)]
+        if not pairs:
+            continue
+        u, d = zip(*pairs, strict=True)
+        label = names[k] + (f" (Spearman ρ {rho[names[k]]:+.2f})" if names[k] in rho else "")
+        ax.scatter(u, d, s=14, alpha=0.7, color=_COLOURS[(k - 1) % len(_COLOURS)], label=label)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("uncertainty (share of doubtful voxels)")
+    ax.set_ylabel("Dice")
+    ax.set_title("Uncertainty against Dice, per case")
+    ax.grid(alpha=0.3)
+    if ax.collections:
+        ax.legend(fontsize="small", loc="best")
     return save_figure(fig, path)
 
 
