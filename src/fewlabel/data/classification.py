@@ -12,7 +12,6 @@ split they came from.
 from __future__ import annotations
 
 import csv
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +21,8 @@ import numpy as np
 
 from fewlabel.config.classification import ClassificationData
 from fewlabel.data.images import is_image_file, verify_image
-from fewlabel.data.splits import split_folds, split_indices
+from fewlabel.data.splits import split_cases
 from fewlabel.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "ClassificationDataset",
@@ -366,9 +363,9 @@ def load_classification_dataset(cfg: ClassificationData, seed: int) -> Classific
     """Load, check and split the data of a classification experiment.
 
     ``.npz`` files with ``use_official_split`` keep their stored split. Otherwise cases are
-    split with :func:`fewlabel.data.splits.split_indices` (or, with ``folds``,
-    :func:`fewlabel.data.splits.split_folds`): by patient when the data has patient ids
-    (records without one count as their own patient), stratified by label.
+    split with :func:`fewlabel.data.splits.split_cases` (a fraction split, or with ``folds``
+    a cross-validation fold): by patient when the data has patient ids (records without one
+    count as their own patient), stratified by label.
 
     Args:
         cfg: the ``data`` section of the experiment.
@@ -400,13 +397,14 @@ def load_classification_dataset(cfg: ClassificationData, seed: int) -> Classific
         groups = None
         if any(patients):
             groups = [p if p else f"\0record:{r['id']}" for p, r in zip(patients, records, strict=True)]
-        labels = [r["label"] for r in records]
-        if cfg.folds:
-            if cfg.val_fraction > 0:
-                log.info("data.folds is set: data.val_fraction=%s is not used", cfg.val_fraction)
-            idx = split_folds(labels, groups, {"test": cfg.test_fraction}, cfg.folds, cfg.fold, seed)
-        else:
-            idx = split_indices(labels, groups, {"val": cfg.val_fraction, "test": cfg.test_fraction}, seed)
+        idx = split_cases(
+            [r["label"] for r in records],
+            groups,
+            {"val": cfg.val_fraction, "test": cfg.test_fraction},
+            seed,
+            cfg.folds,
+            cfg.fold,
+        )
         splits = {s: [records[i] for i in idx[s]] for s in ("train", "val", "test")}
     if not splits["train"]:
         raise DataError(path, "no images left for training after splitting")

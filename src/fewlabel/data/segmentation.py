@@ -32,7 +32,7 @@ import numpy as np
 from fewlabel.config.segmentation import SegmentationData
 from fewlabel.data.images import is_image_file
 from fewlabel.data.readers import is_nifti_file
-from fewlabel.data.splits import split_folds, split_indices
+from fewlabel.data.splits import split_cases
 from fewlabel.errors import ConfigError, DataError
 from fewlabel.utils.files import atomic_write_text
 
@@ -541,10 +541,9 @@ def _select_labeled(
 def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
     """Read the dataset(s) and split them into labelled/unlabelled training, validation and test.
 
-    Labelled cases are split by patient (``fewlabel.data.splits.split_indices``) into train,
+    Labelled cases are split by patient (``fewlabel.data.splits.split_cases``) into train,
     ``val_fraction`` and, without ``test_path``, ``test_fraction``; with ``folds`` the
-    validation patients are fold ``fold`` of the non-test ones instead
-    (``fewlabel.data.splits.split_folds``). Of the training patients a
+    validation patients are fold ``fold`` of the non-test ones instead. Of the training patients a
     seeded subset keeps its labels (``labeled_count`` cases or ``labeled_fraction`` of the
     patients); the rest join the unlabelled pool with the dataset's own unlabelled cases and
     those of ``unlabeled_path``. Unlabelled studies of validation or test patients are dropped,
@@ -589,17 +588,7 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
             log.info("data.test_path is set: data.test_fraction=%s is not used", cfg.test_fraction)
     else:
         fractions["test"] = cfg.test_fraction
-    patients = [r["patient_id"] for r in labelled]
-    if cfg.folds:
-        if cfg.val_fraction > 0:
-            log.info("data.folds is set: data.val_fraction=%s is not used", cfg.val_fraction)
-        fractions.pop("val")
-        parts = split_folds(None, patients, fractions, cfg.folds, cfg.fold, seed)
-        log.info(
-            "cross-validation: fold %d of %d validates (folds 0 to %d)", cfg.fold, cfg.folds, cfg.folds - 1
-        )
-    else:
-        parts = split_indices(None, patients, fractions, seed)
+    parts = split_cases(None, [r["patient_id"] for r in labelled], fractions, seed, cfg.folds, cfg.fold)
     train = [labelled[i] for i in parts["train"]]
     val = [labelled[i] for i in parts.get("val", [])]
     if not cfg.test_path:

@@ -9,6 +9,7 @@ first, then the rest is cut into k folds, one of which validates.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
@@ -17,7 +18,9 @@ from sklearn.model_selection import train_test_split
 
 from fewlabel.errors import ConfigError
 
-__all__ = ["split_folds", "split_indices"]
+__all__ = ["split_cases", "split_folds", "split_indices"]
+
+log = logging.getLogger(__name__)
 
 
 def split_indices(
@@ -70,6 +73,37 @@ def split_indices(
     out = {"train": parts.pop("train")}
     out.update(parts)
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def split_cases(
+    labels: Sequence[int] | None,
+    groups: Sequence[str] | None,
+    fractions: dict[str, float],
+    seed: int,
+    folds: int = 0,
+    fold: int = 0,
+) -> dict[str, np.ndarray]:
+    """The split a data section asks for: :func:`split_indices`, or with ``folds`` :func:`split_folds`.
+
+    Args:
+        labels: class index of each case, or ``None``.
+        groups: group (patient) id of each case, or ``None``.
+        fractions: held-out splits, ``val`` among them; with ``folds`` the ``val`` fraction is
+            not used (said in the log), as a fold validates instead.
+        seed: the split is a pure function of the inputs and this seed.
+        folds: ``data.folds``; 0 for a fraction split.
+        fold: ``data.fold``, the validating fold.
+
+    Returns:
+        ``{"train": ..., "val": ..., **{name: ...}}`` sorted ``int64`` index arrays.
+    """
+    if not folds:
+        return split_indices(labels, groups, fractions, seed)
+    held_out = dict(fractions)
+    if held_out.pop("val", 0.0) > 0:
+        log.info("data.folds is set: data.val_fraction=%s is not used", fractions["val"])
+    log.info("cross-validation: fold %d of %d validates (folds 0 to %d)", fold, folds, folds - 1)
+    return split_folds(labels, groups, held_out, folds, fold, seed)
 
 
 def split_folds(
