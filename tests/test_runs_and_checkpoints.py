@@ -11,6 +11,7 @@ import torch
 
 from fewlabel import __version__
 from fewlabel.engines.checkpoint import (
+    ensemble_paths,
     export_paths,
     export_safetensors,
     load_checkpoint,
@@ -241,3 +242,14 @@ def test_check_replaceable_refuses_what_overwrite_must_not_delete(tmp_path):
         check_replaceable(tmp_path / "data")
     with pytest.raises(RunDirError, match="not a folder"):
         check_replaceable(tmp_path / "data" / "scan.nii.gz")
+
+
+def test_an_ensemble_names_each_checkpoint_once_under_any_spelling(tmp_path):
+    (tmp_path / "a").mkdir()
+    one, other = tmp_path / "a" / "best.pt", tmp_path / "b.pt"
+    assert ensemble_paths(one) == [one]
+    assert ensemble_paths([str(one), other]) == [one, other]
+    with pytest.raises(CheckpointError, match="given more than once"):
+        ensemble_paths([one, other, tmp_path / "a" / ".." / "a" / "best.pt"])
+    with pytest.raises(ValueError, match="no checkpoint given"):
+        ensemble_paths([])

@@ -196,7 +196,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             )
         task = _checkpoints_task(args.checkpoint)
         result = _pipeline(task).evaluate(
-            _one_or_many(args.checkpoint),
+            [Path(c) for c in args.checkpoint],
             args.data,
             Path(args.output),
             split=args.split,
@@ -248,14 +248,10 @@ def _checkpoints_task(checkpoints: list[str]) -> str:
     return tasks[0]
 
 
-def _one_or_many(checkpoints: list[str]) -> Path | list[Path]:
-    return Path(checkpoints[0]) if len(checkpoints) == 1 else [Path(c) for c in checkpoints]
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     task = _checkpoints_task(args.checkpoint)
     out = _pipeline(task).predict(
-        _one_or_many(args.checkpoint),
+        [Path(c) for c in args.checkpoint],
         [Path(p) for p in args.inputs],
         Path(args.output),
         overwrite=args.overwrite,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,30 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
         The destination path.
     """
     return atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def ensemble_paths(checkpoint: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The checkpoint files of one model, or of the models of an ensemble, each named once.
+
+    Args:
+        checkpoint: one checkpoint path, or several (``--checkpoint`` repeated).
+
+    Returns:
+        The paths, in the order given.
+
+    Raises:
+        ValueError: if no checkpoint is given.
+        CheckpointError: if a file is given more than once (under any spelling of its path):
+            averaging it twice would silently weigh that model double.
+    """
+    paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+    if not paths:
+        raise ValueError("no checkpoint given")
+    resolved = [p.resolve() for p in paths]
+    repeated = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
+    if repeated:
+        raise CheckpointError(f"{repeated[0]}: given more than once; each model of an ensemble counts once")
+    return paths
 
 
 def version_note(meta: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fewlabel.config.classification import ClassificationAugment, ClassificationExperiment
+from fewlabel.engines.checkpoint import ensemble_paths
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.runs import RunDir
 from fewlabel.utils.files import check_replaceable
@@ -140,7 +141,7 @@ def evaluate(
         CheckpointError: if a checkpoint is not a usable classification checkpoint, or the
             checkpoints of an ensemble have different classes.
     """
-    checkpoints, output = _checkpoint_list(checkpoint), Path(output)
+    checkpoints, output = ensemble_paths(checkpoint), Path(output)
     _check_output_dir(output, overwrite, checkpoints + ([Path(data)] if data is not None else []))
     members = _load_members(checkpoints)
     meta = members[0][1]
@@ -198,7 +199,7 @@ def predict(
     from fewlabel.data.images import verify_image
     from fewlabel.reports.classification import write_predictions_csv
 
-    checkpoints, output = _checkpoint_list(checkpoint), Path(output)
+    checkpoints, output = ensemble_paths(checkpoint), Path(output)
     if output.is_dir():
         raise FewLabelError(
             f"{output}: is a folder; predict writes a CSV file (e.g. {output / 'predictions.csv'})"
@@ -248,22 +249,12 @@ def _eval_loader(records: Sequence[dict], meta: dict, batch_size: int, device: t
     )
 
 
-def _checkpoint_list(checkpoint: Path | Sequence[Path]) -> list[Path]:
-    return [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
-
-
 def _load_members(checkpoints: Sequence[Path]) -> list[tuple[torch.nn.Module, dict]]:
     """The ``(model, meta)`` of every checkpoint; an ensemble's must grade the same classes."""
     from fewlabel.engines.checkpoint import load_checkpoint
     from fewlabel.engines.classification_eval import model_from_checkpoint
     from fewlabel.errors import CheckpointError
 
-    if not checkpoints:
-        raise ValueError("no checkpoint given")
-    resolved = [Path(c).resolve() for c in checkpoints]
-    repeated = sorted({str(c) for c, r in zip(checkpoints, resolved, strict=True) if resolved.count(r) > 1})
-    if repeated:
-        raise CheckpointError(f"{repeated[0]}: given more than once; each model of an ensemble counts once")
     members = [model_from_checkpoint(load_checkpoint(c), c) for c in checkpoints]
     first = list(members[0][1]["classes"])
     for path, (_, meta) in zip(checkpoints[1:], members[1:], strict=True):

@@ -596,7 +596,9 @@ def evaluate(
 
     if split not in _SPLITS:
         raise ConfigError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
-    checkpoints = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+    from fewlabel.engines.checkpoint import ensemble_paths
+
+    checkpoints = ensemble_paths(checkpoint)
     model = load_segmentation_models(checkpoints, eval_overrides=eval_overrides)
     cfg = model.cfg
     if data is None:

@@ -210,30 +210,25 @@ def load_segmentation_model(
 
 
 def load_segmentation_models(
-    checkpoints: Sequence[str | Path], eval_overrides: list[str] | None = None
+    checkpoints: str | Path | Sequence[str | Path], eval_overrides: list[str] | None = None
 ) -> LoadedModel | ModelEnsemble:
     """Load one checkpoint as a model, or several as the ensemble of their averaged probabilities.
 
     Args:
-        checkpoints: ``best.pt`` files of segmentation runs, e.g. one per seed or fold.
+        checkpoints: a ``best.pt`` file of a segmentation run, or several, e.g. one per seed or fold.
         eval_overrides: ``eval.KEY=VALUE`` changes applied to every checkpoint's config.
 
     Returns:
         The :class:`LoadedModel` of a single checkpoint, else a :class:`ModelEnsemble`.
 
     Raises:
-        CheckpointError: if a file is not a usable segmentation checkpoint, or the models
-            predict different classes or kinds of studies.
+        CheckpointError: if a file is not a usable segmentation checkpoint, is given twice, or
+            the models predict different classes or kinds of studies.
         ValueError: if no checkpoint is given.
     """
-    if not checkpoints:
-        raise ValueError("no checkpoint given")
-    paths = [Path(c) for c in checkpoints]
-    resolved = [p.resolve() for p in paths]
-    repeated = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
-    if repeated:
-        raise CheckpointError(f"{repeated[0]}: given more than once; each model of an ensemble counts once")
-    models = [load_segmentation_model(p, eval_overrides=eval_overrides) for p in paths]
+    from fewlabel.engines.checkpoint import ensemble_paths
+
+    models = [load_segmentation_model(p, eval_overrides=eval_overrides) for p in ensemble_paths(checkpoints)]
     return models[0] if len(models) == 1 else ModelEnsemble(models)
 
 
@@ -368,8 +363,7 @@ def predict(
         DataError: for missing or unreadable inputs, duplicate case names, outputs that exist
             already (without ``overwrite``) or an output folder inside an input folder.
     """
-    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-    model = load_segmentation_models(checkpoints, eval_overrides=eval_overrides)
+    model = load_segmentation_models(checkpoint, eval_overrides=eval_overrides)
     collected = _collect(inputs)
     studies = [path for path, _ in collected]
     names = [name for _, name in collected]
