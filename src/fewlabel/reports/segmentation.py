@@ -115,10 +115,12 @@ def write_segmentation_report(
     if boxplots:
         sections.append(("Distributions over cases", "\n".join(H.image(p, c) for p, c in boxplots)))
     if uncertainty is not None:
+        from fewlabel.inference.uncertainty import DOUBT_THRESHOLD
+
         note = (
             "<p class='muted'>Uncertainty: of the voxels predicted as lesion or doubtful (most probable class "
-            "below 0.75), the share that are doubtful. Where the cases fall from top left to bottom right, "
-            "sorting new predictions by uncertainty puts the worse masks first.</p>"
+            f"below {DOUBT_THRESHOLD:g}), the share that are doubtful. Where the cases fall from top left to "
+            "bottom right, sorting new predictions by uncertainty puts the worse masks first.</p>"
         )
         sections.append(("Uncertainty", note + H.image(uncertainty, "Uncertainty against Dice")))
     if drawn:
