@@ -737,6 +737,27 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
     assert {r["uncertainty"] for r in rows} == {"0.0"}  # a threshold network is never in doubt
 
 
+def test_a_study_named_like_a_formula_is_listed_as_text_and_kept_intact_by_overwrite(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    hu = np.full((6, 5, 4), -800, dtype=np.float32)
+    hu[2:4, 1:3, 1:3] = 100
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "=1+1.nii.gz")
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "b.nii.gz")
+    out = tmp_path / "out"
+
+    segmentation.predict(tmp_path / "model.pt", [tmp_path / "=1+1.nii.gz"], out)
+    assert (out / "predictions.csv").read_text().splitlines()[1].startswith("'=1+1,")
+    # A second call keeps the first row as it was: unescaped on reading, escaped once on writing.
+    segmentation.predict(tmp_path / "model.pt", [tmp_path / "b.nii.gz"], out, overwrite=True)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["case"] for r in rows] == ["'=1+1", "b"]
+    assert rows[0]["mask"] == str(out / "=1+1.nii.gz")  # a path starting with / is no formula
+    assert rows[0]["lesion_voxels"] == "8"
+
+
 def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):
     hu = np.full((6, 5, 4), -800, dtype=np.int16)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "image.nii.gz")

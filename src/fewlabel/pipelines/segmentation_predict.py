@@ -28,6 +28,7 @@ from fewlabel.config.segmentation import SegmentationExperiment
 from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
+from fewlabel.utils.csv_cells import escape_cell, unescape_cell
 from fewlabel.utils.files import atomic_write, atomic_write_text
 from fewlabel.utils.runtime import config_device, torch_threads
 
@@ -434,7 +435,7 @@ def _earlier_rows(manifest: Path, output: Path, names: set[str]) -> list[dict]:
         return []
     try:
         with manifest.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            rows = [{k: _read_cell(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         log.warning("%s: unreadable (%s); it is replaced by a listing of this call's cases", manifest, err)
         return []
@@ -641,6 +642,14 @@ def _manifest_row(
     return row
 
 
+#: Manifest columns holding names and paths (the others hold numbers).
+_TEXT_COLUMNS = ("case", "input", "mask")
+
+
+def _read_cell(column: str | None, value: str | None) -> str | None:
+    return unescape_cell(value) if column in _TEXT_COLUMNS and isinstance(value, str) else value
+
+
 def _write_manifest(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
@@ -648,7 +657,9 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(
+        {k: escape_cell(str(v)) if k in _TEXT_COLUMNS else v for k, v in row.items()} for row in rows
+    )
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from fewlabel.metrics.classification import classification_metrics
 from fewlabel.reports import html as H
 from fewlabel.reports.plots import plot_confusion_matrix, plot_image_gallery, plot_roc_curves
+from fewlabel.utils.csv_cells import escape_cell
 from fewlabel.utils.files import atomic_write_text
 
 __all__ = [
@@ -54,13 +55,14 @@ def predictions_csv_text(
     header = (
         ["image"] + (["true"] if y_true is not None else []) + ["predicted"] + [f"prob_{c}" for c in classes]
     )
-    writer.writerow(header)
+    writer.writerow([escape_cell(h) for h in header])
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     for i, name in enumerate(names):
         row = [str(name)]
         if y_true is not None:
             row.append(classes[int(y_true[i])])
         row.append(classes[int(pred[i])])
+        row = [escape_cell(cell) for cell in row]
         row.extend(f"{p:.6f}" for p in probs[i])
         writer.writerow(row)
     return buf.getvalue()
@@ -155,8 +157,8 @@ def write_classification_report(
         json.dumps({**metrics, "context": context}, indent=2, allow_nan=False, default=str),
     )
     files["predictions"] = write_predictions_csv(out / "predictions.csv", names, probs, classes, y_true)
-    cm_rows = [["true \\ predicted", *classes]] + [
-        [c, *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)
+    cm_rows = [["true \\ predicted", *map(escape_cell, classes)]] + [
+        [escape_cell(c), *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)
     ]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(cm_rows)

@@ -43,6 +43,7 @@ from scipy import stats
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.reports.plots import plain_text, save_figure
 from fewlabel.reports.segmentation import METRIC_NAMES
+from fewlabel.utils.csv_cells import unescape_cell
 
 __all__ = [
     "ALL_IMAGES",
@@ -134,7 +135,8 @@ def read_evaluation(path: str | Path) -> PerCaseMetrics:
     source = find_evaluation_file(path)
     try:
         with open(source, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
+            # Numbers never start with a quote, so every cell can be unescaped.
+            rows = [[unescape_cell(cell) for cell in row] for row in csv.reader(fh)]
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(source, f"cannot be read ({err})") from err
     if rows and rows[0][:1] == ["image"]:

@@ -29,6 +29,7 @@ from matplotlib.lines import Line2D
 from fewlabel.metrics.segmentation import CaseResult, case_foreground_score, rank_cases, summarize
 from fewlabel.reports import html as H
 from fewlabel.reports.plots import plain_text, save_figure
+from fewlabel.utils.csv_cells import escape_cell
 from fewlabel.utils.files import atomic_write_text
 
 __all__ = [
@@ -147,10 +148,10 @@ def metrics_per_case_csv_text(cases: Sequence[CaseResult], classes: Sequence[str
     indices = _class_indices(cases)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case_id", "metric", *(_class_name(classes, k) for k in indices)])
+    writer.writerow(["case_id", "metric", *(escape_cell(_class_name(classes, k)) for k in indices)])
     for case in cases:
         for metric, values in case.metrics.items():
-            row = [case.case_id, metric]
+            row = [escape_cell(case.case_id), metric]
             row.extend(_csv_number(values.get(k, math.nan)) for k in indices)
             writer.writerow(row)
     return buf.getvalue()
