@@ -148,6 +148,30 @@ def test_folds_partition_the_non_test_cases_and_share_one_test_split():
     )
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_no_fold_is_empty_and_each_grade_is_dealt_evenly(grouped):
+    from fewlabel.data.splits import assign_folds
+
+    # Successive fractional cuts left the last fold empty here (12 cases, 3 grades, 5 folds)
+    # and made it twice the size of the others in many more cases.
+    for n in range(6, 41):
+        for k in range(2, min(6, n // 2) + 1):
+            for grades in (1, 2, 3):
+                labels = [i % grades for i in range(n)]
+                groups = [f"p{i // 2}" for i in range(n)] if grouped else None
+                owner = assign_folds(labels, groups, k, seed=n, n=n)
+                assert sorted(set(owner.tolist())) == list(range(k)), (n, k, grades)
+                if grouped:
+                    patients = [{groups[i] for i in np.flatnonzero(owner == f)} for f in range(k)]
+                    assert sum(len(p) for p in patients) == len(set(groups)), "a patient in two folds"
+                    continue
+                for grade in range(grades):
+                    counts = [int(((owner == f) & (np.array(labels) == grade)).sum()) for f in range(k)]
+                    assert max(counts) - min(counts) <= 1, (n, k, grades, counts)
+    sizes = np.bincount(assign_folds(None, None, 4, seed=0, n=10))
+    assert sorted(sizes.tolist()) == [2, 2, 3, 3]
+
+
 def test_folds_refuse_what_cannot_be_cut():
     from fewlabel.data.splits import split_folds
 
@@ -158,5 +182,5 @@ def test_folds_refuse_what_cannot_be_cut():
     with pytest.raises(ConfigError, match="a fold, not a fraction"):
         split_folds(None, None, {"val": 0.2}, 4, 0, seed=0, n=20)
     # Without groups the cases are cut one by one.
-    parts = split_folds(None, None, {}, 4, 1, seed=0, n=10)
-    assert len(parts["val"]) in (2, 3) and len(parts["train"]) + len(parts["val"]) == 10
+    sizes = [len(split_folds(None, None, {}, 4, f, seed=0, n=10)["val"]) for f in range(4)]
+    assert sorted(sizes) == [2, 2, 3, 3]

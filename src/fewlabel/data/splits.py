@@ -119,9 +119,10 @@ def split_folds(
 
     The held-out splits of ``fractions`` (e.g. ``{"test": 0.2}``) are taken first, exactly as
     :func:`split_indices` takes them, so every fold of one seed has the same test cases. The
-    remaining cases are cut into ``folds`` folds of about equal size, by group and stratified
-    by label in the same way, with the same seed whatever ``fold`` is: fold ``fold`` becomes
-    ``val`` and the others ``train``, so each case validates exactly one fold's model.
+    remaining cases are dealt into ``folds`` folds in one pass (:func:`assign_folds`: by group,
+    stratified by label, every fold non-empty), with the same seed whatever ``fold`` is: fold
+    ``fold`` becomes ``val`` and the others ``train``, so each case validates exactly one
+    fold's model.
 
     Args:
         labels: class index of each case, or ``None``.
@@ -156,14 +157,55 @@ def split_folds(
             f"data.folds={folds} needs at least {folds} {what} outside the test split, found {units}"
         )
     pool_labels = None if labels is None else [int(labels[i]) for i in pool]
-    # k - 1 folds of 1/k each; what remains is the last fold. The fractions sum to (k-1)/k < 1.
-    cut = split_indices(
-        pool_labels, pool_groups, {f"fold{i}": 1.0 / folds for i in range(folds - 1)}, seed, len(pool)
-    )
-    parts = [cut[f"fold{i}"] for i in range(folds - 1)] + [cut["train"]]
-    val = pool[parts[fold]]
-    train = pool[np.concatenate([p for i, p in enumerate(parts) if i != fold])]
-    return {"train": np.sort(train), "val": np.sort(val), **outer}
+    owner = assign_folds(pool_labels, pool_groups, folds, seed, len(pool))
+    return {"train": np.sort(pool[owner != fold]), "val": np.sort(pool[owner == fold]), **outer}
+
+
+def assign_folds(
+    labels: Sequence[int] | None, groups: Sequence[str] | None, folds: int, seed: int, n: int
+) -> np.ndarray:
+    """Deal ``n`` cases into ``folds`` folds, whole groups at a time, balancing each label.
+
+    Groups (patients; each case alone without groups) are taken in a seeded order, largest
+    first, and each goes to the fold holding the fewest cases of its majority label, then the
+    fewest cases. Cutting folds as successive fractions instead (k - 1 cuts and a remainder)
+    can leave the last fold empty or twice the size of the others when a stratified cut falls
+    back to a greedy one. Here, with at least ``folds`` groups, the first ``folds`` groups open
+    one fold each, so no fold is empty. Without groups, each label's count differs by at most
+    one between folds, and without labels too, so does each fold's size. scikit-learn's
+    ``StratifiedGroupKFold`` guarantees neither non-empty folds nor near-equal sizes.
+
+    Args:
+        labels: class index of each case, or ``None``.
+        groups: group id of each case, or ``None``.
+        folds: number of folds.
+        seed: the assignment is a pure function of the inputs and this seed.
+        n: number of cases.
+
+    Returns:
+        The fold index (``0`` to ``folds - 1``) of each case.
+    """
+    group_of = [str(g) for g in groups] if groups is not None else [str(i) for i in range(n)]
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(group_of):
+        members[g].append(i)
+    names = sorted(members)
+    label_of = {}
+    for g in names:
+        counts = Counter(int(labels[i]) for i in members[g]) if labels is not None else Counter({0: 1})
+        label_of[g] = min(counts, key=lambda lab: (-counts[lab], lab))
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    order.sort(key=lambda g: -len(members[g]))  # stable: the seeded order among equal sizes
+    per_label: list[Counter] = [Counter() for _ in range(folds)]
+    sizes = [0] * folds
+    owner = np.empty(n, dtype=np.int64)
+    for g in order:
+        lab = label_of[g]
+        best = min(range(folds), key=lambda f: (per_label[f][lab], sizes[f]))
+        per_label[best][lab] += len(members[g])
+        sizes[best] += len(members[g])
+        owner[members[g]] = best
+    return owner
 
 
 def _num_cases(labels: Sequence[int] | None, groups: Sequence[str] | None, n: int | None) -> int:
