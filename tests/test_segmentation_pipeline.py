@@ -863,6 +863,10 @@ def test_evaluate_and_predict_average_the_checkpoints_given(msd, tmp_path, capsy
     err = capsys.readouterr().err
     assert "seed7" in err and "was trained or validated on" in err and "test split" in err
     assert not (tmp_path / "leak").exists()
+    # --data naming the same dataset re-creates the same split, and is refused the same way.
+    leak = [*both[:2], "--checkpoint", str(other_seed / "checkpoints" / "best.pt")]
+    assert main(["evaluate", *leak, "--data", str(msd), "--output", str(tmp_path / "leak")]) == 2
+    assert "seed7" in capsys.readouterr().err and not (tmp_path / "leak").exists()
 
     # The same checkpoint twice, or a classification checkpoint beside a segmentation one.
     assert main(["predict", *both[:2], *both[:2], str(study), "--output", str(tmp_path / "twice")]) == 2
@@ -905,6 +909,25 @@ def test_the_folds_of_a_cross_validation_ensemble_on_their_shared_test_split(msd
     capsys.readouterr()
     assert main(["evaluate", *both, "--split", "val", "--output", str(tmp_path / "cv-val")]) == 2
     assert "fold1" in capsys.readouterr().err and not (tmp_path / "cv-val").exists()
+
+    # Other data too small for two folds: its test split cannot be re-created, but all of it
+    # can be scored.
+    small = make_synthetic_ct(tmp_path / "small", n_labeled=2, n_unlabeled=0, shape=(32, 32, 8), seed=3)
+    fold0 = ["--checkpoint", str(runs[0] / "checkpoints" / "best.pt"), "--data", str(small)]
+    assert main(["evaluate", *fold0, "--output", str(tmp_path / "small-test")]) == 2
+    assert "2-fold cross-validation cannot be re-created here" in capsys.readouterr().err
+    assert main(["evaluate", *fold0, "--split", "all", "--output", str(tmp_path / "small-all")]) == 0
+    assert json.loads((tmp_path / "small-all" / "summary.json").read_text())["n_cases"] == 2
+
+
+def test_evaluate_scores_the_labels_that_training_set_aside(msd, tmp_path):
+    # 6 studies: 1 validates, 1 tests, 4 train, of which labeled_count keeps 2 labelled.
+    run = _train(msd, tmp_path, "few", "data.labeled_count=2")
+    ckpt = str(run / "checkpoints" / "best.pt")
+    for split, n in (("all", 6), ("train", 4), ("test", 1)):
+        out = tmp_path / f"eval-{split}"
+        assert main(["evaluate", "--checkpoint", ckpt, "--split", split, "--output", str(out)]) == 0
+        assert json.loads((out / "summary.json").read_text())["n_cases"] == n, split
 
 
 def test_predicted_specks_below_the_minimum_size_become_background(tmp_path):

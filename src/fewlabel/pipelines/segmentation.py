@@ -575,10 +575,13 @@ def evaluate(
         checkpoint: the model checkpoint, or several whose probabilities are averaged
             (:class:`ModelEnsemble`); the first one's dataset, split and ``eval`` settings apply.
         data: dataset (folder or CSV, in any format the config's ``data.format`` accepts);
-            ``None`` uses the checkpoint's own dataset. The checkpoint's seed and split
-            fractions apply, so ``test`` is the same held-out patients when the dataset is the
-            same; ``all`` evaluates every labelled study. An ensemble is refused on its first
-            checkpoint's ``val`` or ``test`` split if another member trained on any of it.
+            ``None`` uses the checkpoint's own dataset. The checkpoint's seed, split fractions
+            and fold apply, so ``test`` is the same held-out patients when the dataset is the
+            same; ``all`` evaluates every labelled study, and ``train`` and ``all`` include
+            the training studies whose labels ``labeled_count`` set aside. An ensemble is
+            refused on its first checkpoint's ``val`` or ``test`` split if another member
+            trained on any of it (with ``data``, a member whose training data cannot be read
+            is only warned about).
         output: the report folder (must not exist unless ``overwrite``).
         split: ``train``, ``val``, ``test`` or ``all``.
         overwrite: replace an existing report folder.
@@ -588,8 +591,9 @@ def evaluate(
         ``{"report": path, "summary": summary dict}``.
 
     Raises:
-        DataError: if the split is empty or the data unreadable, or another ensemble member
-            trained on the held-out split.
+        DataError: if the split is empty or the data unreadable, another ensemble member
+            trained on the held-out split, or ``data`` has too few patients for the
+            checkpoint's cross-validation folds (except with ``split="all"``).
         FewLabelError: if ``output`` exists and ``overwrite`` is false.
     """
     from fewlabel.data.segmentation import build_datalist
@@ -601,14 +605,26 @@ def evaluate(
     checkpoints = ensemble_paths(checkpoint)
     model = load_segmentation_models(checkpoints, eval_overrides=eval_overrides)
     cfg = model.cfg
-    if data is None:
-        data_cfg = cfg.data
-    else:
-        fields = cfg.data.model_dump()
-        fields.update(path=str(data), format="auto", image_root=None, unlabeled_path=None, test_path=None)
-        fields["classes"] = model.classes
-        data_cfg = SegmentationData.model_validate(fields)
-    datalist = build_datalist(data_cfg, cfg.run.seed)
+    # Every labelled study is scored with its label: the labels that labeled_count set aside
+    # for training are back, unlabelled studies are not read, and folds only decide what is
+    # val and what is train, which "all" unites.
+    fields = cfg.data.model_dump()
+    fields.update(labeled_count=None, labeled_fraction=1.0, unlabeled_path=None)
+    if split == "all":
+        fields.update(folds=0, fold=0)
+    if data is not None:
+        fields.update(path=str(data), format="auto", image_root=None, test_path=None, classes=model.classes)
+    data_cfg = SegmentationData.model_validate(fields)
+    try:
+        datalist = build_datalist(data_cfg, cfg.run.seed)
+    except ConfigError as err:
+        if data is None or not data_cfg.folds:
+            raise
+        raise DataError(
+            data,
+            f"the {split!r} split of the model's {data_cfg.folds}-fold cross-validation cannot be "
+            f"re-created here ({err}); score every study with --split all",
+        ) from err
     if list(datalist.classes) != model.classes:
         raise DataError(
             data_cfg.path, f"classes {list(datalist.classes)} differ from the model's {model.classes}"
@@ -623,8 +639,9 @@ def evaluate(
         raise DataError(
             data_cfg.path, f"the {split!r} split holds no labelled studies; choose another --split (e.g. all)"
         )
-    if data is None and split in ("val", "test") and isinstance(model, ModelEnsemble):
-        _refuse_seen_by_members(model, records, split)
+    if split in ("val", "test") and isinstance(model, ModelEnsemble):
+        # --data may be the members' own dataset again, split the first member's way.
+        _refuse_seen_by_members(model, records, split, strict=data is None)
     refuse_inside_inputs(output, [Path(data_cfg.path)])
     _prepare_output(Path(output), overwrite, [*checkpoints, Path(data_cfg.path)])
     with torch_threads(cfg.run.num_threads):
@@ -661,12 +678,21 @@ def _postprocessing_context(cfg: SegmentationExperiment, spatial_dims: int) -> d
     return {"post-processing": "; ".join(rules)} if rules else {}
 
 
-def _refuse_seen_by_members(model: ModelEnsemble, records: list[dict], split: str) -> None:
+def _refuse_seen_by_members(
+    model: ModelEnsemble, records: list[dict], split: str, strict: bool = True
+) -> None:
     """Refuse an ensemble whose later members trained on the first member's held-out split.
 
     Runs of other seeds split a dataset differently, so the first checkpoint's test patients
     can be another run's training patients; averaging that run in would score it on cases it
     has seen.
+
+    Args:
+        model: the ensemble.
+        records: the studies about to be scored.
+        split: their split's name, for the message.
+        strict: a member whose training data cannot be read is an error; otherwise (scoring
+            other data, where the members' training data may not be at hand) it is a warning.
 
     Raises:
         DataError: naming the member and some of the cases it saw.
@@ -675,7 +701,13 @@ def _refuse_seen_by_members(model: ModelEnsemble, records: list[dict], split: st
 
     held_out = {str(Path(r["image"]).resolve()): str(r.get("id") or case_name(r["image"])) for r in records}
     for member in model.members[1:]:
-        seen = build_datalist(member.cfg.data, member.cfg.run.seed)
+        try:
+            seen = build_datalist(member.cfg.data, member.cfg.run.seed)
+        except FewLabelError as err:
+            if strict:
+                raise
+            log.warning("%s: cannot check which studies it trained on (%s)", member.path, err)
+            continue
         used = seen.train + seen.val + seen.unlabeled[: seen.demoted]
         overlap = sorted(
             {held_out[key] for r in used if (key := str(Path(r["image"]).resolve())) in held_out}
