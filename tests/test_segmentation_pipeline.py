@@ -861,7 +861,11 @@ def test_evaluate_and_predict_average_the_checkpoints_given(msd, tmp_path, capsy
     )
     assert rc == 2
     err = capsys.readouterr().err
-    assert "seed7" in err and "was trained or validated on" in err and "test split" in err
+    assert (
+        "seed7" in err
+        and "was trained (with or without labels) or validated on" in err
+        and "test split" in err
+    )
     assert not (tmp_path / "leak").exists()
     # --data naming the same dataset re-creates the same split, and is refused the same way.
     leak = [*both[:2], "--checkpoint", str(other_seed / "checkpoints" / "best.pt")]
@@ -918,6 +922,28 @@ def test_the_folds_of_a_cross_validation_ensemble_on_their_shared_test_split(msd
     assert "2-fold cross-validation cannot be re-created here" in capsys.readouterr().err
     assert main(["evaluate", *fold0, "--split", "all", "--output", str(tmp_path / "small-all")]) == 0
     assert json.loads((tmp_path / "small-all" / "summary.json").read_text())["n_cases"] == 2
+
+
+def test_an_ensemble_member_that_saw_a_test_study_unlabelled_is_refused(msd, tmp_path):
+    from fewlabel.data.segmentation import build_datalist
+
+    run = _train(msd, tmp_path, "a", "tcsm.enabled=false")
+    first = segmentation.load_segmentation_model(run / "checkpoints" / "best.pt")
+    test = build_datalist(first.cfg.data, first.cfg.run.seed).test
+    # Another model, trained on other labelled data, had the first one's test study among
+    # its unlabelled studies.
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / Path(test[0]["image"]).name).symlink_to(test[0]["image"])
+    other = segmentation.load_segmentation_model(run / "checkpoints" / "best.pt")
+    other_data = make_synthetic_ct(tmp_path / "other", n_labeled=4, n_unlabeled=0, shape=(32, 32, 8), seed=5)
+    other.cfg = other.cfg.model_copy(
+        update={
+            "data": other.cfg.data.model_copy(update={"path": str(other_data), "unlabeled_path": str(pool)})
+        }
+    )
+    with pytest.raises(DataError, match=r"trained \(with or without labels\) or validated on 1 of the"):
+        segmentation._refuse_seen_by_members(segmentation.ModelEnsemble([first, other]), test, "test")
 
 
 def test_evaluate_scores_the_labels_that_training_set_aside(msd, tmp_path):

@@ -708,7 +708,9 @@ def _refuse_seen_by_members(
                 raise
             log.warning("%s: cannot check which studies it trained on (%s)", member.path, err)
             continue
-        used = seen.train + seen.val + seen.unlabeled[: seen.demoted]
+        # Unlabelled studies count too: a single run never trains on its own held-out images,
+        # with or without labels (build_datalist drops them from its unlabelled pool).
+        used = seen.train + seen.val + seen.unlabeled
         overlap = sorted(
             {held_out[key] for r in used if (key := str(Path(r["image"]).resolve())) in held_out}
         )
@@ -716,7 +718,7 @@ def _refuse_seen_by_members(
             shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
             raise DataError(
                 member.path,
-                f"was trained or validated on {len(overlap)} of the {len(records)} studies of "
+                f"was trained (with or without labels) or validated on {len(overlap)} of the {len(records)} studies of "
                 f"{model.members[0].path}'s {split} split ({shown}); average models that held out the "
                 "same studies, or evaluate the ensemble on other data with --data",
             )
