@@ -7,7 +7,9 @@ between Ignite's ``ITERATION_STARTED`` and ``ITERATION_COMPLETED``, after warm-u
 * ``supervised``: the labelled batch only (``tcsm.enabled`` off);
 * ``tcsm``: the labelled batch plus an unlabelled batch, consistency on both;
 * ``tcsm-equal-images``: as many images in total as the supervised case (half labelled,
-  half unlabelled), which isolates the overhead of the teacher and the transforms.
+  half unlabelled), which isolates the overhead of the teacher and the transforms;
+* ``tcsm+copy-paste``: the ``tcsm`` case with the copy-paste term (``tcsm.copy_paste_weight``),
+  which adds one student pass over the mixed images.
 
 Example::
 
@@ -59,7 +61,12 @@ def _batch(n: int, args: argparse.Namespace, device: torch.device, labelled: boo
 
 
 def _time_case(
-    args: argparse.Namespace, device: torch.device, n_labeled: int, n_unlabeled: int, enabled: bool
+    args: argparse.Namespace,
+    device: torch.device,
+    n_labeled: int,
+    n_unlabeled: int,
+    enabled: bool,
+    copy_paste: bool = False,
 ) -> float:
     """Median seconds per iteration of one configuration."""
     torch.manual_seed(0)
@@ -73,7 +80,9 @@ def _time_case(
     total = args.warmup + args.reps
     labelled = [_batch(n_labeled, args, device, True)] * total
     unlabelled = [_batch(n_unlabeled, args, device, False)] if n_unlabeled else None
-    config = TCSMConfig(enabled=enabled, rampup_iterations=0, apply_to_labeled=True)
+    config = TCSMConfig(
+        enabled=enabled, rampup_iterations=0, apply_to_labeled=True, copy_paste_weight=float(copy_paste)
+    )
     trainer = TCSMTrainer(
         device,
         1,
@@ -115,10 +124,12 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     half = max(1, args.batch // 2)
     cases = [
-        ("supervised", args.batch, 0, False),
-        ("tcsm", args.batch, args.unlabeled_batch, True),
-        ("tcsm-equal-images", half, max(1, args.batch - half), True),
+        ("supervised", args.batch, 0, False, False),
+        ("tcsm", args.batch, args.unlabeled_batch, True, False),
+        ("tcsm-equal-images", half, max(1, args.batch - half), True, False),
     ]
+    if args.unlabeled_batch:
+        cases.append(("tcsm+copy-paste", args.batch, args.unlabeled_batch, True, True))
     shape = f"{args.size}x{args.size}" + (f"x{args.depth}" if args.depth else "")
     print(
         f"device={device} input={args.channels}x{shape} features={tuple(args.features)} "
@@ -131,10 +142,10 @@ def main() -> None:
     # kernel-selection costs that would otherwise inflate whichever case runs first.
     _time_case(args, device, cases[1][1], cases[1][2], True)
     baseline = None
-    for name, n_labeled, n_unlabeled, enabled in cases:
-        seconds = _time_case(args, device, n_labeled, n_unlabeled, enabled)
+    for name, n_labeled, n_unlabeled, enabled, copy_paste in cases:
+        seconds = _time_case(args, device, n_labeled, n_unlabeled, enabled, copy_paste)
         baseline = baseline or seconds
-        student_images = n_labeled + n_unlabeled
+        student_images = n_labeled + n_unlabeled + (min(n_labeled, n_unlabeled) if copy_paste else 0)
         print(
             f"{name:<20}{n_labeled:>9}{n_unlabeled:>11}{student_images:>13}"
             f"{seconds * 1e3:>11.1f}{seconds / baseline:>7.2f}x"
