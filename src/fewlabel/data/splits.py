@@ -186,16 +186,7 @@ def assign_folds(
         The fold index (``0`` to ``folds - 1``) of each case.
     """
     group_of = [str(g) for g in groups] if groups is not None else [str(i) for i in range(n)]
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(group_of):
-        members[g].append(i)
-    names = sorted(members)
-    label_of = {}
-    for g in names:
-        counts = Counter(int(labels[i]) for i in members[g]) if labels is not None else Counter({0: 1})
-        label_of[g] = min(counts, key=lambda lab: (-counts[lab], lab))
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    order.sort(key=lambda g: -len(members[g]))  # stable: the seeded order among equal sizes
+    members, label_of, order = _groups_largest_first(labels, group_of, seed)
     per_label: list[Counter] = [Counter() for _ in range(folds)]
     sizes = [0] * folds
     owner = np.empty(n, dtype=np.int64)
@@ -256,22 +247,30 @@ def _split_cases(labels: np.ndarray, stratify: bool, fractions: dict[str, float]
     return parts
 
 
-def _split_groups(labels: np.ndarray, groups: list[str], fractions: dict[str, float], seed: int) -> dict:
+def _groups_largest_first(
+    labels: Sequence[int] | None, groups: Sequence[str], seed: int
+) -> tuple[dict[str, list[int]], dict[str, int], list[str]]:
+    """Each group's cases and majority label (``0`` without labels), and the groups in order.
+
+    Majority ties go to the smallest label, so the result is deterministic. The order is
+    seeded and puts the largest groups first, so that the small ones can even out the totals
+    of a greedy assignment; the stable sort keeps the seeded order among groups of equal size.
+    """
     members: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
     names = sorted(members)
-    # Majority label of each group; ties go to the smallest label so the result is deterministic.
     group_label = {}
     for g in names:
-        counts = Counter(labels[members[g]].tolist())
+        counts = Counter(int(labels[i]) for i in members[g]) if labels is not None else Counter({0: 1})
         group_label[g] = min(counts, key=lambda lab: (-counts[lab], lab))
-
-    rng = np.random.default_rng(seed)
-    order = [names[i] for i in rng.permutation(len(names))]
-    # Largest groups first so that the small ones can even out the totals; the stable sort
-    # keeps the seeded order among groups of equal size.
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     order.sort(key=lambda g: -len(members[g]))
+    return members, group_label, order
+
+
+def _split_groups(labels: np.ndarray, groups: list[str], fractions: dict[str, float], seed: int) -> dict:
+    members, group_label, order = _groups_largest_first(labels, groups, seed)
 
     active = ["train", *[k for k, f in fractions.items() if f > 0.0]]
     share = {"train": 1.0 - sum(fractions.values()), **{k: fractions[k] for k in active[1:]}}
