@@ -41,11 +41,11 @@ def fundus(tmp_path_factory) -> Path:
     )
 
 
-def _write_config(path: Path, data: Path, **sections) -> Path:
+def _write_config(path: Path, data_path: Path, **sections) -> Path:
     cfg = {
         "task": "classification",
         "run": {"output_dir": str(path.parent / "runs"), "num_threads": 1},
-        "data": {"path": str(data), "val_fraction": 0.25, "test_fraction": 0.25, "cache": False},
+        "data": {"path": str(data_path), "val_fraction": 0.25, "test_fraction": 0.25, "cache": False},
         "model": {"weights": "none", "image_size": SIZE, "freeze": "none", "dropout": 0.2},
         "train": {
             "max_epochs": 2,
@@ -322,7 +322,7 @@ def test_a_diverged_loss_stops_training_with_advice(tmp_path, fundus, monkeypatc
 
 
 def _fake_checkpoint(
-    tmp_path: Path, data: Path, name: str = "fake", init: int = 0, spread: float = 0.0, **sections
+    tmp_path: Path, data_path: Path, name: str = "fake", init: int = 0, spread: float = 0.0, **sections
 ) -> Path:
     """A checkpoint of an untrained model: enough to test evaluate/predict input checks.
 
@@ -332,7 +332,9 @@ def _fake_checkpoint(
     from fewlabel.engines.classification_eval import checkpoint_meta
     from fewlabel.networks.googlenet import build_googlenet
 
-    cfg = parse_config(yaml.safe_load(_write_config(tmp_path / f"{name}.yaml", data, **sections).read_text()))
+    cfg = parse_config(
+        yaml.safe_load(_write_config(tmp_path / f"{name}.yaml", data_path, **sections).read_text())
+    )
     torch.manual_seed(init)
     model = build_googlenet(3, "none", "none", 0.2, True)
     with torch.no_grad():
@@ -381,6 +383,26 @@ def test_several_checkpoints_grade_with_their_mean_probabilities(tmp_path, fundu
     assert not (tmp_path / "leak").exists()
     # On other data (used whole) the choice is the user's: no split to leak from.
     assert main(["evaluate", *pair, "--data", str(fundus), "--output", str(tmp_path / "whole")]) == 0
+
+
+def test_an_ensemble_of_models_of_two_npz_files_is_not_refused_for_their_shared_ids(tmp_path, capsys):
+    # Both files number their images train_0, train_1, ...: the same id is another image.
+    checkpoints = []
+    for k in (0, 1):
+        rng = np.random.default_rng(k)
+        arrays = {}
+        for split, n in (("train", 12), ("val", 4), ("test", 4)):
+            arrays[f"{split}_images"] = rng.integers(0, 255, (n, SIZE, SIZE, 3), dtype=np.uint8)
+            arrays[f"{split}_labels"] = (np.arange(n) % 3).reshape(n, 1)
+        np.savez(tmp_path / f"site{k}.npz", **arrays)
+        data = {"use_official_split": False, "classes": CLASSES}
+        checkpoints.append(
+            _fake_checkpoint(
+                tmp_path, tmp_path / f"site{k}.npz", f"site{k}", init=k, data=data, run={"seed": k}
+            )
+        )
+    pair = [arg for c in checkpoints for arg in ("--checkpoint", str(c))]
+    assert main(["evaluate", *pair, "--output", str(tmp_path / "ens")]) == 0, capsys.readouterr().err
 
 
 def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, capsys):

@@ -159,7 +159,7 @@ def evaluate(
         )
         source = cfg.data.path
         if split in ("val", "test"):
-            _refuse_seen_by_members(members, checkpoints, records, split)
+            _refuse_seen_by_members(members, checkpoints, records, split, Path(cfg.data.path))
     else:
         source = data
         _check_not_inside(output, Path(data))
@@ -266,9 +266,12 @@ def _load_members(checkpoints: Sequence[Path]) -> list[tuple[torch.nn.Module, di
     return members
 
 
-def _record_key(record: dict) -> str:
+def _record_key(record: dict, source: Path) -> str:
     image = record["image"]
-    return str(Path(image).resolve()) if isinstance(image, (str, Path)) else f"id:{record['id']}"
+    if isinstance(image, (str, Path)):
+        return str(Path(image).resolve())
+    # An .npz image is known by its file and its place in it: two files share the ids.
+    return f"{Path(source).resolve()}#{record['id']}"
 
 
 def _refuse_seen_by_members(
@@ -276,19 +279,21 @@ def _refuse_seen_by_members(
     checkpoints: Sequence[Path],
     records: Sequence[dict],
     split: str,
+    source: Path,
 ) -> None:
     """Refuse an ensemble whose later members trained on the first member's held-out split.
 
     Runs of other seeds split a folder or CSV differently, so the first checkpoint's test
-    images can be another run's training images.
+    images can be another run's training images. ``source`` is the data ``records`` came from.
     """
     from fewlabel.data.classification import load_classification_dataset
 
-    held_out = {_record_key(r) for r in records}
+    held_out = {_record_key(r, source) for r in records}
     for path, (_, meta) in zip(checkpoints[1:], members[1:], strict=True):
         cfg = ClassificationExperiment.model_validate(meta["config"])
         splits = load_classification_dataset(cfg.data, cfg.run.seed).splits
-        seen = sum(1 for r in splits["train"] + splits["val"] if _record_key(r) in held_out)
+        own = Path(cfg.data.path)
+        seen = sum(1 for r in splits["train"] + splits["val"] if _record_key(r, own) in held_out)
         if seen:
             raise DataError(
                 path,
