@@ -281,6 +281,23 @@ def test_prediction_overlays_a_reoriented_cropped_study_voxel_for_voxel(tmp_path
     np.testing.assert_allclose(reference.affine, affine)
 
 
+@pytest.mark.parametrize(
+    "mode", [{"mode": "2.5d", "slab": 3, "axis": 2}, {"mode": "3d", "patch_size": [16, 16, 16]}], ids=str
+)
+def test_a_study_with_nothing_to_crop_to_is_predicted_whole(tmp_path, mode):
+    # All air: the foreground crop selects nothing, and an empty crop would stop the network.
+    study = tmp_path / "air.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((20, 9, 6), -1000, dtype=np.int16), np.eye(4)), study)
+    raw = {
+        "preprocess": {"crop_foreground": True, "slice_size": [16, 16]},
+        "input": mode,
+        "train": {"batch_size": 2},
+    }
+    labels, probs, _ = segmentation.predict_study(_model(raw, ThresholdNet(0.5), 3), study)
+    assert labels.shape == (20, 9, 6) and not labels.any()
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+
+
 def test_prediction_with_resampling_keeps_source_grid(tmp_path):
     hu = np.full((15, 11, 6), -900, dtype=np.int16)
     hu[4:11, 3:8, 1:5] = 50

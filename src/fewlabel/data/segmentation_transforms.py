@@ -201,12 +201,16 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _above(x: torch.Tensor | np.ndarray, threshold: float) -> torch.Tensor | np.ndarray:
-    return x > threshold
+def _body(x: torch.Tensor | np.ndarray, threshold: float | None = None) -> torch.Tensor | np.ndarray:
+    """Voxels above ``threshold`` (non-zero without one), or all of them if there are none.
 
-
-def _nonzero(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    return x != 0
+    MONAI's ``CropForegroundd`` crops a study with nothing selected to zero voxels, on which
+    every network fails; a study of air (or an all-black image) is kept whole instead.
+    """
+    mask = x != 0 if threshold is None else x > threshold
+    if mask.any():
+        return mask
+    return torch.ones_like(mask) if isinstance(mask, torch.Tensor) else np.ones_like(mask)
 
 
 def foreground_threshold(pre: Preprocess) -> float | None:
@@ -288,7 +292,7 @@ def build_preprocessing(
         )
     if pre.crop_foreground:
         threshold = foreground_threshold(pre)
-        select = _nonzero if threshold is None else functools.partial(_above, threshold=threshold)
+        select = functools.partial(_body, threshold=threshold)
         transforms.append(
             CropForegroundd(
                 all_keys,
