@@ -158,6 +158,19 @@ def test_convert_to_nifti_writes_readable_file_and_refuses_overwrite(tmp_path: P
         convert_dicom_to_nifti(tmp_path / "ct", tmp_path / "ct" / "x.nii.gz")
 
 
+def test_a_mask_of_a_series_has_the_geometry_fields_of_the_converted_series(tmp_path: Path) -> None:
+    from fewlabel.data.readers import write_mask
+
+    write_series(tmp_path / "ct")
+    converted = nib.load(convert_dicom_to_nifti(tmp_path / "ct", tmp_path / "ct.nii.gz")).header
+    source = read_dicom_series(tmp_path / "ct")
+    mask = write_mask(np.zeros(source.array.shape, np.uint8), source, tmp_path / "mask.nii.gz")
+    written = nib.load(mask).header
+    for field in ("pixdim", "xyzt_units", "qform_code", "sform_code", "srow_x", "srow_y", "srow_z"):
+        np.testing.assert_allclose(written[field], converted[field], atol=1e-5, err_msg=field)
+    assert written.get_xyzt_units()[0] == "mm"
+
+
 def test_synthetic_dicom_series_is_the_synthetic_nifti_case(tmp_path: Path) -> None:
     from fewlabel.data.synthetic_ct import make_synthetic_ct, make_synthetic_dicom
 

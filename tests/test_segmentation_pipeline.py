@@ -775,6 +775,31 @@ def test_a_study_named_like_a_formula_is_listed_as_text_and_kept_intact_by_overw
     assert rows[0]["lesion_voxels"] == "8"
 
 
+def test_probability_maps_share_the_mask_geometry(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({"eval": {"save_probabilities": True}}, ThresholdNet(0.5, slope=2.0), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    hu = np.full((6, 5, 4), -800, dtype=np.float32)
+    hu[2:4, 1:3, 1:3] = 100
+    affine = np.array([[0.0, -0.8, 0.0, 10.0], [0.7, 0.0, 0.0, -4.0], [0.0, 0.0, 2.5, 3.0], [0, 0, 0, 1]])
+    source = nib.Nifti1Image(hu, affine)
+    source.set_sform(affine, code=2)  # aligned to a template, unlike the scanner's qform
+    source.set_qform(np.diag([0.8, 0.7, 2.5, 1.0]), code=1)
+    nib.save(source, tmp_path / "case.nii.gz")
+
+    segmentation.predict(tmp_path / "model.pt", [tmp_path / "case.nii.gz"], tmp_path / "out")
+    mask = nib.load(tmp_path / "out" / "case.nii.gz")
+    maps = nib.load(tmp_path / "out" / "case_probabilities.nii.gz")
+    assert maps.shape == (6, 5, 4, 2)
+    for field in ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "qoffset_x"):
+        np.testing.assert_array_equal(maps.header[field], mask.header[field], err_msg=field)
+    assert int(maps.header["sform_code"]) == 2
+    probs = np.asarray(maps.dataobj)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(axis=-1), np.asarray(mask.dataobj))
+
+
 def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):
     hu = np.full((6, 5, 4), -800, dtype=np.int16)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "image.nii.gz")

@@ -849,16 +849,35 @@ def write_mask(mask: np.ndarray, reference: Study, path: str | Path, dtype: Any 
     info = np.iinfo(dtype)
     if mask.size and (mask.min() < info.min or mask.max() > info.max):
         raise ValueError(f"{path}: mask values {mask.min()}..{mask.max()} do not fit {np.dtype(dtype).name}")
+    img = image_on_grid(mask.astype(dtype), reference, "fewlabel mask")
+    return atomic_write(path, lambda p: p.write_bytes(_nifti_bytes(img, path)))
+
+
+def image_on_grid(array: np.ndarray, reference: Study, description: str) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` on the grid of a volume, with only its geometry.
+
+    Masks and probability maps share this, so both carry the same qform, sform, codes, voxel
+    sizes and units as the source (for a DICOM series, those of ``fewlabel convert``'s file).
+
+    Args:
+        array: ``(X, Y, Z)`` or ``(X, Y, Z, K)`` values, stored in their own dtype, unscaled.
+        reference: the volume the array belongs to.
+        description: the header's ``descrip``.
+
+    Returns:
+        The image, not yet written.
+    """
     header = _geometry_header(reference.header)
-    img = nib.Nifti1Image(mask.astype(dtype), reference.affine, header=header)
-    img.set_data_dtype(dtype)
+    img = nib.Nifti1Image(array, reference.affine, header=header)
+    img.set_data_dtype(array.dtype)
     hdr = img.header
-    hdr.set_slope_inter(1.0, 0.0)  # masks are stored as is, never rescaled
-    hdr["descrip"] = b"fewlabel mask"
-    if header is None:
+    hdr.set_slope_inter(1.0, 0.0)  # stored as is, never rescaled
+    hdr["descrip"] = description.encode()
+    if header is None:  # a DICOM series: the geometry fields of `fewlabel convert`'s NIfTI file
         img.set_qform(reference.affine, code=1)
         img.set_sform(reference.affine, code=1)
-    return atomic_write(path, lambda p: p.write_bytes(_nifti_bytes(img, path)))
+        hdr.set_xyzt_units("mm")
+    return img
 
 
 # Header fields that place the voxels in space (with their codes and units); nothing else of a

@@ -610,12 +610,10 @@ def _write_probabilities(
         return
     import gzip
 
-    import nibabel as nib
+    from fewlabel.data.readers import image_on_grid
 
-    img = nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.float32), reference.affine)
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
-    img.header["descrip"] = b"fewlabel class probabilities"
+    channels_last = np.moveaxis(probs, 0, -1).astype(np.float32)
+    img = image_on_grid(channels_last, reference, "fewlabel class probabilities")
     data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
     atomic_write(output / f"{name}_probabilities.nii.gz", lambda p: p.write_bytes(data))
 
