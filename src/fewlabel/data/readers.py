@@ -905,7 +905,7 @@ def _geometry_header(source: Any) -> nib.Nifti1Header | None:
     Text fields (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) and header extensions
     can hold anything the source's writer put there, identifiers included, so they are not
     copied; qform and sform are copied verbatim (with their codes) so that the mask's affine
-    is the source's to the bit.
+    is the source's to the bit (for NIfTI-2 sources, to float32 precision: the mask is NIfTI-1).
     """
     if source is None:
         return None
