@@ -114,6 +114,26 @@ def test_normalisation_grey_to_rgb_and_resize(tmp_path):
     torch.testing.assert_close(out, torch.ones(3, 8, 8))
 
 
+@pytest.mark.parametrize("shape", [(480, 640), (70, 50), (33, 32)])
+def test_shrinking_keeps_a_flat_image_flat_to_its_edges(shape):
+    # Colour carries the diagnosis: resizing may blur, but not darken the border.
+    image = np.full((*shape, 3), 200, dtype=np.uint8)
+    out = torch.as_tensor(build_decode_transforms(32)({"image": image})["image"])
+    assert out.shape == (3, 32, 32)
+    np.testing.assert_allclose(out.numpy() * 255, 200.0, atol=1e-3)
+
+
+def test_enlarging_is_plain_bilinear_interpolation():
+    from monai.transforms import Resize
+
+    image = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    out = torch.as_tensor(build_decode_transforms(64)({"image": image})["image"])
+    plain = Resize((64, 64), mode="bilinear")(
+        torch.tensor(image.transpose(2, 0, 1), dtype=torch.float32) / 255
+    )
+    np.testing.assert_allclose(out.numpy(), torch.as_tensor(plain).numpy(), atol=1e-6)
+
+
 def test_bad_input_raises_data_error_not_wrapped(tmp_path):
     tf = build_decode_transforms(8)
     with pytest.raises(DataError, match="shape"):
