@@ -28,6 +28,23 @@ def test_minimal_classification_config_gets_defaults(tmp_path):
     assert cfg.train.lr_backbone < cfg.train.lr_head
 
 
+def test_a_batch_of_one_needs_feature_maps_larger_than_one_pixel(tmp_path):
+    from fewlabel.config.classification import MIN_SIZE_FOR_BATCH_OF_ONE
+    from fewlabel.networks.googlenet import build_googlenet
+
+    path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
+    with pytest.raises(ConfigError, match="train.batch_size: 1 needs model.image_size of at least 47"):
+        load_config(path, ["train.batch_size=1", "model.image_size=40"])
+    load_config(path, ["train.batch_size=1", f"model.image_size={MIN_SIZE_FOR_BATCH_OF_ONE}"])
+    load_config(path, ["train.batch_size=2", "model.image_size=32"])
+    # The limit is the network's: one pixel less and a training step fails.
+    torch.manual_seed(0)
+    net = build_googlenet(3, "none", "none", 0.2, True).train()
+    net(torch.randn(1, 3, MIN_SIZE_FOR_BATCH_OF_ONE, MIN_SIZE_FOR_BATCH_OF_ONE))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        net(torch.randn(1, 3, MIN_SIZE_FOR_BATCH_OF_ONE - 1, MIN_SIZE_FOR_BATCH_OF_ONE - 1))
+
+
 def test_dotted_overrides_are_typed(tmp_path):
     path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
     cfg = load_config(

@@ -34,6 +34,10 @@ FreezePoint = Literal[
 ]
 
 
+#: Smallest input size at which GoogLeNet trains on batches of one image (batch norm).
+MIN_SIZE_FOR_BATCH_OF_ONE = 47
+
+
 class ClassificationData(StrictModel):
     """Where the images are and how they are split.
 
@@ -186,3 +190,15 @@ class ClassificationExperiment(StrictModel):
     augment: ClassificationAugment = ClassificationAugment()
     train: ClassificationTrain = ClassificationTrain()
     eval: ClassificationEval = ClassificationEval()
+
+    @model_validator(mode="after")
+    def _batch_norm_has_values(self) -> ClassificationExperiment:
+        # Below 47 pixels GoogLeNet's last feature maps are 1x1, and batch norm in training
+        # mode cannot normalise a single value per channel.
+        if self.train.batch_size == 1 and self.model.image_size < MIN_SIZE_FOR_BATCH_OF_ONE:
+            raise ValueError(
+                f"train.batch_size: 1 needs model.image_size of at least {MIN_SIZE_FOR_BATCH_OF_ONE} "
+                f"(got {self.model.image_size}): GoogLeNet's last feature maps are then 1x1 and "
+                "batch norm cannot train on one value per channel; use a batch of 2 or more"
+            )
+        return self
