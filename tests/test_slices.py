@@ -184,6 +184,12 @@ def test_quarter_turns_of_non_square_slices_are_refused_before_training(syntheti
         == 3 * 16
     )
     assert len(build_training_dataset(dl.train, cfg(2), train=True, classes=dl.classes)) == 3 * 6
+    # The loader's own batch size decides: one slice per batch mixes no shapes, but an
+    # unlabelled batch of 4 beside a labelled batch of 1 does.
+    one = parse_config({**cfg(0).model_dump(), "train": {"batch_size": 1}})
+    assert len(build_training_dataset(dl.train, one, train=True, classes=dl.classes)) == 3 * 16
+    with pytest.raises(ConfigError, match=r"tcsm.unlabeled_batch_size: 1"):
+        build_training_dataset(dl.train, one, train=True, classes=dl.classes, batch_size=4)
 
 
 def test_2d_images_only_take_2d_mode(tmp_path: Path) -> None:

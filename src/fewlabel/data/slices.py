@@ -332,7 +332,8 @@ def _check_square_slices(volumes: Sequence[Mapping[str, Any]], axis: int) -> Non
             raise ConfigError(
                 f"augment.rotate90 turns slices by quarter turns, but the slices of {_source(item)} are "
                 f"{plane[0]}x{plane[1]}: odd turns would batch them with {plane[1]}x{plane[0]} ones; set "
-                "preprocess.slice_size to a square size, augment.rotate90: false, or train.batch_size: 1"
+                "preprocess.slice_size to a square size, augment.rotate90: false, or batches of one slice "
+                "(train.batch_size: 1, and tcsm.unlabeled_batch_size: 1 with TCSM)"
             )
 
 
@@ -520,6 +521,7 @@ def build_training_dataset(
     train: bool,
     labeled: bool = True,
     classes: Sequence[str] | None = None,
+    batch_size: int | None = None,
 ) -> torch.utils.data.Dataset:
     """Dataset of training (or validation) samples for the configured input mode.
 
@@ -532,6 +534,8 @@ def build_training_dataset(
             sliding-window validation).
         labeled: samples carry a ``label``.
         classes: class names for the label-range check (default ``cfg.data.classes``).
+        batch_size: samples per batch of the loader that will draw from it (default
+            ``train.batch_size``; the unlabelled loader's is ``tcsm.unlabeled_batch_size``).
 
     Returns:
         2D/2.5D: a :class:`SliceDataset`; 3D: a :class:`PatchDataset` (``train``) or the volume
@@ -588,7 +592,7 @@ def build_training_dataset(
     volumes = build_volume_dataset(
         recs, cfg, with_label=labeled, classes=classes, cache=cache, label_dtype=compact
     )
-    if rotate and size is None and cfg.train.batch_size > 1:
+    if rotate and size is None and (batch_size or cfg.train.batch_size) > 1:
         # Volumes stay in memory, so all are checked; 2D images of one batch share one size,
         # so the first stands for the rest.
         checked = len(volumes) if spatial_dims == 3 else min(1, len(volumes))

@@ -308,7 +308,9 @@ def _loader(
     from fewlabel.data.slices import SliceDataset, build_training_dataset
     from fewlabel.utils.distributed import per_rank_batch_size, rank, world_size
 
-    dataset = build_training_dataset(records, cfg, train=True, labeled=labeled, classes=classes)
+    dataset = build_training_dataset(
+        records, cfg, train=True, labeled=labeled, classes=classes, batch_size=batch_size
+    )
     if len(dataset) == 0:
         raise DataError(cfg.data.path, f"no {'labelled' if labeled else 'unlabelled'} training samples")
     if isinstance(dataset, SliceDataset):
