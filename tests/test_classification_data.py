@@ -91,6 +91,14 @@ def test_folder_layout_and_split(tmp_path):
             assert rec["patient_id"] is None
 
 
+def test_image_ids_stay_unique_across_folders_and_suffixes(tmp_path):
+    root = tmp_path / "data"
+    for name in ("healthy/eye.png", "healthy/eye.jpg", "mild/eye.png", "mild/other.png"):
+        _png(root / name)
+    records, _ = load_records(root)
+    assert sorted(r["id"] for r in records) == ["healthy/eye.jpg", "healthy/eye.png", "mild/eye", "other"]
+
+
 def test_folder_with_explicit_class_order(tmp_path):
     root = _folder(tmp_path / "data")
     records, classes = load_records(root, classes=["severe", "mild", "healthy"])

@@ -143,17 +143,24 @@ def _check_channels(records: list[dict], channels: list[int], source: Path) -> i
 
 
 def _unique_ids(paths: list[Path], root: Path) -> list[str]:
+    def relative(p: Path) -> Path:
+        try:
+            return p.relative_to(root)
+        except ValueError:
+            return p
+
     stems = Counter(p.stem for p in paths)
+    # Same file name in two folders: the relative path keeps ids unique; the same name with two
+    # suffixes in one folder (img0.png, img0.jpg) also needs its suffix.
+    without_suffix = Counter(relative(p).with_suffix("").as_posix() for p in paths)
     ids = []
     for p in paths:
         if stems[p.stem] == 1:
             ids.append(p.stem)
+        elif without_suffix[relative(p).with_suffix("").as_posix()] == 1:
+            ids.append(relative(p).with_suffix("").as_posix())
         else:
-            # Same file name in two folders: the relative path keeps ids unique.
-            try:
-                ids.append(p.relative_to(root).with_suffix("").as_posix())
-            except ValueError:
-                ids.append(p.with_suffix("").as_posix())
+            ids.append(relative(p).as_posix())
     return ids
 
 
