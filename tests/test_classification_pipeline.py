@@ -405,7 +405,7 @@ def test_an_ensemble_of_models_of_two_npz_files_is_not_refused_for_their_shared_
     assert main(["evaluate", *pair, "--output", str(tmp_path / "ens")]) == 0, capsys.readouterr().err
 
 
-def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, capsys):
+def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, capsys, monkeypatch):
     ckpt = _fake_checkpoint(tmp_path, fundus)
     other = make_synthetic_fundus(tmp_path / "other", n_per_class=1, num_classes=4, size=32)
     rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(other), "--output", str(tmp_path / "o1")])
@@ -425,6 +425,33 @@ def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, c
     )
     assert rc == 2
     assert not (fundus / "report").exists()
+
+    # --output . with --overwrite in a folder holding an old report and the user's notes:
+    # refused before anything is evaluated, and nothing in the folder is touched.
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "summary.json").write_text("{}")
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", str(fundus), "--output", ".", "--overwrite"])
+    assert rc == 2 and "the current folder" in capsys.readouterr().err
+    assert sorted(p.name for p in here.iterdir()) == ["notes.txt", "summary.json"]
+    # A link to a report folder is not replaced through the link either.
+    (tmp_path / "link").symlink_to(here)
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(fundus),
+            "--output",
+            str(tmp_path / "link"),
+            "--overwrite",
+        ]
+    )
+    assert rc == 2 and "symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in here.iterdir()) == ["notes.txt", "summary.json"]
 
 
 def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):

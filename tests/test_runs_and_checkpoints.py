@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,12 +60,22 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(tmp_pat
 
 
 def test_overwrite_replaces_only_a_run_folder(tmp_path):
-    # A folder fewlabel did not make (no status.json or config.yaml) survives --overwrite.
+    # A folder fewlabel did not make (no status.json) survives --overwrite, even one holding a
+    # config.yaml, a name many projects use.
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "thesis.tex").write_text("precious")
+    (tmp_path / "exp" / "config.yaml").write_text("lr: 1")
     with pytest.raises(RunDirError, match="does not look like a fewlabel output"):
         create_run_dir(tmp_path, "exp", overwrite=True)
     assert (tmp_path / "exp" / "thesis.tex").read_text() == "precious"
+    # Nor is a run folder replaced through a link to it.
+    run = create_run_dir(tmp_path, "real")
+    with track_run(run):
+        pass
+    (tmp_path / "link").symlink_to(run.path)
+    with pytest.raises(RunDirError, match="is a symbolic link"):
+        create_run_dir(tmp_path, "link", overwrite=True)
+    assert run.status_file.is_file()
 
 
 def test_failed_run_is_marked_failed(tmp_path):
@@ -193,6 +204,29 @@ def test_export_keeps_dotted_names_and_refuses_to_replace_a_sidecar(tmp_path, ca
     assert (tmp_path / "model-1.0.safetensors").is_file() and (tmp_path / "model-1.0.json").is_file()
 
 
+def test_file_system_refusals_and_misshapen_checkpoints_are_one_line_errors(tmp_path, capsys):
+    from fewlabel.cli import main
+
+    ckpt = save_checkpoint(
+        {"model": {"w": torch.zeros(2)}, "meta": {"classes": ["a", "b"]}}, tmp_path / "a.pt"
+    )
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "notes.txt" / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fewlabel: error: ") and "notes.txt" in err and "Traceback" not in err
+
+    for name, content in (
+        ("meta.pt", {"meta": ["task"]}),
+        ("model.pt", {"model": {"w": "zeros"}, "meta": {}}),
+    ):
+        path = save_checkpoint(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(path)
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", "--checkpoint", str(path), str(tmp_path), "--output", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"fewlabel: error: {path}")
+
+
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     import random
 
@@ -224,7 +258,7 @@ def test_version_note_is_silent_only_for_this_release():
     assert "does not record which fewlabel wrote it" in version_note({})
 
 
-def test_check_replaceable_refuses_what_overwrite_must_not_delete(tmp_path):
+def test_check_replaceable_refuses_what_overwrite_must_not_delete(tmp_path, monkeypatch):
     report = tmp_path / "report"
     report.mkdir()
     (report / "summary.json").write_text("{}")
@@ -242,6 +276,11 @@ def test_check_replaceable_refuses_what_overwrite_must_not_delete(tmp_path):
         check_replaceable(tmp_path / "data")
     with pytest.raises(RunDirError, match="not a folder"):
         check_replaceable(tmp_path / "data" / "scan.nii.gz")
+    # The current folder, or one above it, is never replaced, whatever it holds.
+    monkeypatch.chdir(report)
+    for here in (Path("."), Path(".."), report, Path("../report")):
+        with pytest.raises(RunDirError, match="the current folder or a folder above it"):
+            check_replaceable(here)
 
 
 def test_an_ensemble_names_each_checkpoint_once_under_any_spelling(tmp_path):

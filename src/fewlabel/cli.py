@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as err:
+        # The file system said no (an output path under a file, a folder where a file goes,
+        # no permission, a full disk): the message names the path, which is the user's to fix.
+        print(f"fewlabel: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -152,7 +152,8 @@ def create_run_dir(
             )
         import shutil
 
-        check_replaceable(path, inputs, markers=(STATUS_FILE, CONFIG_FILE))
+        # status.json, not config.yaml: that name is common in folders fewlabel did not write.
+        check_replaceable(path, inputs, markers=(STATUS_FILE,))
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return RunDir(path)

@@ -121,6 +121,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
+    # A dict of the wrong shape would fail later, far from the file, with an AttributeError.
+    for key in ("meta", "model"):
+        if key in obj and not isinstance(obj[key], dict):
+            raise CheckpointError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, not a dict")
+    bad = [k for k, v in obj.get("model", {}).items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: model weights {bad[:3]} are not tensors")
     return obj
 
 

@@ -447,9 +447,9 @@ def _staged_dir(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> I
     tmp.mkdir()
     try:
         yield tmp
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)

@@ -73,15 +73,26 @@ def check_replaceable(
         markers: names of which at least one must exist in a non-empty ``folder``.
 
     Raises:
-        RunDirError: if ``folder`` is not a folder, holds one of ``inputs``, or is neither
-            empty nor marked as a fewlabel output (holds one of ``markers``).
+        RunDirError: if ``folder`` is a symbolic link, not a folder, the current folder or one
+            above it, holds one of ``inputs``, or is neither empty nor marked as a fewlabel
+            output (holds one of ``markers``).
     """
     folder = Path(folder)
+    if folder.is_symlink():
+        raise RunDirError(
+            f"{folder}: is a symbolic link; outputs do not replace links, choose another output"
+        )
     if not folder.exists():
         return
     if not folder.is_dir():
         raise RunDirError(f"{folder}: exists and is not a folder; it cannot be replaced by an output folder")
     resolved = folder.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise RunDirError(
+            f"{folder}: is the current folder or a folder above it; replacing it would delete what you "
+            "are working in, choose another output"
+        )
     for item in inputs:
         item_resolved = Path(item).resolve()
         if item_resolved == resolved or resolved in item_resolved.parents:
