@@ -63,10 +63,13 @@ schema below; every other key is optional except `data.path`, and a missing key 
 default listed here. The shipped files in `configs/` spell out every key with a comment.
 
 - **Unknown keys are errors**, not ignored: a misspelt key stops the command with
-  `fewlabel: error: ...` naming it (for example `train.lr_hed: unknown key`).
+  `fewlabel: error: ...` naming it (for example `train.lr_hed: unknown key`). So is a key
+  given twice in one section (YAML itself would keep the second and drop the first).
 - **Values are checked** against the types and ranges below before anything runs; the
   message names the key and the value it got.
-- **Override any key from the command line** with dotted names; values are read as YAML:
+- **Override any key from the command line** with dotted names; values are read as YAML,
+  except that a text key (a name or a path) takes its value as written unless it is a list or
+  quoted, so `--set run.name="exp #2"` keeps its `#2`:
 
   ```bash
   fewlabel train configs/ct_tcsm.yaml --set data.path=/data/Task_CT --set data.labeled_count=10 \\

@@ -45,6 +45,35 @@ def test_a_batch_of_one_needs_feature_maps_larger_than_one_pixel(tmp_path):
         net(torch.randn(1, 3, MIN_SIZE_FOR_BATCH_OF_ONE - 1, MIN_SIZE_FOR_BATCH_OF_ONE - 1))
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "task: classification\ndata: {path: x}\ntrain:\n  max_epochs: 5\ntrain:\n  batch_size: 4\n"
+    )
+    with pytest.raises(ConfigError, match=r"exp.yaml: line 5: the key 'train' is given twice"):
+        load_config(path)
+    path.write_text("task: classification\ndata: {path: x, path: y}\n")
+    with pytest.raises(ConfigError, match="the key 'path' is given twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        ("exp #2", "exp #2"),
+        ("#1", "#1"),
+        ("%x@y*", "%x@y*"),
+        ('"quoted name"', "quoted name"),
+        ("001", "001"),
+    ],
+)
+def test_text_overrides_are_taken_as_written(tmp_path, value, name):
+    # YAML would cut "exp #2" at its comment, make "#1" null and refuse "%x".
+    path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
+    assert load_config(path, [f"run.name={value}"]).run.name == name
+    assert load_config(path, [f"data.path=a {value}"]).data.path == f"a {value}"  # quotes inside stay
+
+
 def test_dotted_overrides_are_typed(tmp_path):
     path = _write(tmp_path, {"task": "classification", "data": {"path": "x"}})
     cfg = load_config(

@@ -57,17 +57,43 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
         ) from err
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     raw = apply_overrides(raw, overrides or [])
     return parse_config(raw, source=str(path))
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping of a config file."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    Plain YAML keeps the last of two ``train:`` sections and drops the first without a word,
+    so settings the user wrote would silently not apply.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKeyError(
+                    f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice; the second "
+                    "would silently replace the first, so merge them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(raw: dict[str, Any], source: str = "config"):
@@ -134,11 +160,18 @@ def _parse_value(text: str, as_text: bool) -> Any:
     """An override's value: YAML, but all scalars stay text where the key holds text.
 
     ``run.name=001`` must stay ``"001"`` and ``data.classes=[no, yes]`` must not become booleans,
-    which YAML's own typing would make of them.
+    which YAML's own typing would make of them. A text value that is not a list or quoted is
+    taken as written: YAML would cut ``run.name=exp #2`` at its comment and refuse names
+    starting with ``%``, ``@`` or ``*``.
     """
-    if not text.strip() or text.strip() in ("null", "~"):
+    stripped = text.strip()
+    if not stripped or stripped in ("null", "~"):
         return None
-    return yaml.load(text, Loader=yaml.BaseLoader) if as_text else yaml.safe_load(text)
+    if as_text:
+        if stripped[0] in "['\"":
+            return yaml.load(text, Loader=yaml.BaseLoader)
+        return stripped
+    return yaml.safe_load(text)
 
 
 def _text_field(task: Any, keys: list[str]) -> bool:
