@@ -227,6 +227,28 @@ def test_file_system_refusals_and_misshapen_checkpoints_are_one_line_errors(tmp_
         assert capsys.readouterr().err.startswith(f"fewlabel: error: {path}")
 
 
+def test_resume_allows_other_machines_and_more_epochs_but_not_other_settings(tmp_path, caplog):
+    from fewlabel.config import parse_config
+    from fewlabel.engines.checkpoint import check_resume_config, config_changes
+
+    raw = {"task": "classification", "data": {"path": "x"}}
+    saved = parse_config(raw).model_dump(mode="json")
+    del saved["data"]["folds"]  # a run of an older fewlabel, before the key existed
+    last = save_checkpoint({"meta": {"config": saved}}, tmp_path / "last.pt")
+    moved = parse_config(
+        {**raw, "run": {"device": "cpu", "num_threads": 7}, "data": {"path": "x", "num_workers": 3}}
+    )
+    check_resume_config(moved, last, tmp_path / "config.yaml")
+    longer = parse_config({**raw, "train": {"max_epochs": 40}})
+    with caplog.at_level("WARNING"):
+        check_resume_config(longer, last, tmp_path / "config.yaml")
+    assert "train.max_epochs changed from 20 to 40" in caplog.text and "cosine" in caplog.text
+    other = parse_config({**raw, "run": {"seed": 3}, "model": {"freeze": "none"}})
+    with pytest.raises(CheckpointError, match=r"config.yaml: differs .* \(run.seed, model.freeze\)"):
+        check_resume_config(other, last, tmp_path / "config.yaml")
+    assert config_changes({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3, "d": 4}}) == ["a.c"]
+
+
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
     import random
 

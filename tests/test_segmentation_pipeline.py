@@ -216,12 +216,21 @@ def test_cpu_amp_trains_in_bfloat16_and_saves_float32(msd, tmp_path, method, cpu
     [["tcsm.enabled=false"], ["tcsm.enabled=true", "data.labeled_count=2", "tcsm.ema_warmup_iterations=4"]],
     ids=["supervised", "tcsm"],
 )
-def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path, method):
+def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path, method, capsys):
     extra = [*method, "train.scheduler=none", "train.val_every=2"]
     straight = _train(msd, tmp_path, "straight", *extra)
     # The same run, stopped after its first epoch, then resumed for the second.
     first = _train(msd, tmp_path, "resumed", *extra, "train.max_epochs=1")
     config = yaml.safe_load((first / "config.yaml").read_text())
+    # Another seed would split the data anew: resuming under it is refused, and nothing runs.
+    before = (first / "checkpoints" / "last.pt").read_bytes()
+    edited = {**config, "run": {**config["run"], "seed": 5}, "train": {**config["train"], "lr": 0.5}}
+    (first / "config.yaml").write_text(yaml.safe_dump(edited))
+    assert main(["train", "--resume", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the config" in err and "run.seed" in err and "train.lr" in err
+    assert (first / "checkpoints" / "last.pt").read_bytes() == before
+    # Training for longer is allowed (with scheduler none the run then matches the straight one).
     config["train"]["max_epochs"] = 2
     (first / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--resume", str(first)]) == 0

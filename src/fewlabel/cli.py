@@ -44,9 +44,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "--resume continues a run in its own folder with its saved config; do not pass a "
                 "config, --set, --output-dir or --overwrite"
             )
+        from fewlabel.engines.checkpoint import check_resume_config
+        from fewlabel.engines.handlers import LAST_CHECKPOINT
         from fewlabel.runs import open_run_dir
 
-        cfg = load_config(open_run_dir(args.resume).config_file)
+        run = open_run_dir(args.resume)
+        cfg = load_config(run.config_file)
+        check_resume_config(cfg, run.checkpoints / LAST_CHECKPOINT, run.config_file)
     else:
         if not args.config:
             raise FewLabelError("train needs a config file (or --resume RUN_DIR)")

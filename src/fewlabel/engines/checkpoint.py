@@ -9,6 +9,7 @@ on load. Exported models use safetensors plus a JSON sidecar of metadata.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from fewlabel import __version__
 from fewlabel.errors import CheckpointError
 from fewlabel.utils.files import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
@@ -254,3 +257,86 @@ def export_safetensors(
     atomic_write(weights, lambda p: save_file(tensors, str(p)))
     atomic_write_text(sidecar, json.dumps(metadata, indent=2, default=str))
     return weights
+
+
+#: Settings a run may be resumed with after they changed: where and how fast it runs, not what
+#: it learns.
+RESUMABLE_CHANGES = (
+    "run.device",
+    "run.num_threads",
+    "run.output_dir",
+    "run.name",
+    "data.num_workers",
+    "data.cache",
+)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two dumped configs.
+
+    Keys that only one side has are left out: a run saved by an older fewlabel lacks the keys
+    added since, which take their defaults.
+
+    Args:
+        saved: ``model_dump(mode="json")`` of the config a checkpoint was trained with.
+        current: the same dump of the config about to be used.
+        prefix: dotted path of these mappings (for recursion).
+
+    Returns:
+        The differing keys, in the order of ``saved``.
+    """
+    changed = []
+    for key, old in saved.items():
+        if key not in current:
+            continue
+        new, name = current[key], f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += config_changes(old, new, f"{name}.")
+        elif old != new:
+            changed.append(name)
+    return changed
+
+
+def check_resume_config(cfg: Any, checkpoint: Path, config_file: Path) -> None:
+    """Refuse to resume a run whose ``config.yaml`` no longer says what it was trained with.
+
+    ``--resume`` reads the run folder's ``config.yaml``; an edit there (another seed, more
+    epochs, another learning rate) would continue the run under settings it did not start
+    with: a seed changes the split, so the test set would hold training cases. Only
+    :data:`RESUMABLE_CHANGES` may differ, and ``train.max_epochs``, to train on for longer
+    (with a warning when a learning-rate schedule spans the run: it is stretched mid-way).
+
+    Args:
+        cfg: the config loaded from ``config_file``.
+        checkpoint: the run's ``last.pt`` (nothing is checked when it does not exist, or holds
+            no config).
+        config_file: the run's ``config.yaml``, for the message.
+
+    Raises:
+        CheckpointError: naming the keys that changed.
+    """
+    if not checkpoint.is_file():
+        return
+    saved = load_checkpoint(checkpoint).get("meta", {}).get("config")
+    if not isinstance(saved, dict):
+        return
+    changed = [k for k in config_changes(saved, cfg.model_dump(mode="json")) if k not in RESUMABLE_CHANGES]
+    if "train.max_epochs" in changed:
+        changed.remove("train.max_epochs")
+        old, new = saved["train"]["max_epochs"], cfg.train.max_epochs
+        if cfg.train.scheduler != "none":
+            log.warning(
+                "%s: train.max_epochs changed from %s to %s: the %s learning-rate schedule now spans "
+                "the new length from where the run stopped, unlike a run started with %s epochs",
+                config_file,
+                old,
+                new,
+                cfg.train.scheduler,
+                new,
+            )
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise CheckpointError(
+            f"{config_file}: differs from the config {checkpoint} was trained with ({shown}); a resumed "
+            "run must continue as it started. Restore those values, or train a new run with them"
+        )
