@@ -42,7 +42,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename lives in the folder's entry list: without this a power cut right after it can
+    # bring back the old file (or none) although the new one was complete.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - folders that cannot be opened (some network mounts)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that do not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
