@@ -188,3 +188,51 @@ def test_synthetic_dicom_series_is_the_synthetic_nifti_case(tmp_path: Path) -> N
         read_study(tmp_path / "dicom")
     with pytest.raises(DataError, match="S4_IM0000.dcm: exists already"):
         make_synthetic_dicom(tmp_path / "dicom", seed=4)
+
+
+def test_contours_and_reports_beside_the_slices_are_skipped(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    write_series(tmp_path / "ct")
+    # An RTSTRUCT in a subfolder (its own series, no pixels) and a SEG in the series' own UID.
+    for sub, modality, series_uid in (("rt", "RTSTRUCT", generate_uid()), (".", "SEG", None)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.Modality = modality
+        ds.SeriesInstanceUID = (
+            series_uid or pydicom.dcmread(next((tmp_path / "ct").glob("*.dcm"))).SeriesInstanceUID
+        )
+        if modality == "SEG":
+            ds.Rows = ds.Columns = SIZE
+        (tmp_path / "ct" / sub).mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "ct" / sub / f"{modality}.dcm", enforce_file_format=True)
+    study = read_dicom_series(tmp_path / "ct")
+    np.testing.assert_allclose(study.array, _expected_hu())
+
+
+def test_a_multi_frame_file_is_refused_with_advice(tmp_path: Path) -> None:
+    import pydicom
+
+    write_series(tmp_path / "ct")
+    first = sorted((tmp_path / "ct").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    ds.NumberOfFrames = 3
+    ds.save_as(first)
+    with pytest.raises(DataError, match=r"IM0000.dcm: is a multi-frame DICOM file \(3 frames.*dcm2niix"):
+        read_dicom_series(tmp_path / "ct")
+
+
+def test_a_series_folder_named_by_its_uid_keeps_the_whole_name(tmp_path: Path) -> None:
+    from fewlabel.data.readers import study_name
+
+    for name in ("1.3.6.1.4.1.9328.50.4.0001", "1.3.6.1.4.1.9328.50.4.0002"):
+        write_series(tmp_path / name)
+        assert study_name(tmp_path / name) == name
+    assert study_name(tmp_path / "case.nii.gz") == "case"
+    assert study_name(tmp_path / "slice.07.png") == "slice.07"

@@ -140,6 +140,16 @@ def test_reader_stacks_files_as_channels(tmp_path: Path, volume) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def test_colour_nifti_is_a_data_error(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 3, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    from fewlabel.data.readers import check_study_opens
+
+    for read in (read_study, lambda p: read_label(p, ["background", "lesion"]), check_study_opens):
+        with pytest.raises(DataError, match=r"rgb.nii.gz: holds .* voxels \(colour or complex values\)"):
+            read(tmp_path / "rgb.nii.gz")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found") as err:
         read_study(tmp_path / "nope.nii.gz")

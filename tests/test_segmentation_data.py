@@ -121,6 +121,10 @@ def test_csv_records_with_unlabelled_rows(tmp_path: Path) -> None:
     table.write_text("path,mask\ndata/a.nii.gz,data/a_seg.nii.gz\n")
     with pytest.raises(DataError, match="'image' column"):
         load_records(table)
+    # An unquoted comma in a path makes one cell too many.
+    table.write_text("image,label,patient_id\ndata/a.nii.gz,data/a_seg.nii.gz,P1,extra\n")
+    with pytest.raises(DataError, match=r"cases.csv: line 2 has 4 fields, the header 3; quote paths"):
+        load_records(table)
 
 
 def _slices2d(root: Path, names: list[str], masks: bool = True) -> Path:
@@ -225,6 +229,16 @@ def test_test_path_and_unlabeled_path(tmp_path: Path) -> None:
     assert sorted(r["id"] for r in dl.unlabeled) == ["Data-1_x_1", "Data-1_x_2", "Data-1_y_1"]
     saved = json.loads(dl.save(tmp_path / "out" / "datalist.json").read_text())
     assert saved["test"] == dl.test
+
+
+def test_a_test_patient_among_the_training_cases_is_warned_about(tmp_path: Path, caplog) -> None:
+    train = _slices2d(tmp_path / "train", [str(i) for i in range(6)])
+    test = _slices2d(tmp_path / "test", ["3", "t2"])  # "3" names a training slice too
+    cfg = SegmentationData(path=str(train), test_path=str(test), val_fraction=0.2, classes=["bg", "lesion"])
+    with caplog.at_level("WARNING"):
+        dl = build_datalist(cfg, seed=0)
+    assert "1 patient id(s) of the test set also label training or validation cases (3)" in caplog.text
+    assert len(dl.train) + len(dl.val) == 6  # warned, not removed: names can coincide by chance
 
 
 def test_unlabelled_studies_of_held_out_patients_are_dropped(tmp_path: Path) -> None:

@@ -84,6 +84,7 @@ _GEOMETRY_TAGS = [
     "ImageOrientationPatient",
     "InstanceNumber",
     "PixelSpacing",
+    "NumberOfFrames",
     "Rows",
     "Columns",
 ]
@@ -137,6 +138,28 @@ class Study:
 # ---------------------------------------------------------------------------------------------
 # Path helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def study_name(path: str | Path) -> str:
+    """The name of a study: its file name without ``.nii.gz``/``.nii`` or image suffix.
+
+    A DICOM series folder keeps its whole name: folders are often named by series UID, whose
+    dots are no suffix.
+
+    Args:
+        path: a study path.
+
+    Returns:
+        The name.
+    """
+    path = Path(path)
+    name = path.name
+    if path.is_dir():
+        return name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
 
 
 def is_nifti_file(path: str | Path) -> bool:
@@ -240,6 +263,7 @@ def check_study_opens(path: str | Path) -> None:
             shape, affine = tuple(img.shape), np.asarray(img.affine, dtype=np.float64)
         except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
             raise DataError(path, f"truncated or corrupt NIfTI ({err})") from err
+        _check_voxel_type(path, img)
         _check_not_empty(path, shape)
         # A broadcast scalar has the header's shape without allocating it.
         _check_not_empty(path, _squeeze_to_3d(path, np.broadcast_to(np.float32(0), shape)).shape)
@@ -288,12 +312,25 @@ def read_label(path: str | Path, classes: Sequence[str] | None, *, fix: str = _C
     return Study(labels, affine, path, meta, header)
 
 
+def _check_voxel_type(path: Path, img: Any) -> None:
+    kind = img.get_data_dtype()
+    if (
+        kind.fields is not None
+        or not np.issubdtype(kind, np.number)
+        or np.issubdtype(kind, np.complexfloating)
+    ):
+        raise DataError(
+            path, f"holds {kind} voxels (colour or complex values); expected one real value per voxel"
+        )
+
+
 def _read_nifti(path: Path, as_label: bool) -> tuple[np.ndarray, np.ndarray, Any]:
     """Read a NIfTI file, turning every failure into a DataError that says what is wrong."""
     _check_nifti_bytes(path)
     try:
         img = nib.load(str(path))
         _check_not_empty(path, tuple(img.shape))
+        _check_voxel_type(path, img)
         if as_label:
             array = np.asanyarray(img.dataobj)
         else:
@@ -546,6 +583,12 @@ def refuse_dicom_file(path: str | Path) -> None:
         )
 
 
+#: DICOM modalities of objects that are not image slices of a study.
+_NON_IMAGE_MODALITIES = frozenset(
+    {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "SR", "PR", "KO", "REG"}
+)
+
+
 def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     """Group the DICOM files under a folder by SeriesInstanceUID (headers only, no pixels).
 
@@ -554,10 +597,11 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     claim to be DICOM but cannot be parsed, or parses without a SeriesInstanceUID (pydicom
     reads a file cut inside its header as a shorter dataset without complaint), is an error:
     skipping it would silently drop a slice, which the gap check cannot see at either end of
-    the series.
+    the series. Objects that are no image slices (no ``Rows``, or contours, reports,
+    segmentations and presentation states) are skipped; multi-frame files are refused.
 
     Raises:
-        DataError: naming the first unreadable DICOM file.
+        DataError: naming the first unreadable or multi-frame DICOM file.
     """
     import pydicom
 
@@ -589,6 +633,19 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
                 )
             log.debug("%s: skipped, a DICOM file without a series (a directory record)", path)
             continue
+        modality = str(getattr(ds, "Modality", "") or "")
+        if getattr(ds, "Rows", None) is None or modality in _NON_IMAGE_MODALITIES:
+            # Contours, reports, segmentations and presentation states often sit beside the
+            # images they belong to; they are no slices of a series.
+            log.debug("%s: skipped, a DICOM %s object, not an image slice", path, modality or "non-image")
+            continue
+        frames = getattr(ds, "NumberOfFrames", None)
+        if frames not in (None, "") and int(frames) > 1:
+            raise DataError(
+                path,
+                f"is a multi-frame DICOM file ({int(frames)} frames in one file, as enhanced CT/MR write "
+                "them), which fewlabel does not read; convert it to NIfTI (e.g. with dcm2niix) and use that",
+            )
         pos = getattr(ds, "ImagePositionPatient", None)
         ori = getattr(ds, "ImageOrientationPatient", None)
         inst = getattr(ds, "InstanceNumber", None)
@@ -597,7 +654,7 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
                 path=path,
                 series_uid=uid,
                 description=str(getattr(ds, "SeriesDescription", "") or ""),
-                modality=str(getattr(ds, "Modality", "") or ""),
+                modality=modality,
                 position=None if pos is None else np.asarray([float(v) for v in pos]),
                 orientation=None if ori is None else np.asarray([float(v) for v in ori]),
                 instance=None if inst is None or inst == "" else int(inst),

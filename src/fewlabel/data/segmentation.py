@@ -31,7 +31,7 @@ import numpy as np
 
 from fewlabel.config.segmentation import SegmentationData
 from fewlabel.data.images import is_image_file
-from fewlabel.data.readers import is_nifti_file
+from fewlabel.data.readers import is_nifti_file, study_name
 from fewlabel.data.splits import split_cases
 from fewlabel.errors import ConfigError, DataError
 from fewlabel.utils.files import atomic_write_text
@@ -128,14 +128,6 @@ def patient_id_from_name(name: str) -> str:
     return name
 
 
-def _stem(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def _natural_key(text: str) -> list:
     # "2" sorts before "10", so listings follow slice and case numbers.
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
@@ -148,7 +140,7 @@ def _is_study_file(path: Path) -> bool:
 def _record(
     image: Path, label: Path | None, patient_id: str | None = None, case_id: str | None = None
 ) -> dict:
-    case = case_id or _stem(image)
+    case = case_id or study_name(image)
     return {
         "image": str(image),
         "label": None if label is None else str(label),
@@ -330,7 +322,7 @@ def _scan_nnunet(root: Path) -> list[dict]:
     records = []
     channel = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
     for image in files:
-        stem = _stem(image)
+        stem = study_name(image)
         match = channel.match(stem)
         if match and match.group("ch") != "0000":
             raise DataError(
@@ -372,7 +364,7 @@ def msd_test_records(root: str | Path) -> list[dict]:
         paths = list_studies(root / "imagesTs") if (root / "imagesTs").is_dir() else []
     records = []
     for p in paths:
-        match = re.match(r"^(?P<case>.+)_0000$", _stem(p))
+        match = re.match(r"^(?P<case>.+)_0000$", study_name(p))
         records.append(_record(p, None, case_id=match.group("case") if match else None))
     return records
 
@@ -397,6 +389,12 @@ def _load_csv(path: Path, image_root: str | Path | None) -> tuple[list[dict], li
         )
     labelled, unlabelled = [], []
     for line, row in enumerate(rows, start=2):
+        if None in row:  # csv.DictReader's place for cells beyond the header
+            raise DataError(
+                path,
+                f"line {line} has {len(header) + len(row[None])} fields, the header {len(header)}; "
+                'quote paths that contain commas ("a,b.nii.gz")',
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not any(row.values()):
             continue
@@ -409,6 +407,21 @@ def _load_csv(path: Path, image_root: str | Path | None) -> tuple[list[dict], li
     if not labelled and not unlabelled:
         raise DataError(path, "CSV lists no cases")
     return labelled, unlabelled
+
+
+def _warn_shared_patients(labelled: list[dict], test: list[dict], test_path: str | Path) -> None:
+    # Patient ids derived from file names can coincide in two folders by chance, so this warns
+    # instead of refusing; when they are the same patients the test scores are optimistic.
+    shared = sorted({r["patient_id"] for r in labelled} & {r["patient_id"] for r in test})
+    if shared:
+        shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        log.warning(
+            "%s: %d patient id(s) of the test set also label training or validation cases (%s); if "
+            "they are the same patients, the test scores are optimistic: keep each patient on one side",
+            test_path,
+            len(shared),
+            shown,
+        )
 
 
 def _csv_path(root: Path, text: str, csv_file: Path, line: int) -> Path:
@@ -443,7 +456,7 @@ def list_studies(folder: str | Path) -> list[Path]:
 
 
 def _find_mask(masks_dir: Path, image: Path) -> Path | None:
-    stem = _stem(image)
+    stem = study_name(image)
     for candidate in (
         image.name,
         f"{stem}.png",
@@ -470,7 +483,7 @@ def _load_pairs(root: Path) -> tuple[list[dict], list[dict]]:
     for image in images:
         mask = _find_mask(masks_dir, image)
         if mask is None:
-            expected = image.name if is_nifti_file(image) else f"{_stem(image)}.png"
+            expected = image.name if is_nifti_file(image) else f"{study_name(image)}.png"
             raise DataError(
                 image,
                 f"no mask for this image in {masks_dir} (expected {expected}); add the mask, move the image "
@@ -588,6 +601,8 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
             log.info("data.test_path is set: data.test_fraction=%s is not used", cfg.test_fraction)
     else:
         fractions["test"] = cfg.test_fraction
+    if test:
+        _warn_shared_patients(labelled, test, cfg.test_path)
     parts = split_cases(None, [r["patient_id"] for r in labelled], fractions, seed, cfg.folds, cfg.fold)
     train = [labelled[i] for i in parts["train"]]
     val = [labelled[i] for i in parts.get("val", [])]

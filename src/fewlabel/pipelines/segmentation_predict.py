@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fewlabel.config.segmentation import SegmentationExperiment
+from fewlabel.data.readers import study_name as case_name
 from fewlabel.engines.checkpoint import version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
@@ -545,23 +546,6 @@ def _series_below(folder: Path) -> list[Path]:
             where = Path(err.filename) if err.filename else current
             raise DataError(where, f"cannot be searched for DICOM series: {err.strerror or err}") from err
     return sorted(found)
-
-
-def case_name(path: str | Path) -> str:
-    """Case name of a study: the file name without ``.nii.gz``/``.nii``/image suffix, or the folder name.
-
-    Args:
-        path: a study path.
-
-    Returns:
-        The name.
-    """
-    path = Path(path)
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name if path.is_dir() else path.stem
 
 
 def _is_dicom_folder(folder: Path) -> bool:
