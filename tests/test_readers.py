@@ -94,6 +94,18 @@ def test_2d_png_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_label(out, ["bg", "a", "b"]).array, mask)
 
 
+def test_a_black_and_white_mask_gets_advice_for_binary_masks(tmp_path: Path) -> None:
+    mask = np.zeros((6, 5), np.uint8)
+    mask[2:4, 1:3] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    with pytest.raises(
+        DataError, match="label values \\[255\\] .* binary mask saved as 0/255 pixels; save the lesion as 1"
+    ):
+        read_label(tmp_path / "m.png", ["background", "lesion"])
+    with pytest.raises(DataError, match="set data.classes"):  # three classes: 255 may be a real value
+        read_label(tmp_path / "m.png", ["background", "ggo", "consolidation"])
+
+
 def test_palette_mask_reads_indices(tmp_path: Path) -> None:
     mask = np.zeros((8, 8), np.uint8)
     mask[1:3, 1:3] = 1

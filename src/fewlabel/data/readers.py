@@ -427,6 +427,9 @@ def _as_label_array(
         raise DataError(path, f"negative label values {values[values < 0].astype(np.int64).tolist()[:10]}")
     if num_classes is not None:
         outside = values[values >= num_classes].astype(np.int64).tolist()
+        if outside == [255] and num_classes <= 2:
+            # An image editor's black-and-white mask, not a class numbered 255.
+            fix = "this looks like a binary mask saved as 0/255 pixels; save the lesion as 1"
         if outside:
             names = f" ({', '.join(classes)})" if classes is not None else ""
             raise DataError(
