@@ -14,6 +14,7 @@ from fewlabel.metrics.segmentation import (
     describe,
     dice_score,
     evaluate_case,
+    overlay_cases,
     per_class_dice,
     rank_cases,
     slice_dice,
@@ -175,6 +176,20 @@ def test_describe_edge_cases():
     one = describe([0.4])
     assert one["mean"] == 0.4 and math.isnan(one["std"])
     assert describe([0.0, 1.0])["ci95"] == [0.0, 1.0]  # clipped to the metric range
+
+
+def test_the_median_picture_is_the_median_of_the_foreground_classes_not_of_merged_ones():
+    # Class 3 is the union of classes 1 and 2. Case A confuses its two classes, so its union is
+    # nearly right: counted in, it would rank A second and make C the median.
+    scores = {"B": 0.5, "C": 0.4, "E": 0.3, "A": 0.2, "D": 0.1}
+    cases = [
+        CaseResult(name, {"dice": {1: s, 2: s, 3: 0.95 if name == "A" else s}}) for name, s in scores.items()
+    ]
+    assert [c.case_id for c in overlay_cases(cases, [1, 2])] == ["B", "E", "D"]
+    assert [c.case_id for c in overlay_cases(cases, [1, 2], count=2)] == ["B", "D"]
+    assert [c.case_id for c in overlay_cases(cases, [1, 2], count=1)] == ["B"]
+    assert [c.case_id for c in overlay_cases(cases[:1], [1, 2])] == ["B"]
+    assert overlay_cases(cases, [1, 2], count=0) == []
 
 
 def test_rank_cases_best_first_undefined_last():

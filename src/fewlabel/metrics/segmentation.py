@@ -51,6 +51,7 @@ __all__ = [
     "describe",
     "dice_score",
     "evaluate_case",
+    "overlay_cases",
     "per_class_dice",
     "rank_cases",
     "slice_dice",
@@ -315,6 +316,27 @@ def rank_cases(
     defined = sorted((t for t in scored if not math.isnan(t[0])), key=lambda t: (-t[0], t[1]))
     undefined = [t for t in scored if math.isnan(t[0])]
     return [c for _, _, c in defined + undefined]
+
+
+def overlay_cases(cases: Sequence[CaseResult], foreground: Sequence[int], count: int = 3) -> list[CaseResult]:
+    """The best, median and worst cases by mean foreground Dice, for the report's pictures.
+
+    They are ranked on the classes the report's captions average (``foreground``, merged
+    classes left out), so the picture called "median" is the median case of its caption.
+
+    Args:
+        cases: the evaluated cases.
+        foreground: class indices averaged.
+        count: how many pictures: 1 (best), 2 (best and worst) or 3.
+
+    Returns:
+        Up to ``count`` distinct cases, best first.
+    """
+    ranked = rank_cases(cases, "dice", foreground)
+    if count <= 0 or not ranked:
+        return []
+    picks = [ranked[0], ranked[(len(ranked) - 1) // 2], ranked[-1]] if count >= 3 else [ranked[0], ranked[-1]]
+    return list({id(c): c for c in picks[: max(count, 1)]}.values())
 
 
 def summarize(

@@ -27,7 +27,7 @@ from fewlabel.metrics.segmentation import (
     CaseResult,
     class_names_with_merge,
     evaluate_case,
-    rank_cases,
+    overlay_cases,
     summarize,
 )
 from fewlabel.reports.segmentation import write_segmentation_report
@@ -272,8 +272,7 @@ def _overlays(
     image_dir: Path | None,
 ) -> tuple[list[dict], dict[str, str]]:
     """Load the best, median and worst cases only: reading every image would cost memory for nothing."""
-    ranked = rank_cases(cases, "dice", foreground)
-    picked = list(dict.fromkeys(c.case_id for c in (ranked[0], ranked[(len(ranked) - 1) // 2], ranked[-1])))
+    picked = [c.case_id for c in overlay_cases(cases, foreground)]
     images = index_masks(Path(image_dir), kind="image") if image_dir is not None else {}
     missing = []
     overlays = []

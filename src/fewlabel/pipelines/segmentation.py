@@ -439,7 +439,7 @@ def evaluate_studies(
     """
     from fewlabel.data.readers import check_grid, read_label, write_mask
     from fewlabel.inference.uncertainty import mask_uncertainty, uncertainty_dice_correlation
-    from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, rank_cases
+    from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, overlay_cases
     from fewlabel.reports.segmentation import write_segmentation_report
 
     output = Path(output)
@@ -491,7 +491,7 @@ def evaluate_studies(
         del labels, probs, reference, gt
 
     overlays = []
-    for case in _overlay_cases(rank_cases(cases, "dice"), cfg.eval.overlays):
+    for case in overlay_cases(cases, foreground, cfg.eval.overlays):
         image_path, label_path, mask_path = files[case.case_id]
         overlays.append(_overlay_entry(case.case_id, image_path, label_path, mask_path, model.classes))
     report = write_segmentation_report(
@@ -523,16 +523,6 @@ def evaluate_studies(
         report,
     )
     return {"report": report, "summary": summary, "cases": cases}
-
-
-def _overlay_cases(ranked: list, count: int) -> list:
-    if count <= 0 or not ranked:
-        return []
-    if count == 1 or len(ranked) == 1:
-        return ranked[:1]
-    if count == 2 or len(ranked) == 2:
-        return [ranked[0], ranked[-1]]
-    return [ranked[0], ranked[(len(ranked) - 1) // 2], ranked[-1]]
 
 
 def _overlay_entry(case_id: str, image: str, label: str, mask: Path, classes: list[str]) -> dict[str, Any]:
