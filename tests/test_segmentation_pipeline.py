@@ -145,7 +145,8 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     # Evaluation settings can change after training (test-time augmentation); training settings cannot.
     tta_dir = tmp_path / "eval_tta"
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tta_dir), "--set", "eval.tta=true"]) == 0
-    assert (tta_dir / "summary.json").is_file()
+    context = json.loads((tta_dir / "summary.json").read_text())["context"]
+    assert context["model"].endswith("(student, mean of 8 in-plane turns and flips)")
     assert (
         main(["evaluate", "--checkpoint", ckpt, "--output", str(tmp_path / "x"), "--set", "train.lr=1"]) == 2
     )

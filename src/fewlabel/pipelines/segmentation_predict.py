@@ -96,8 +96,13 @@ class LoadedModel:
         return [self]
 
     def describe(self) -> str:
-        """The network and which of a run's models it is, for reports."""
-        return f"{self.cfg.model.name} {list(self.cfg.model.features)} ({self.meta.get('model_name', 'student')})"
+        """The network, which of a run's models it is and its test-time augmentation, for reports."""
+        tta = (
+            ", mean of 8 in-plane turns and flips"
+            if self.cfg.eval.tta and self.cfg.input.mode != "3d"
+            else ""
+        )
+        return f"{self.cfg.model.name} {list(self.cfg.model.features)} ({self.meta.get('model_name', 'student')}{tta})"
 
 
 class ModelEnsemble:
@@ -199,6 +204,10 @@ def load_segmentation_model(
             raise
         raise CheckpointError(str(err)) from err
     check_keep_largest(cfg.eval.keep_largest, list(meta["classes"]))
+    if cfg.eval.tta and cfg.input.mode == "3d":
+        log.warning(
+            "%s: eval.tta averages in-plane turns of 2D/2.5D slices; this 3D model predicts without it", path
+        )
     device = config_device(cfg.run.device) if device is None else torch.device(device)
     net = build_segmentation_net(
         cfg.model, 3 if cfg.input.mode == "3d" else 2, int(meta["in_channels"]), len(meta["classes"])
