@@ -60,7 +60,8 @@ HEADER = """\
 
 An experiment is one YAML file. Its `task` key (`classification` or `segmentation`) picks the
 schema below; every other key is optional except `data.path`, and a missing key takes the
-default listed here. The shipped files in `configs/` spell out every key with a comment.
+default listed here. The shipped files in `configs/` spell out the settings of their
+experiments with comments.
 
 - **Unknown keys are errors**, not ignored: a misspelt key stops the command with
   `fewlabel: error: ...` naming it (for example `train.lr_hed: unknown key`). So is a key

@@ -29,7 +29,7 @@ class SegmentationData(StrictModel):
         test_path: a separate labelled test set in the same format as ``path``.
         classes: class names, index = label value (0 is background); ``None`` takes the
             ``labels`` map of ``dataset.json`` or ``[background, lesion]``.
-        val_fraction: share of labelled training patients held out for validation (unused with
+        val_fraction: share of labelled patients held out for validation (unused with
             ``folds``).
         test_fraction: share of labelled patients held out for testing (when no ``test_path``).
         folds: k-fold cross-validation: the labelled patients outside the test set are cut into
