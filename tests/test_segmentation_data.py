@@ -63,6 +63,10 @@ def test_msd_style_labels_and_training_list(tmp_path: Path) -> None:
     assert unlabelled == [
         {"image": str(root / "imagesUnl" / "u_1.nii.gz"), "label": None, "id": "u_1", "patient_id": "u_1"}
     ]
+    # The same file saved with a byte-order mark, as Windows editors do, reads the same.
+    text = (root / "dataset.json").read_text(encoding="utf-8")
+    (root / "dataset.json").write_text("\ufeff" + text, encoding="utf-8")
+    assert load_records(root)[2] == classes
 
 
 def test_nnunet_v2_labels_and_file_naming(tmp_path: Path) -> None:

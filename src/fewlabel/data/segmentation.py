@@ -239,7 +239,8 @@ def _read_dataset_json(root: Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
+        # utf-8-sig: editors on Windows save JSON with a byte-order mark.
+        meta = json.loads(file.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(file, f"not valid JSON ({err})") from err
     if not isinstance(meta, dict):
