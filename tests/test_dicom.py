@@ -236,3 +236,15 @@ def test_a_series_folder_named_by_its_uid_keeps_the_whole_name(tmp_path: Path) -
         assert study_name(tmp_path / name) == name
     assert study_name(tmp_path / "case.nii.gz") == "case"
     assert study_name(tmp_path / "slice.07.png") == "slice.07"
+
+
+def test_an_inverted_grey_scale_series_is_refused_not_misread(tmp_path: Path) -> None:
+    import pydicom
+
+    write_series(tmp_path / "ct")
+    for path in (tmp_path / "ct").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(path)
+    with pytest.raises(DataError, match=r"is stored as MONOCHROME1 .* wrong intensities"):
+        read_dicom_series(tmp_path / "ct")

@@ -85,6 +85,7 @@ _GEOMETRY_TAGS = [
     "InstanceNumber",
     "PixelSpacing",
     "NumberOfFrames",
+    "PhotometricInterpretation",
     "Rows",
     "Columns",
 ]
@@ -601,10 +602,11 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     reads a file cut inside its header as a shorter dataset without complaint), is an error:
     skipping it would silently drop a slice, which the gap check cannot see at either end of
     the series. Objects that are no image slices (no ``Rows``, or contours, reports,
-    segmentations and presentation states) are skipped; multi-frame files are refused.
+    segmentations and presentation states) are skipped; multi-frame and MONOCHROME1 files are
+    refused.
 
     Raises:
-        DataError: naming the first unreadable or multi-frame DICOM file.
+        DataError: naming the first unreadable, multi-frame or MONOCHROME1 DICOM file.
     """
     import pydicom
 
@@ -648,6 +650,15 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
                 path,
                 f"is a multi-frame DICOM file ({int(frames)} frames in one file, as enhanced CT/MR write "
                 "them), which fewlabel does not read; convert it to NIfTI (e.g. with dcm2niix) and use that",
+            )
+        if str(getattr(ds, "PhotometricInterpretation", "") or "").upper() == "MONOCHROME1":
+            # GDCM, under SimpleITK, inverts MONOCHROME1 pixels before the rescale, so a CT
+            # series would come out in wrong Hounsfield units (air near -2300 instead of -1000).
+            raise DataError(
+                path,
+                "is stored as MONOCHROME1 (inverted grey scale), which fewlabel's reader would turn into "
+                "wrong intensities; convert the series to NIfTI with a converter that keeps the stored "
+                "values (e.g. dcm2niix) and use that",
             )
         pos = getattr(ds, "ImagePositionPatient", None)
         ori = getattr(ds, "ImageOrientationPatient", None)
