@@ -162,6 +162,15 @@ def test_colour_nifti_is_a_data_error(tmp_path: Path) -> None:
             read(tmp_path / "rgb.nii.gz")
 
 
+def test_a_label_value_beyond_int32_is_refused_not_wrapped(tmp_path: Path) -> None:
+    from fewlabel.data.readers import _as_label_array
+
+    huge = np.zeros((2, 2, 2), np.int64)
+    huge[0, 0, 0] = 2**33  # would become 0 in int32
+    with pytest.raises(DataError, match="label value 8589934592 is too large"):
+        _as_label_array(tmp_path / "m.nii.gz", huge, None)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found") as err:
         read_study(tmp_path / "nope.nii.gz")

@@ -438,6 +438,8 @@ def _as_label_array(
                 f"label values {outside[:10]} are outside the classes 0..{num_classes - 1}{names}; {fix}",
             )
     top = int(values[-1]) if values.size else 0
+    if top > np.iinfo(np.int32).max:  # would wrap round in the int32 cast below
+        raise DataError(path, f"label value {top} is too large to be a class index")
     return array.astype(np.uint8 if top <= 255 else np.int32)
 
 
