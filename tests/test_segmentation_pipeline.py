@@ -1034,3 +1034,28 @@ def test_keep_largest_of_an_unknown_class_stops_training_before_it_starts(msd, t
     err = capsys.readouterr().err
     assert "eval.keep_largest names 'tumour'" in err and "['lesion']" in err
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_test_time_augmentation_on_a_3d_model_is_warned_about(tmp_path, caplog):
+    from fewlabel.networks.segmentation import build_segmentation_net
+
+    raw = {
+        "task": "segmentation",
+        "data": {"path": "unused"},
+        "input": {"mode": "3d", "patch_size": [16, 16, 16]},
+        "model": {"features": [4, 4, 8, 8, 16, 4]},
+    }
+    cfg = parse_config(raw)
+    net = build_segmentation_net(cfg.model, 3, 1, 2)
+    meta = {
+        "task": "segmentation",
+        "classes": ["background", "lesion"],
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "config": cfg.model_dump(mode="json"),
+    }
+    ckpt = save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "3d.pt")
+    with caplog.at_level("WARNING"):
+        model = segmentation.load_segmentation_model(ckpt, eval_overrides=["eval.tta=true"])
+    assert "3d.pt: eval.tta averages in-plane turns of 2D/2.5D slices" in caplog.text
+    assert "turns and flips" not in model.describe()  # the report does not claim it either
