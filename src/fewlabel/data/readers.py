@@ -922,12 +922,11 @@ def write_mask(mask: np.ndarray, reference: Study, path: str | Path, dtype: Any 
     info = np.iinfo(dtype)
     if mask.size and (mask.min() < info.min or mask.max() > info.max):
         raise ValueError(f"{path}: mask values {mask.min()}..{mask.max()} do not fit {np.dtype(dtype).name}")
-    img = image_on_grid(mask.astype(dtype), reference, "fewlabel mask")
-    return atomic_write(path, lambda p: p.write_bytes(_nifti_bytes(img, path)))
+    return write_on_grid(mask.astype(dtype), reference, path, "fewlabel mask")
 
 
-def image_on_grid(array: np.ndarray, reference: Study, description: str) -> nib.Nifti1Image:
-    """A NIfTI image of ``array`` on the grid of a volume, with only its geometry.
+def write_on_grid(array: np.ndarray, reference: Study, path: Path, description: str) -> Path:
+    """Write ``array`` as NIfTI on the grid of a volume, with only its geometry (atomically).
 
     Masks and probability maps share this, so both carry the same qform, sform, codes, voxel
     sizes and units as the source (for a DICOM series, those of ``fewlabel convert``'s file).
@@ -935,10 +934,11 @@ def image_on_grid(array: np.ndarray, reference: Study, description: str) -> nib.
     Args:
         array: ``(X, Y, Z)`` or ``(X, Y, Z, K)`` values, stored in their own dtype, unscaled.
         reference: the volume the array belongs to.
+        path: destination, ``.nii`` or ``.nii.gz``.
         description: the header's ``descrip``.
 
     Returns:
-        The image, not yet written.
+        The destination path.
     """
     header = _geometry_header(reference.header)
     img = nib.Nifti1Image(array, reference.affine, header=header)
@@ -950,7 +950,7 @@ def image_on_grid(array: np.ndarray, reference: Study, description: str) -> nib.
         img.set_qform(reference.affine, code=1)
         img.set_sform(reference.affine, code=1)
         hdr.set_xyzt_units("mm")
-    return img
+    return atomic_write(path, lambda p: p.write_bytes(_nifti_bytes(img, path)))
 
 
 # Header fields that place the voxels in space (with their codes and units); nothing else of a

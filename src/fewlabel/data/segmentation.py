@@ -35,6 +35,7 @@ from fewlabel.data.readers import is_nifti_file, study_name
 from fewlabel.data.splits import split_cases
 from fewlabel.errors import ConfigError, DataError
 from fewlabel.utils.files import atomic_write_text
+from fewlabel.utils.text import short_list
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -415,13 +416,12 @@ def _warn_shared_patients(labelled: list[dict], test: list[dict], test_path: str
     # instead of refusing; when they are the same patients the test scores are optimistic.
     shared = sorted({r["patient_id"] for r in labelled} & {r["patient_id"] for r in test})
     if shared:
-        shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
         log.warning(
             "%s: %d patient id(s) of the test set also label training or validation cases (%s); if "
             "they are the same patients, the test scores are optimistic: keep each patient on one side",
             test_path,
             len(shared),
-            shown,
+            short_list(shared),
         )
 
 

@@ -20,6 +20,7 @@ import torch
 from fewlabel import __version__
 from fewlabel.errors import CheckpointError
 from fewlabel.utils.files import atomic_write, atomic_write_text
+from fewlabel.utils.text import short_list
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +336,7 @@ def check_resume_config(cfg: Any, checkpoint: Path, config_file: Path) -> None:
                 new,
             )
     if changed:
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise CheckpointError(
-            f"{config_file}: differs from the config {checkpoint} was trained with ({shown}); a resumed "
+            f"{config_file}: differs from the config {checkpoint} was trained with ({short_list(changed)}); a resumed "
             "run must continue as it started. Restore those values, or train a new run with them"
         )

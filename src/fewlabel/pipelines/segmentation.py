@@ -45,6 +45,7 @@ from fewlabel.pipelines.segmentation_predict import (
 from fewlabel.runs import RunDir
 from fewlabel.utils.files import check_replaceable
 from fewlabel.utils.runtime import config_device, torch_threads
+from fewlabel.utils.text import short_list
 
 if TYPE_CHECKING:
     from fewlabel.data.segmentation import SegmentationDatalist
@@ -707,11 +708,10 @@ def _refuse_seen_by_members(
             {held_out[key] for r in used if (key := str(Path(r["image"]).resolve())) in held_out}
         )
         if overlap:
-            shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
             raise DataError(
                 member.path,
                 f"was trained (with or without labels) or validated on {len(overlap)} of the {len(records)} studies of "
-                f"{model.members[0].path}'s {split} split ({shown}); average models that held out the "
+                f"{model.members[0].path}'s {split} split ({short_list(overlap)}); average models that held out the "
                 "same studies, or evaluate the ensemble on other data with --data",
             )
 

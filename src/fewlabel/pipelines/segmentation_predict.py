@@ -26,12 +26,13 @@ from torch import nn
 
 from fewlabel.config.segmentation import SegmentationExperiment
 from fewlabel.data.readers import study_name as case_name
-from fewlabel.engines.checkpoint import version_note
+from fewlabel.engines.checkpoint import ensemble_paths, version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
 from fewlabel.utils.csv_cells import escape_cell, unescape_cell
 from fewlabel.utils.files import atomic_write, atomic_write_text
 from fewlabel.utils.runtime import config_device, torch_threads
+from fewlabel.utils.text import short_list
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,6 @@ def load_segmentation_models(
             the models predict different classes or kinds of studies.
         ValueError: if no checkpoint is given.
     """
-    from fewlabel.engines.checkpoint import ensemble_paths
-
     models = [load_segmentation_model(p, eval_overrides=eval_overrides) for p in ensemble_paths(checkpoints)]
     return models[0] if len(models) == 1 else ModelEnsemble(models)
 
@@ -395,8 +394,9 @@ def predict(
     if (output / "predictions.csv").exists():
         existing.append("predictions.csv")
     if existing and not overwrite:
-        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise DataError(output, f"outputs exist already ({shown}); pass --overwrite to replace them")
+        raise DataError(
+            output, f"outputs exist already ({short_list(existing)}); pass --overwrite to replace them"
+        )
     from fewlabel.data.readers import check_study_opens, write_mask
 
     # A study that does not even open fails the run before anything is written.
@@ -601,14 +601,12 @@ def _write_probabilities(
             image = Image.fromarray(np.round(probs[k] * 255).astype(np.uint8), mode="L")
             atomic_write(output / f"{name}_prob_{cls}.png", lambda p, im=image: im.save(p, format="PNG"))
         return
-    import gzip
-
-    from fewlabel.data.readers import image_on_grid
+    from fewlabel.data.readers import write_on_grid
 
     channels_last = np.moveaxis(probs, 0, -1).astype(np.float32)
-    img = image_on_grid(channels_last, reference, "fewlabel class probabilities")
-    data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    atomic_write(output / f"{name}_probabilities.nii.gz", lambda p: p.write_bytes(data))
+    write_on_grid(
+        channels_last, reference, output / f"{name}_probabilities.nii.gz", "fewlabel class probabilities"
+    )
 
 
 def _manifest_row(

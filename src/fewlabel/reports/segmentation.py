@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from fewlabel.metrics.segmentation import CaseResult, case_foreground_score, rank_cases, summarize
+from fewlabel.metrics.segmentation import CaseResult, case_foreground_score, overlay_cases, summarize
 from fewlabel.reports import html as H
 from fewlabel.reports.plots import plain_text, save_figure
 from fewlabel.utils.csv_cells import escape_cell
@@ -393,16 +393,9 @@ def _pick_overlays(
     cases: Sequence[CaseResult], overlays: Sequence[dict], foreground: Sequence[int]
 ) -> list[tuple[str, dict]]:
     by_id = {o["case_id"]: o for o in overlays}
-    ranked = [c for c in rank_cases([c for c in cases if c.case_id in by_id], "dice", foreground)]
-    if not ranked:
-        return []
-    if len(ranked) == 1:
-        return [("best", by_id[ranked[0].case_id])]
-    picks = [("best", ranked[0])]
-    if len(ranked) >= 3:
-        picks.append(("median", ranked[(len(ranked) - 1) // 2]))
-    picks.append(("worst", ranked[-1]))
-    return [(role, by_id[case.case_id]) for role, case in picks]
+    picked = overlay_cases([c for c in cases if c.case_id in by_id], foreground)
+    roles = {0: [], 1: ["best"], 2: ["best", "worst"], 3: ["best", "median", "worst"]}[len(picked)]
+    return [(role, by_id[case.case_id]) for role, case in zip(roles, picked, strict=True)]
 
 
 def _display_image(img: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
