@@ -385,6 +385,49 @@ def test_train_augmentation_moves_image_and_label_together() -> None:
             assert sorted(out[..., z].flatten().tolist()) == sorted(vol[..., z].flatten().tolist())
 
 
+def test_zoom_and_rotation_move_image_and_label_together() -> None:
+    aug = build_train_augmentation(
+        SegmentationAugment(rotate90=False, flip=False, scale=0.2, rotate_degrees=20), spatial_dims=2
+    )
+    image = torch.zeros(1, 16, 20)  # not square: small-angle rotation keeps the slice size
+    image[:, 4:12, 5:15] = 1.0
+    label = (image > 0).to(torch.uint8)
+    changed = 0
+    for seed in range(16):
+        aug.set_random_state(seed=seed)
+        out = aug({"image": image.clone(), "label": label.clone()})
+        assert out["image"].shape == image.shape and out["label"].dtype == torch.uint8
+        assert set(torch.unique(out["label"]).tolist()) <= {0, 1}
+        # Bilinear image and nearest label may differ only along the rectangle's edge.
+        assert ((out["image"] > 0.5).to(torch.uint8) != out["label"]).sum() <= 4
+        changed += int(not torch.equal(out["label"], label))
+    assert 3 <= changed <= 13  # applied to about half the samples
+    assert set(aug({"image": image.clone()})) == {"image"}  # unlabelled samples pass
+
+
+def test_zoom_and_rotation_stay_in_plane_in_3d() -> None:
+    aug = build_train_augmentation(
+        SegmentationAugment(rotate90=False, flip=False, scale=0.2, rotate_degrees=30), spatial_dims=3, axis=2
+    )
+    vol = torch.zeros(1, 12, 12, 5)
+    for z in range(5):
+        vol[..., z] = z + 1.0  # each through-plane slice has its own value
+    moved = 0
+    for seed in range(8):
+        aug.set_random_state(seed=seed)
+        out = aug({"image": vol.clone()})["image"]
+        # Nothing crosses between slices: the middle of each slice keeps its value.
+        np.testing.assert_allclose(out[0, 4:8, 4:8, :].numpy(), vol[0, 4:8, 4:8, :].numpy(), atol=1e-5)
+        moved += int(not torch.equal(out, vol))
+    assert moved > 0
+
+
+def test_zoom_and_rotation_are_off_by_default() -> None:
+    assert not build_train_augmentation(
+        SegmentationAugment(rotate90=False, flip=False), spatial_dims=2
+    ).transforms
+
+
 # ----------------------------------------------------------------------------------------------
 # Real data (skipped when ../shared/data is absent)
 # ----------------------------------------------------------------------------------------------

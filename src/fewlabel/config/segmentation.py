@@ -174,11 +174,18 @@ class SegmentationAugment(StrictModel):
         rotate90: random in-plane rotation by k·90 degrees.
         flip: random in-plane flips.
         intensity: small random intensity scale/shift.
+        scale: random in-plane zoom by a factor drawn from ``[1 - scale, 1 + scale]`` (with
+            probability 0.5); 0 turns it off.
+        rotate_degrees: random in-plane rotation by up to this many degrees either way (with
+            probability 0.5, drawn with the zoom); 0 turns it off. Unlike ``rotate90`` it keeps
+            the slice size, so it also works on non-square slices.
     """
 
     rotate90: bool = True
     flip: bool = True
     intensity: bool = False
+    scale: float = Field(0.0, ge=0.0, lt=1.0)
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)
 
 
 class SegmentationTrain(StrictModel):

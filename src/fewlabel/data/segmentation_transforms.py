@@ -22,6 +22,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAffined,
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
@@ -318,7 +319,10 @@ def build_train_augmentation(
 
     Rotations by k·90° and flips act in the acquisition plane only: through-plane spacing is
     usually much coarser, so rotating it into the plane would create unrealistic images.
-    Intensity changes (small scale and shift) touch the image only.
+    Intensity changes (small scale and shift) touch the image only. The optional zoom and
+    small-angle rotation (``aug.scale``, ``aug.rotate_degrees``) are one MONAI ``RandAffined``,
+    also in-plane; the label is resampled by nearest neighbour and keeps its dtype, and what
+    moves in from outside the slice is zero (air after CT windowing, black in 2D images).
 
     Args:
         aug: augmentation options.
@@ -347,4 +351,59 @@ def build_train_augmentation(
     if aug.intensity:
         transforms.append(RandScaleIntensityd(keys[0], factors=0.1, prob=0.5))
         transforms.append(RandShiftIntensityd(keys[0], offsets=0.05, prob=0.5))
+    if aug.scale > 0 or aug.rotate_degrees > 0:
+        transforms.append(_in_plane_affine(aug, spatial_dims, plane, keys))
     return Compose(transforms)
+
+
+class _RandAffineKeepDtyped(RandAffined):
+    """``RandAffined`` that hands each key back in the dtype it came in.
+
+    Nearest-neighbour resampling returns float32; a compact uint8 label would then take four
+    times the memory and fail the integer checks downstream.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict:
+        dtypes = {key: data[key].dtype for key in self.key_iterator(dict(data))}
+        out = super().__call__(data, lazy=lazy)
+        for key, dtype in dtypes.items():
+            value = out[key]
+            if value.dtype != dtype:
+                out[key] = value.round().to(dtype) if not dtype.is_floating_point else value.to(dtype)
+        return out
+
+
+def _in_plane_affine(
+    aug: SegmentationAugment, spatial_dims: int, plane: tuple[int, ...], keys: list[str]
+) -> RandAffined:
+    """Zoom and small rotation in the acquisition plane, as one resampling.
+
+    Args:
+        aug: augmentation options (``scale`` and ``rotate_degrees``).
+        spatial_dims: 2 or 3.
+        plane: the in-plane spatial axes.
+        keys: image key first, then the label key if present.
+
+    Returns:
+        The transform; in 3D the through-plane axis is neither rotated about another axis nor
+        zoomed.
+    """
+    angle = float(np.deg2rad(aug.rotate_degrees))
+    if spatial_dims == 2:
+        rotate_range: list[float] = [angle]
+    else:
+        # MONAI's 3D angles turn about spatial axes 0, 1 and 2: an in-plane turn is one about
+        # the through-plane axis.
+        through = next(a for a in range(3) if a not in plane)
+        rotate_range = [angle if a == through else 0.0 for a in range(3)]
+    scale_range = [aug.scale if a in plane else 0.0 for a in range(spatial_dims)]
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    return _RandAffineKeepDtyped(
+        keys,
+        prob=0.5,
+        rotate_range=rotate_range,
+        scale_range=scale_range,
+        mode=modes,
+        padding_mode="zeros",
+        allow_missing_keys=True,
+    )
