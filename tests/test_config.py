@@ -94,6 +94,10 @@ def test_dotted_overrides_are_typed(tmp_path):
         ("data.val_fraction=1.5", "data.val_fraction", "less than 1"),
         ("model.freeze=conv9", "model.freeze", "conv3"),
         ("bogus=1", "bogus", "unknown key"),
+        # YAML reads on/yes as true, which pydantic alone would take as the number 1.
+        ("train.max_epochs=on", "train.max_epochs", "takes a number, not true"),
+        ("train.lr_head=yes", "train.lr_head", "takes a number, not true"),
+        ("data.val_fraction=no", "data.val_fraction", "takes a number, not false"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key, fragment):
@@ -104,6 +108,14 @@ def test_bad_values_name_the_key(tmp_path, override, key, fragment):
     assert f"{key}:" in message
     assert fragment in message
     assert str(path) in message
+
+
+def test_yes_no_words_stay_booleans_where_a_switch_is_expected(tmp_path):
+    path = _write(tmp_path, {"task": "segmentation", "data": {"path": "x"}, "augment": {"flip": "off"}})
+    path.write_text(path.read_text().replace("'off'", "off"))  # unquoted, as a user writes it
+    cfg = load_config(path, ["tcsm.enabled=yes", "train.batch_size=4", "eval.min_component_size=0"])
+    assert cfg.augment.flip is False and cfg.tcsm.enabled is True
+    assert cfg.train.batch_size == 4
 
 
 def test_missing_task_and_unknown_task():

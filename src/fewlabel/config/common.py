@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class StrictModel(BaseModel):
@@ -16,6 +19,36 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_yes_no_numbers(cls, data: Any) -> Any:
+        """Refuse true/false where a number is expected.
+
+        YAML reads ``on``, ``yes`` and ``true`` as booleans, and pydantic would take them as 1:
+        ``max_epochs: on`` trained for one epoch, ``lr: yes`` at a learning rate of 1. (A model
+        validator, not a field one: pydantic forbids the latter on the ``task`` discriminator.)
+        """
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and _is_number(field.annotation):
+                    raise PydanticCustomError(
+                        "yes_no_number",
+                        "takes a number, not {value} (YAML reads on/off and yes/no as true/false)",
+                        {"key": name, "value": str(value).lower()},
+                    )
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field holds a number (``int``, ``float``, optionally ``| None``), not a bool."""
+    members = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return bool(members) and all(
+        isinstance(a, type) and issubclass(a, (int, float)) and not issubclass(a, bool) for a in members
     )
 
 
