@@ -118,6 +118,13 @@ def test_yes_no_words_stay_booleans_where_a_switch_is_expected(tmp_path):
     assert cfg.train.batch_size == 4
 
 
+def test_zoom_and_rotation_are_refused_for_3d_patches(tmp_path):
+    path = _write(tmp_path, {"task": "segmentation", "data": {"path": "x"}, "input": {"mode": "3d"}})
+    with pytest.raises(ConfigError, match="patch corners with air"):
+        load_config(path, ["augment.rotate_degrees=10"])
+    assert load_config(path, ["input.mode=2d", "augment.rotate_degrees=10"]).augment.rotate_degrees == 10
+
+
 def test_missing_task_and_unknown_task():
     with pytest.raises(ConfigError, match="task"):
         parse_config({"data": {"path": "x"}})

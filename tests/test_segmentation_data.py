@@ -405,6 +405,22 @@ def test_zoom_and_rotation_move_image_and_label_together() -> None:
     assert set(aug({"image": image.clone()})) == {"image"}  # unlabelled samples pass
 
 
+def test_zoom_keeps_round_things_round_and_stays_in_its_range() -> None:
+    aug = build_train_augmentation(SegmentationAugment(rotate90=False, flip=False, scale=0.3), spatial_dims=2)
+    yy, xx = np.mgrid[:96, :96]
+    disk = torch.tensor((((yy - 48) ** 2 + (xx - 48) ** 2) <= 20**2)[None].astype(np.float32))
+    sizes = []
+    for seed in range(40):
+        aug.set_random_state(seed=seed)
+        mask = aug({"image": disk.clone()})["image"][0].numpy() > 0.5
+        rows, cols = np.nonzero(mask)
+        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+        assert abs(height - width) <= 1  # one magnification for both axes: no stretching
+        sizes.append(height / 41)
+    # Magnified by 0.7-1.3 as documented (MONAI's own scale would give 1 / 1.3 to 1 / 0.7).
+    assert 0.68 <= min(sizes) < 0.95 and 1.05 < max(sizes) <= 1.32
+
+
 def test_zoom_and_rotation_stay_in_plane_in_3d() -> None:
     aug = build_train_augmentation(
         SegmentationAugment(rotate90=False, flip=False, scale=0.2, rotate_degrees=30), spatial_dims=3, axis=2

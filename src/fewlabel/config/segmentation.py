@@ -174,11 +174,11 @@ class SegmentationAugment(StrictModel):
         rotate90: random in-plane rotation by k·90 degrees.
         flip: random in-plane flips.
         intensity: small random intensity scale/shift.
-        scale: random in-plane zoom by a factor drawn from ``[1 - scale, 1 + scale]`` (with
-            probability 0.5); 0 turns it off.
+        scale: random in-plane zoom, one magnification for both axes drawn from
+            ``[1 - scale, 1 + scale]`` (with probability 0.5); 0 turns it off. 2D and 2.5D only.
         rotate_degrees: random in-plane rotation by up to this many degrees either way (with
             probability 0.5, drawn with the zoom); 0 turns it off. Unlike ``rotate90`` it keeps
-            the slice size, so it also works on non-square slices.
+            the slice size, so it also works on non-square slices. 2D and 2.5D only.
     """
 
     rotate90: bool = True
@@ -329,5 +329,16 @@ class SegmentationExperiment(StrictModel):
             raise ValueError(
                 "preprocess.slice_size must be set when preprocess.crop_foreground is on in 2D/2.5D mode "
                 "(cropped slices differ in size and cannot be batched), or train.batch_size must be 1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _zoom_needs_whole_slices(self) -> SegmentationExperiment:
+        # A 3D patch is cut before augmentation: turning or zooming it out would fill its
+        # corners with zeros, i.e. air inside the lungs, and label them background.
+        if self.input.mode == "3d" and (self.augment.scale > 0 or self.augment.rotate_degrees > 0):
+            raise ValueError(
+                "augment.scale and augment.rotate_degrees act on whole slices (input.mode 2d or 2.5d); "
+                "with 3d patches they would fill the patch corners with air; set them to 0"
             )
         return self

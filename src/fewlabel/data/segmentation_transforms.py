@@ -23,6 +23,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
+    RandAffineGrid,
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
@@ -373,6 +374,31 @@ class _RandAffineKeepDtyped(RandAffined):
         return out
 
 
+class _InPlaneZoomGrid(RandAffineGrid):
+    """``RandAffineGrid`` with one zoom for both in-plane axes, drawn as a magnification.
+
+    MONAI draws a scale per axis, which would stretch round lesions into ellipses, and scales
+    the sampling grid, so that a factor ``s`` magnifies the image by ``1 / s``. Here one
+    magnification ``m`` is drawn from ``[1 - zoom, 1 + zoom]`` and the grid is scaled by
+    ``1 / m`` in-plane; the through-plane axis is not scaled.
+    """
+
+    def __init__(
+        self, zoom: float, plane: tuple[int, ...], spatial_dims: int, rotate_range: list[float]
+    ) -> None:
+        super().__init__(rotate_range=rotate_range)
+        self.zoom = zoom
+        self.plane = plane
+        self.spatial_dims = spatial_dims
+
+    def randomize(self, data: Any | None = None) -> None:
+        super().randomize(data)
+        magnification = 1.0 + self.R.uniform(-self.zoom, self.zoom) if self.zoom > 0 else 1.0
+        self.scale_params = [
+            1.0 / magnification if a in self.plane else 1.0 for a in range(self.spatial_dims)
+        ]
+
+
 def _in_plane_affine(
     aug: SegmentationAugment, spatial_dims: int, plane: tuple[int, ...], keys: list[str]
 ) -> RandAffined:
@@ -396,14 +422,9 @@ def _in_plane_affine(
         # the through-plane axis.
         through = next(a for a in range(3) if a not in plane)
         rotate_range = [angle if a == through else 0.0 for a in range(3)]
-    scale_range = [aug.scale if a in plane else 0.0 for a in range(spatial_dims)]
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    return _RandAffineKeepDtyped(
-        keys,
-        prob=0.5,
-        rotate_range=rotate_range,
-        scale_range=scale_range,
-        mode=modes,
-        padding_mode="zeros",
-        allow_missing_keys=True,
+    transform = _RandAffineKeepDtyped(
+        keys, prob=0.5, mode=modes, padding_mode="zeros", allow_missing_keys=True
     )
+    transform.rand_affine.rand_affine_grid = _InPlaneZoomGrid(aug.scale, plane, spatial_dims, rotate_range)
+    return transform
