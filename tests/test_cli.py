@@ -169,6 +169,17 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
 
     assert main(["demo", "--output", str(out), "--skip-segmentation"]) == 2
     assert report.is_file()
+    assert main(["demo", "--output", str(out), "--skip-segmentation", "--overwrite"]) == 0
+    assert (out / "classification" / ".fewlabel-demo").is_file() and report.is_file()
+
+
+def test_demo_overwrite_never_deletes_a_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "work" / "classification"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    assert main(["demo", "--output", str(tmp_path / "work"), "--overwrite", "--skip-segmentation"]) == 2
+    assert "does not look like a fewlabel output folder" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,19 @@ from fewlabel.errors import FewLabelError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_CLASSIFICATION", "DEMO_FUNDUS", "run_classification_demo", "run_demo"]
+__all__ = [
+    "DEMO_CLASSIFICATION",
+    "DEMO_FUNDUS",
+    "DEMO_MARKER",
+    "mark_demo_folder",
+    "run_classification_demo",
+    "run_demo",
+]
+
+# Written into each demo subfolder, so that --overwrite only ever deletes folders a demo made.
+DEMO_MARKER = ".fewlabel-demo"
+# Demo folders from before the marker hold a run folder.
+_DEMO_MARKERS = (DEMO_MARKER, "run/status.json")
 
 # Arguments of fewlabel.data.synthetic_fundus.make_synthetic_fundus for the demo data.
 DEMO_FUNDUS: dict[str, Any] = {"n_per_class": 24, "num_classes": 5, "size": 64, "seed": 0}
@@ -87,12 +99,19 @@ def run_demo(output: Path, segmentation: bool = True, overwrite: bool = False) -
 
     Raises:
         FewLabelError: if the demo folder holds a previous demo and ``overwrite`` is false.
+        RunDirError: with ``overwrite``, if a folder the demo would replace was not made by a
+            demo (a ``classification`` or ``segmentation`` folder of your own).
     """
+    from fewlabel.utils.files import check_replaceable
+
     output = Path(output)
     parts = ["classification"] + (["segmentation"] if segmentation else [])
-    existing = [output / p for p in parts if (output / p).exists()]
+    existing = [output / p for p in parts if (output / p).exists() or (output / p).is_symlink()]
     if existing and not overwrite:
         raise FewLabelError(f"{existing[0]}: exists already; choose another --output or pass --overwrite")
+    for folder in existing:
+        # Before anything is deleted, so that a refused folder leaves the other one intact too.
+        check_replaceable(folder, markers=_DEMO_MARKERS)
     output.mkdir(parents=True, exist_ok=True)
     reports = {"classification": run_classification_demo(output / "classification")}
     if segmentation:
@@ -104,6 +123,15 @@ def run_demo(output: Path, segmentation: bool = True, overwrite: bool = False) -
 
             reports["segmentation"] = Path(run_segmentation_demo(output / "segmentation"))
     return reports
+
+
+def mark_demo_folder(folder: Path) -> None:
+    """Mark ``folder`` as made by the demo, which allows ``fewlabel demo --overwrite`` to replace it.
+
+    Args:
+        folder: an existing demo subfolder.
+    """
+    (Path(folder) / DEMO_MARKER).write_text("made by fewlabel demo; --overwrite may replace this folder\n")
 
 
 def run_classification_demo(output: Path) -> Path:
@@ -124,6 +152,7 @@ def run_classification_demo(output: Path) -> Path:
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
+    mark_demo_folder(output)
     data = make_synthetic_fundus(output / "data", **DEMO_FUNDUS)
     raw = {
         **DEMO_CLASSIFICATION,

@@ -84,11 +84,13 @@ def run_segmentation_demo(output: Path) -> Path:
     """
     from fewlabel.config import dump_config, parse_config
     from fewlabel.data.synthetic_ct import make_synthetic_ct
+    from fewlabel.pipelines.demo import mark_demo_folder
     from fewlabel.pipelines.segmentation import predict, train
     from fewlabel.runs import create_run_dir, track_run
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    mark_demo_folder(output)
     for name in _SUBFOLDERS:
         # Only the demo's own folders are replaced; anything else in `output` stays.
         if (output / name).exists():
