@@ -234,6 +234,7 @@ def _collectives(local_rank: int) -> None:
         is_main_process,
         per_rank_batch_size,
         rank,
+        sum_over_ranks,
         world_size,
     )
 
@@ -242,6 +243,8 @@ def _collectives(local_rank: int) -> None:
     local = torch.tensor([[float(i), -float(i)] for i in range(rank(), 5, 2)])
     assert gather_sharded(local, 5).tolist() == [[float(i), -float(i)] for i in range(5)]
     assert per_rank_batch_size(8) == 4
+    # Epoch loss sums: rank 0 ran 3 iterations summing 1.5, rank 1 ran 3 summing 4.5.
+    assert sum_over_ranks([3.0, 1.5 + 3.0 * rank()]) == [6.0, 6.0]
     with pytest.raises(ConfigError, match="multiple of the 2"):
         per_rank_batch_size(5)
 
@@ -262,6 +265,7 @@ def test_single_process_helpers_are_no_ops() -> None:
         is_main_process,
         per_rank_batch_size,
         rank_zero_only,
+        sum_over_ranks,
         unwrap_model,
         world_size,
         wrap_model,
@@ -275,3 +279,18 @@ def test_single_process_helpers_are_no_ops() -> None:
     assert wrap_model(net, torch.device("cpu"), sync_bn=True) is net
     assert unwrap_model(nn.DataParallel(net)) is net
     assert rank_zero_only(lambda: "written")() == "written"
+    assert sum_over_ranks([3.0, 1.5]) == [3.0, 1.5]
+
+
+def test_collective_timeout_is_long_and_can_be_set(monkeypatch) -> None:
+    from fewlabel.errors import ConfigError
+    from fewlabel.utils.distributed import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout().total_seconds() == 120 * 60  # not NCCL's 10 minutes
+    monkeypatch.setenv(TIMEOUT_ENV, "45")
+    assert collective_timeout().total_seconds() == 45 * 60
+    for bad in ("0", "-3", "soon", "inf"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=TIMEOUT_ENV):
+            collective_timeout()

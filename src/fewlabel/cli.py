@@ -132,9 +132,11 @@ def _train_in_session(args: argparse.Namespace, cfg: Any) -> int:
                 )
                 dump_config(cfg, run.config_file)
             outcome = f"ok:{run.path}"
-        except FewLabelError as err:
-            outcome, failure = f"error:{err}", err
-    # The other ranks learn the folder (or the error), instead of waiting for rank 0 forever.
+        except Exception as err:
+            text = str(err) if isinstance(err, FewLabelError) else f"{type(err).__name__}: {err}"
+            outcome, failure = f"error:{text}", err
+    # The other ranks learn the folder (or the error, whatever its type: an OSError from a full
+    # disk too), instead of waiting for rank 0 forever.
     outcome = broadcast_str(outcome)
     if failure is not None:
         raise failure

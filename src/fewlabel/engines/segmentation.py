@@ -43,7 +43,7 @@ from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
 from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 from fewlabel.runs import RunDir
-from fewlabel.utils.distributed import barrier, is_main_process, wrap_model
+from fewlabel.utils.distributed import barrier, is_main_process, rank, sum_over_ranks, wrap_model
 from fewlabel.utils.environment import software_versions
 from fewlabel.utils.runtime import CPUAutocast, rng_state, set_rng_state
 
@@ -311,7 +311,9 @@ def train_segmentation(
             epoch_length=epoch_length,
             amp=amp,
             lr_scheduler=scheduler,
-            seed=cfg.run.seed,
+            # Each rank draws its own transformations and pasted rectangles for its shard; with
+            # one seed all ranks would repeat the same draws on their samples.
+            seed=cfg.run.seed + rank(),
             cpu_amp=cpu_amp,
             plane_axis=cfg.input.axis,
         )
@@ -435,10 +437,10 @@ def train_segmentation(
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch_completed(engine: Engine) -> None:
         epoch = engine.state.epoch
-        count = max(1, state.epoch_count)
+        sums, count = _sum_over_ranks(state.epoch_sums, state.epoch_count)
         row: dict[str, Any] = {"epoch": epoch, "iteration": engine.state.iteration}
-        for key, total in state.epoch_sums.items():
-            row["train_loss" if key == "loss" else key] = total / count
+        for key, total in sums.items():
+            row["train_loss" if key == "loss" else key] = total / max(1.0, count)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - state.epoch_start, 2)
         # Under torchrun rank 0 validates alone (the others go on and wait for it at the next
@@ -644,6 +646,24 @@ def _length(loader: Iterable) -> int:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return 0
+
+
+def _sum_over_ranks(sums: dict[str, float], count: int) -> tuple[dict[str, float], float]:
+    """An epoch's loss sums and iteration count, added up over all ranks.
+
+    Each rank's losses are means over its own shard of the global batch; without this,
+    ``history.csv`` would show rank 0's shard alone and differ from a one-process run.
+
+    Args:
+        sums: this rank's per-key sums of the iteration losses.
+        count: this rank's number of iterations.
+
+    Returns:
+        The summed ``sums`` (same keys) and count; the inputs themselves in one process.
+    """
+    keys = sorted(sums)  # every rank logs the same keys, so the packing agrees
+    total, *values = sum_over_ranks([float(count), *(sums[k] for k in keys)])
+    return dict(zip(keys, values, strict=True)), total
 
 
 def _scalar(value: Any) -> float:

@@ -20,6 +20,7 @@ uneven shards, and re-assembly of rank-strided shards in their global order.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "backend_for",
     "barrier",
     "broadcast_str",
+    "collective_timeout",
     "distributed_session",
     "gather_sharded",
     "is_distributed",
@@ -48,12 +50,40 @@ __all__ = [
     "rank",
     "rank_device",
     "rank_zero_only",
+    "sum_over_ranks",
     "unwrap_model",
     "world_size",
     "wrap_model",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Minutes a collective waits for the slowest rank. Segmentation validates on rank 0 alone
+# while the others wait at the next all-reduce; NCCL's own default of 10 minutes would abort
+# a run whose validation takes longer.
+TIMEOUT_ENV = "FEWLABEL_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 120.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long collective operations wait (``FEWLABEL_DIST_TIMEOUT_MINUTES``, default 120).
+
+    Returns:
+        The timeout given to the process group.
+
+    Raises:
+        ConfigError: if the variable is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0 or minutes == float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: give a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 def world_size() -> int:
@@ -166,8 +196,15 @@ def distributed_session(device: torch.device | str) -> Iterator[None]:
     backend = backend_for(device)
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("run.device asks for CUDA under torchrun, but CUDA is not available")
-    idist.initialize(backend)
-    log.info("distributed training: rank %d of %d (%s)", rank(), world_size(), backend)
+    timeout = collective_timeout()
+    idist.initialize(backend, timeout=timeout)
+    log.info(
+        "distributed training: rank %d of %d (%s, collectives wait up to %.0f min)",
+        rank(),
+        world_size(),
+        backend,
+        timeout.total_seconds() / 60,
+    )
     try:
         yield
     finally:
@@ -268,6 +305,23 @@ def broadcast_str(value: str | None, src: int = 0) -> str:
     if not is_distributed():
         return "" if value is None else value
     return str(idist.broadcast(value, src=src, safe_mode=True))
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (one all-reduce, in float64).
+
+    Every rank must call it with a list of the same length.
+
+    Args:
+        values: this rank's numbers.
+
+    Returns:
+        The sums; ``values`` unchanged in a single process.
+    """
+    if not is_distributed():
+        return list(values)
+    packed = idist.all_reduce(torch.tensor(values, dtype=torch.float64))
+    return [float(v) for v in packed.cpu().tolist()]
 
 
 def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
