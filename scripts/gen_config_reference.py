@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import re
 import sys
@@ -67,7 +68,8 @@ experiments with comments.
   `fewlabel: error: ...` naming it (for example `train.lr_hed: unknown key`). So is a key
   given twice in one section (YAML itself would keep the second and drop the first).
 - **Values are checked** against the types and ranges below before anything runs; the
-  message names the key and the value it got.
+  message names the key and the value it got. A key that takes a number refuses `on`,
+  `yes` and `true` (YAML reads them as booleans, which would otherwise count as 1).
 - **Override any key from the command line** with dotted names; values are read as YAML,
   except that a text key (a name or a path) takes its value as written unless it is a list or
   quoted, so `--set run.name="exp #2"` keeps its `#2`:
@@ -168,11 +170,49 @@ def validator_messages(cls: type[BaseModel]) -> list[str]:
         for decorator in group.values():
             func = getattr(decorator.func, "__func__", decorator.func)
             try:
-                source = inspect.getsource(func)
+                source = textwrap.dedent(inspect.getsource(func))
             except (OSError, TypeError):  # pragma: no cover - source not shipped
                 continue
-            messages.extend(re.findall(r'ValueError\(\s*f?"([^"]+)"', source))
+            messages.extend(_raised_messages(source, getattr(func, "__globals__", {})))
     return messages
+
+
+def _raised_messages(source: str, namespace: dict[str, Any]) -> list[str]:
+    """The messages of ``raise ValueError(...)`` in ``source``, whole.
+
+    Parsed rather than matched, so that a message split over several string literals keeps
+    all its pieces. In an f-string a module constant shows its value, and anything that
+    depends on the config (``{self.model.image_size}``) shows as ``…``.
+
+    Args:
+        source: a validator's source code.
+        namespace: the validator's module globals, for the constants.
+
+    Returns:
+        The messages in source order.
+    """
+    messages = []
+    for node in ast.walk(ast.parse(source)):
+        exc = node.exc if isinstance(node, ast.Raise) else None
+        if not (isinstance(exc, ast.Call) and isinstance(exc.func, ast.Name) and exc.func.id == "ValueError"):
+            continue
+        if not exc.args:
+            continue
+        arg = exc.args[0]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            messages.append(arg.value)
+        elif isinstance(arg, ast.JoinedStr):
+            messages.append("".join(_shown(part, namespace) for part in arg.values))
+    return messages
+
+
+def _shown(part: ast.expr, namespace: dict[str, Any]) -> str:
+    if isinstance(part, ast.Constant):
+        return str(part.value)
+    value = part.value if isinstance(part, ast.FormattedValue) else part
+    if isinstance(value, ast.Name) and isinstance(namespace.get(value.id), (int, float, str)):
+        return str(namespace[value.id])
+    return "…"
 
 
 def walk_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
@@ -409,6 +449,9 @@ def render() -> str:
                 f"| `{name}` | {type_name(field.annotation)} | {default_text(field)} | {allowed(field)} | "
                 f"{describe(name, field, attribute_docs(model))} |"
             )
+        rules = validator_messages(model)
+        if rules:
+            lines += ["", "Checked across sections: " + "; ".join(md_text(r) for r in rules) + "."]
         lines.append("")
         for name, field in model.model_fields.items():
             if is_section(field.annotation):
