@@ -274,6 +274,22 @@ def test_exported_and_saved_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
+def test_reading_the_umask_does_not_change_it(monkeypatch):
+    from fewlabel.utils import files
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("the umask can be read without setting it only on Linux")
+    previous = os.umask(0o027)
+    try:
+        calls = []
+        monkeypatch.setattr(files.os, "umask", lambda mask: calls.append(mask) or 0o027)
+        assert files._umask() == 0o027
+        assert calls == []  # never set, not even for a moment
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+
+
 def test_version_note_is_silent_only_for_this_release():
     assert version_note({"fewlabel_version": __version__}) == ""
     assert "written by fewlabel 0.0.1; this is fewlabel" in version_note({"fewlabel_version": "0.0.1"})

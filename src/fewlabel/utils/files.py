@@ -123,6 +123,18 @@ def check_replaceable(
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the system allows.
+
+    ``os.umask`` can only be read by setting it; between the two calls another thread (a data
+    loader, a logging handler) would create its files world-writable. Linux reports it in
+    ``/proc/self/status``; elsewhere the set-and-restore is the only way.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
