@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,19 @@ def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
 
 
 @pytest.mark.slow
-def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fundus):
+def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fundus, caplog, monkeypatch):
+    from fewlabel.engines import classification as engine
+
+    started_from: dict = {}
+    finetune = engine._run_finetune_stage
+
+    def spy(ctx, *args, **kwargs):
+        started_from.update(
+            {k: v.clone() for k, v in ctx.model.state_dict().items() if k.startswith("net.fc.")}
+        )
+        return finetune(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_finetune_stage", spy)
     weights = _calibrated_weights(tmp_path / "backbone.pt")
     cfg = _write_config(
         tmp_path / "bn.yaml",
@@ -231,7 +244,8 @@ def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fund
         },
         eval={"tta_rotations": True, "gallery_size": 2},
     )
-    assert main(["train", str(cfg), "--set", "run.name=bn"]) == 0
+    with caplog.at_level(logging.INFO, logger="fewlabel.engines.classification"):
+        assert main(["train", str(cfg), "--set", "run.name=bn"]) == 0
     run = tmp_path / "runs" / "bn"
     train_feats = load_checkpoint(run / "features" / "train.pt")
     val_feats = load_checkpoint(run / "features" / "val.pt")
@@ -245,6 +259,13 @@ def test_bottleneck_then_finetune_caches_features_and_trains_head(tmp_path, fund
     assert [int(r["epoch"]) for r in history] == list(range(1, 14))
     losses = [float(r["train_loss"]) for r in history if r["stage"] == "bottleneck"]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
+    # Fine-tuning starts from the best bottleneck epoch's classifier (the first of equals).
+    scores = [float(r["val_kappa"]) if r["val_kappa"] else float("-inf") for r in history[:12]]
+    best = 1 + scores.index(max(scores))
+    assert f"fine-tuning starts from the classifier of epoch {best} " in caplog.text
+    saved = load_checkpoint(run / "checkpoints" / "best.pt")
+    if saved["meta"]["epoch"] == best:  # still the bottleneck epoch's (fine-tuning did not beat it)
+        assert started_from and all(torch.equal(v, saved["model"][k]) for k, v in started_from.items())
     assert (run / "eval" / "report.html").is_file()
 
     # The checkpoint rebuilds offline with the pretrained input convention.

@@ -348,6 +348,8 @@ def train_classifier(
         if stage == "bottleneck":
             _run_bottleneck_stage(ctx, dataset, epoch_offset, stage_state)
         else:
+            if index > 0 and stage_state is None:
+                _start_from_best(ctx)
             _run_finetune_stage(ctx, dataset, epoch_offset, stage_state)
 
     best_path = run.checkpoints / BEST_CHECKPOINT
@@ -363,6 +365,22 @@ def train_classifier(
         best_epoch=ctx.best_epoch,
         history=list(ctx.history.rows),
     )
+
+
+def _start_from_best(ctx: _Context) -> None:
+    """Begin fine-tuning from the best bottleneck epoch's classifier, not the last one's.
+
+    The bottleneck stage may have overfitted the head by its last epoch; validation chose the
+    epoch to keep, so fine-tuning continues from that one. Without validation the last epoch
+    is the best there is and nothing changes.
+    """
+    path = ctx.run.checkpoints / BEST_CHECKPOINT
+    barrier()  # rank 0 writes best.pt; every rank reads it
+    if ctx.best_value is None or not path.is_file():
+        return
+    ckpt = load_checkpoint(path)
+    ctx.model.load_state_dict(ckpt["model"])
+    log.info("fine-tuning starts from the classifier of epoch %s (the best bottleneck epoch)", ctx.best_epoch)
 
 
 def _epoch_offset(cfg: ClassificationExperiment, stages: list[str], index: int) -> int:
