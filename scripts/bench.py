@@ -17,7 +17,7 @@ c. One TCSM iteration against one supervised iteration on the same labelled batc
    equal-size unlabelled batch. Target: <= 1.6x.
 d. ``fewlabel predict`` on a CT-sized int16 NIfTI volume (512x512x300) with a 2.5D BasicUNet
    checkpoint (random weights, the shipped ``ct_tcsm.yaml`` preprocessing): wall time and peak
-   RSS of a fresh process (``resource.getrusage``). Target: <= 4 GB.
+   RSS of a fresh process (``resource.getrusage``), in GB (10**9 bytes). Target: <= 4 GB.
 e. Mixed precision. On CUDA: classifier training with AMP on and off (images/s and
    ``torch.cuda.max_memory_allocated``). On the CPU: one TCSM iteration at the COVID study's
    size with ``train.cpu_amp`` (bfloat16 autocast) against float32.
@@ -85,8 +85,16 @@ def _uptime() -> str:
         return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def machine_info() -> dict[str, Any]:
-    """The machine the numbers come from."""
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The machine the numbers come from.
+
+    Args:
+        device: the device the measurements run on (``--device``), not merely the best one
+            present: a ``--device cpu`` run on a GPU machine is a CPU measurement.
+
+    Returns:
+        CPU, cores, library versions and the device, as printed above the table.
+    """
     import monai
 
     info = {
@@ -96,10 +104,10 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "monai": monai.__version__,
         "python": platform.python_version(),
-        "device": "cpu",
+        "device": str(device),
     }
-    if torch.cuda.is_available():
-        info["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
+    if device.type == "cuda":
+        info["device"] = f"{device} ({torch.cuda.get_device_name(device)})"
     return info
 
 
@@ -115,7 +123,9 @@ def _classification_setup(work: Path, image_size: int, batch: int, iterations: i
 
     num_classes = 5
     n_per_class = -(-batch * iterations // num_classes)
-    data = work / "fundus"
+    # Named by what generates it: a --workdir reused at other sizes (or after --quick) must
+    # not hand back data of the old sizes while the table reports the new ones.
+    data = work / f"fundus-{image_size}px-{num_classes}x{n_per_class}"
     if not data.exists():
         make_synthetic_fundus(data, n_per_class=n_per_class, num_classes=num_classes, size=image_size, seed=0)
     cfg = ClassificationExperiment.model_validate(
@@ -301,7 +311,8 @@ def bench_cache(args: argparse.Namespace, work: Path) -> list[dict]:
     shape = (64, 64, 32) if args.quick else (256, 256, 128)
     n_vol = 3 if args.quick else 6
     patch = [32, 32, 16] if args.quick else [64, 64, 32]
-    data = work / "ct"
+    # Named by what generates it (see _classification_setup): a reused --workdir regenerates.
+    data = work / f"ct-{n_vol}x{'x'.join(map(str, shape))}"
     if not data.exists():
         make_synthetic_ct(data, n_labeled=n_vol, n_unlabeled=0, shape=shape, seed=0)
     epochs, rounds = 3, (1 if args.quick else 3)
@@ -490,7 +501,8 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict]:
     shape = (256, 256, 48) if args.quick else tuple(args.volume)
     folder = work / "predict"
     folder.mkdir(parents=True, exist_ok=True)
-    volume = folder / "input" / "ct.nii.gz"
+    # One input folder per shape, so that a reused --workdir never predicts an old --volume.
+    volume = folder / f"input-{'x'.join(map(str, shape))}" / "ct.nii.gz"
     volume.parent.mkdir(exist_ok=True)
     if not volume.exists():
         _write_ct_volume(volume, shape)
@@ -516,7 +528,8 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict]:
     if proc.returncode != 0 or line is None or line.split()[1] != "0":
         raise RuntimeError(f"prediction failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     _, _rc, seconds, maxrss_kb = line.split()
-    peak_gb = int(maxrss_kb) / 1024**2
+    # ru_maxrss is in KiB on Linux; the target is in GB (10**9 bytes), not GiB.
+    peak_gb = int(maxrss_kb) * 1024 / 1e9
     setting = (
         f"{raw['input']['mode']} slab {raw['input']['slab']}, slices {raw['preprocess']['slice_size']}, "
         f"crop_foreground {raw['preprocess']['crop_foreground']}, 3 classes"
@@ -604,13 +617,13 @@ def bench_amp(args: argparse.Namespace, work: Path, device: torch.device) -> lis
     return [
         {
             "id": "e",
-            "measure": f"GoogLeNet training {size} px batch {batch}, AMP on vs off (images/s; peak GPU memory GB)",
-            "value": f"{on:.1f} ({mem_on:.2f} GB)",
-            "reference": f"{off:.1f} ({mem_off:.2f} GB)",
+            "measure": f"GoogLeNet training {size} px batch {batch}, AMP on vs off (images/s; peak GPU memory GiB)",
+            "value": f"{on:.1f} ({mem_on:.2f} GiB)",
+            "reference": f"{off:.1f} ({mem_off:.2f} GiB)",
             "ratio": f"{on / off:.2f}x faster",
             "target": "",
             "met": None,
-            "raw": {"amp_img_s": on, "fp32_img_s": off, "amp_gb": mem_on, "fp32_gb": mem_off},
+            "raw": {"amp_img_s": on, "fp32_img_s": off, "amp_gib": mem_on, "fp32_gib": mem_off},
         }
     ]
 
@@ -665,7 +678,7 @@ def main() -> None:
 
     device = select_device(args.device)
     selected = args.only or list("abcde")
-    info = machine_info()
+    info = machine_info(device)
     info["load_before"] = _uptime()
     with tempfile.TemporaryDirectory(prefix="fewlabel-bench-") as tmp:
         work = args.workdir or Path(tmp)
@@ -686,7 +699,8 @@ def main() -> None:
     info["load_after"] = _uptime()
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
-        f"threads, MONAI {info['monai']}, device {info['device']}{' (quick run)' if args.quick else ''}"
+        f"threads, MONAI {info['monai']}, device {info['device']} (rows a, c, e)"
+        f"{' (quick run)' if args.quick else ''}"
     )
     print(f"before: {info['load_before']}")
     print(f"after:  {info['load_after']}")

@@ -95,7 +95,9 @@ def _time_case(
         amp=args.amp,
         cpu_amp=getattr(args, "cpu_amp", False),
     )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # With the device given: a bare synchronize() waits for the current device (cuda:0), not
+    # for the --device cuda:N the iterations run on, and would time nothing.
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times: list[float] = []
     start = [0.0]
 
