@@ -29,9 +29,13 @@ in the output folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fewlabel.utils.files import atomic_write_text
@@ -43,9 +47,20 @@ ARMS = {
     "sup50": {"labels": 50, "tcsm": False},
     "tcsm50": {"labels": 50, "tcsm": True},
 }
-# (baseline, candidate) arms compared per test slice when both were run on the same seeds.
+# (baseline, candidate) arms compared per test slice, on the seeds both were run on.
 PAIRS = (("sup10", "tcsm10"), ("sup50", "tcsm50"), ("sup50", "tcsm10"))
 PUBLISHED = {"Semi-Inf-Net (50 + 1600)": {"infection": 0.739, "ggo": 0.646, "consolidation": 0.362}}
+# Config keys that run_arm derives from the study's own flags: a --set of one of them would
+# change where a run is written or what its arm means, so that neither the run folder's name
+# nor the row in study.json would describe it any more.
+CONTROLLED_KEYS = {
+    "run.seed": "--seeds",
+    "run.name": "--arms and --seeds (runs are named <arm>-seed<N>)",
+    "run.output_dir": "--output-dir",
+    "data.labeled_count": "--arms (sup10/tcsm10: 10 labels, sup50/tcsm50: all)",
+    "tcsm.enabled": "--arms (sup*: supervised, tcsm*: TCSM)",
+}
+_RUN_FOLDER = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
 # An arm's wall time (data checks, training and test evaluation; history.csv's per-epoch
@@ -105,7 +120,7 @@ def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
     arm = ARMS[name]
     data = Path(args.data)
     iterations = args.iterations
-    epochs = max(1, iterations // args.iterations_per_epoch)
+    epochs = iterations // args.iterations_per_epoch  # main checked that it divides evenly
     run_name = f"{name}-seed{seed}"
     overrides = {
         "data.path": data / "train",
@@ -183,9 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "covid_semiseg"))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--iterations", type=int, default=600, help="training iterations per arm")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=list(ARMS),
+        help="arms to train (default: all four); with --collect, only these of the finished runs",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="seeds to train (default: 0); with --collect, only these of the finished runs",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=600,
+        help="training iterations per arm, a multiple of --iterations-per-epoch",
+    )
     parser.add_argument("--iterations-per-epoch", type=int, default=50)
     parser.add_argument("--slice-size", type=int, default=192)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -194,19 +224,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--collect",
         action="store_true",
-        help="train nothing: tabulate and plot the arms already in --output-dir",
+        help="train nothing: tabulate and plot the finished <arm>-seed<N> runs in --output-dir "
+        "(all of them, or those of --arms / --seeds; with both, every combination must be there)",
     )
     args = parser.parse_args(argv)
-    if not args.collect and not Path(args.data).is_dir():
-        print(f"COVID-SemiSeg not found at {args.data}", file=sys.stderr)
-        return 2
     out = Path(args.output_dir)
+    if args.collect:
+        runs, missing = find_runs(out, args.arms, args.seeds)
+        if missing:
+            # Checked before study.json is touched, so that a typo leaves the file as it was.
+            print(f"--collect: no finished run {', '.join(missing)} in {out}", file=sys.stderr)
+            return 2
+    else:
+        _check_training_args(parser, args)
+        if not Path(args.data).is_dir():
+            print(f"COVID-SemiSeg not found at {args.data}", file=sys.stderr)
+            return 2
+        args.arms = args.arms or list(ARMS)
+        args.seeds = args.seeds or [0]
+        runs = [(name, seed) for seed in args.seeds for name in args.arms]
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for seed in args.seeds:
-        for name in args.arms:
-            result = read_arm(name, seed, out) if args.collect else run_arm(name, seed, args)
-            results.append(_record(out / "study.json", vars(args), result))
+    for name, seed in runs:
+        if args.collect:
+            # Tabulating trains nothing: its own (default) settings describe no run.
+            results.append(_record(out / "study.json", None, read_arm(name, seed, out)))
+        else:
+            results.append(_record(out / "study.json", vars(args), run_arm(name, seed, args)))
     plot(results, out / "dice_vs_labels.png")
     print(
         "\n| arm | labelled | seed | infection | GGO | consolidation "
@@ -223,56 +267,167 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | 50 | – | {v['infection']:.3f} | {v['ggo']:.3f} | {v['consolidation']:.3f} | – | – | – |"
         )
-    for line in paired_lines(out, args.arms, args.seeds):
+    for line in paired_lines(out, runs):
         print(line)
     return 0
 
 
-def paired_lines(output_dir: str | Path, arms: list[str], seeds: list[int]) -> list[str]:
-    """Compare the arms of :data:`PAIRS` per test slice, each side averaged over the seeds.
+def _check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse settings that would train something other than what the study records.
+
+    Args:
+        parser: the parser, whose ``error`` exits with status 2 and the usage line.
+        args: parsed command-line arguments.
+    """
+    per_epoch = args.iterations_per_epoch
+    if per_epoch < 1 or args.iterations < per_epoch or args.iterations % per_epoch:
+        # fewlabel trains whole epochs: any other budget would be rounded, and the study
+        # would record iterations it did not train.
+        parser.error(
+            f"--iterations {args.iterations} must be a positive multiple of "
+            f"--iterations-per-epoch {per_epoch}"
+        )
+    for item in args.set:
+        key, sep, _ = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        if key.strip() in CONTROLLED_KEYS:
+            parser.error(f"--set {key.strip()}: set by the study itself; use {CONTROLLED_KEYS[key.strip()]}")
+
+
+def find_runs(
+    output_dir: str | Path, arms: list[str] | None = None, seeds: list[int] | None = None
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """The finished ``<arm>-seed<N>`` runs of a study folder that ``--collect`` tabulates.
+
+    A run is finished once its test evaluation (``eval/summary.json``) is written. Unfinished
+    run folders (another process still training them) are skipped, with a note on stderr.
 
     Args:
         output_dir: the study's output folder.
-        arms: the arms of this invocation.
-        seeds: its seeds.
+        arms: only these arms (default: every arm found); each must have a finished run.
+        seeds: only these seeds (default: every seed found); each must have a finished run.
+            With ``arms`` too, every (arm, seed) combination must.
+
+    Returns:
+        The (arm, seed) runs, by seed then in :data:`ARMS` order, and the requested runs that
+        are missing (``<arm>-seed<N>``, with ``*`` for a wildcard; empty when none is).
+    """
+    out = Path(output_dir)
+    found, unfinished = set(), set()
+    for folder in sorted(out.iterdir()) if out.is_dir() else []:
+        match = _RUN_FOLDER.match(folder.name)
+        if not folder.is_dir() or match is None or match["arm"] not in ARMS:
+            continue
+        run = (match["arm"], int(match["seed"]))
+        (found if (folder / "eval" / "summary.json").is_file() else unfinished).add(run)
+    if arms is not None and seeds is not None:
+        wanted = [(arm, seed) for seed in seeds for arm in arms]
+        missing = [f"{arm}-seed{seed}" for arm, seed in wanted if (arm, seed) not in found]
+    else:
+        wanted = [
+            (arm, seed)
+            for arm, seed in found
+            if (arms is None or arm in arms) and (seeds is None or seed in seeds)
+        ]
+        missing = [f"{arm}-seed*" for arm in arms or [] if all(a != arm for a, _ in wanted)]
+        missing += [f"*-seed{seed}" for seed in seeds or [] if all(s != seed for _, s in wanted)]
+        if not wanted and not missing:
+            missing = ["<arm>-seed<N>"]
+    skipped = [
+        f"{arm}-seed{seed}"
+        for arm, seed in sorted(unfinished, key=_run_order)
+        if (arms is None or arm in arms) and (seeds is None or seed in seeds)
+    ]
+    if skipped and not missing:
+        # Said, because a table without them could pass for the whole study.
+        print(f"--collect: skipping unfinished runs {', '.join(skipped)}", file=sys.stderr)
+    return sorted(wanted, key=_run_order), missing
+
+
+def _run_order(run: tuple[str, int]) -> tuple[int, int]:
+    """Sort key of an (arm, seed) run: by seed, then in :data:`ARMS` order (the table's order)."""
+    return run[1], list(ARMS).index(run[0])
+
+
+def paired_lines(output_dir: str | Path, runs: list[tuple[str, int]]) -> list[str]:
+    """Compare the arms of :data:`PAIRS` per test slice, each side averaged over their common seeds.
+
+    Args:
+        output_dir: the study's output folder.
+        runs: the (arm, seed) runs of this invocation.
 
     Returns:
         Plain-text lines (:func:`fewlabel.reports.comparison.comparison_lines`), one block per
-        pair whose two arms are among ``arms``; none when no pair is.
+        pair whose two arms were run on at least one common seed; none when no pair was.
     """
     from fewlabel.reports.comparison import compare_evaluations, comparison_lines
 
     lines = []
     for base, cand in PAIRS:
-        if base in arms and cand in arms:
-            runs = {arm: [Path(output_dir) / f"{arm}-seed{s}" for s in seeds] for arm in (base, cand)}
-            result = compare_evaluations(runs[base], runs[cand])
+        # Paired per test slice, so each side averages over the same seeds.
+        seeds = sorted({s for a, s in runs if a == base} & {s for a, s in runs if a == cand})
+        if seeds:
+            sides = {arm: [Path(output_dir) / f"{arm}-seed{s}" for s in seeds] for arm in (base, cand)}
+            result = compare_evaluations(sides[base], sides[cand])
             seeds_text = ", ".join(str(s) for s in seeds)
             lines += ["", f"{cand} - {base}, seeds {seeds_text}:", *comparison_lines(result)[1:]]
     return lines
 
 
-def _record(path: Path, settings: dict, result: dict) -> dict:
+def _record(path: Path, settings: dict | None, result: dict) -> dict:
     """Add one arm's result to ``study.json``, keeping the arms other invocations wrote there.
 
     Two processes of one study (side by side, one per core) share the file; each replaces
-    only its own (arm, seed) rows.
+    only its own (arm, seed) rows, under a lock on ``study.json.lock``.
+
+    Args:
+        path: the study's ``study.json``.
+        settings: the invocation's settings, added to the file's list unless already there;
+            ``None`` records none (``--collect``).
+        result: one row of :func:`read_arm`.
 
     Returns:
         The row as stored (with the recorded wall time when ``result`` has none).
     """
-    study = json.loads(path.read_text()) if path.is_file() else {"settings": [], "results": []}
-    if isinstance(study.get("settings"), dict):  # files written before settings were a list
-        study["settings"] = [study["settings"]]
-    key = (result["arm"], result["seed"])
-    old = [r for r in study.get("results", []) if (r["arm"], r["seed"]) == key]
-    if result.get("minutes") is None and old and old[0].get("minutes") is not None:
-        result = {**result, "minutes": old[0]["minutes"]}  # --collect keeps the recorded time
-    rows = [r for r in study.get("results", []) if (r["arm"], r["seed"]) != key] + [result]
-    entries = [s for s in study["settings"] if s != settings] + [settings]
-    rows.sort(key=lambda r: (r["seed"], list(ARMS).index(r["arm"]) if r["arm"] in ARMS else 0))
-    atomic_write_text(path, json.dumps({"settings": entries, "results": rows}, indent=2))
+    with _locked(path):
+        study = json.loads(path.read_text()) if path.is_file() else {"settings": [], "results": []}
+        if isinstance(study.get("settings"), dict):  # files written before settings were a list
+            study["settings"] = [study["settings"]]
+        key = (result["arm"], result["seed"])
+        old = [r for r in study.get("results", []) if (r["arm"], r["seed"]) == key]
+        if result.get("minutes") is None and old and old[0].get("minutes") is not None:
+            result = {**result, "minutes": old[0]["minutes"]}  # --collect keeps the recorded time
+        rows = [r for r in study.get("results", []) if (r["arm"], r["seed"]) != key] + [result]
+        entries = study.get("settings", [])
+        if settings is not None:
+            entries = [s for s in entries if s != settings] + [settings]
+        rows.sort(key=lambda r: (r["seed"], list(ARMS).index(r["arm"]) if r["arm"] in ARMS else 0))
+        # Temporary file + rename: a reader outside the lock never sees a half-written file.
+        atomic_write_text(path, json.dumps({"settings": entries, "results": rows}, indent=2))
     return result
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.lock`` (not on ``path``, which the write replaces).
+
+    Without it, two processes finishing together both read the old file and the second
+    rename drops the first one's row.
+
+    Args:
+        path: the file whose read-modify-write the lock guards.
+
+    Yields:
+        Nothing; the lock is held inside the ``with`` block.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

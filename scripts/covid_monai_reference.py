@@ -105,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         images = [p for p in images if p.stem in wanted]
+    if len(images) < args.batch_size:
+        # The loader drops incomplete batches (every step sees --batch-size slices): with fewer
+        # slices it yields none, and the iteration loop would never end.
+        print(
+            f"{len(images)} training slice(s) but --batch-size {args.batch_size}: give at least "
+            f"{args.batch_size} slices with --cases, or a smaller --batch-size",
+            file=sys.stderr,
+        )
+        return 2
     train = [load_pair(p, data / "train" / "masks" / f"{p.stem}.png", args.slice_size) for p in images]
     print(f"training on {len(train)} labelled slices", flush=True)
     out = Path(args.output_dir)

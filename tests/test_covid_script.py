@@ -7,6 +7,7 @@ and share its ``study.json``. Checked on run folders the test writes (no trainin
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,87 @@ def test_side_by_side_runs_keep_each_others_rows(script, tmp_path):
     script._record(study, {"arms": ["sup10"]}, first)
     script._record(study, {"arms": ["sup50"]}, second)
     # Tabulating again without times keeps the recorded ones.
-    assert script._record(study, {"collect": True}, {**first, "minutes": None})["minutes"] == 20.0
+    assert script._record(study, None, {**first, "minutes": None})["minutes"] == 20.0
     saved = json.loads(study.read_text())
     assert [(r["arm"], r["minutes"]) for r in saved["results"]] == [("sup10", 20.0), ("sup50", 19.0)]
-    assert len(saved["settings"]) == 3
+    assert len(saved["settings"]) == 2  # a tabulation (settings None) records none
+
+
+def test_collect_tabulates_the_finished_runs_it_finds_and_records_no_settings(script, tmp_path, capsys):
+    _finished_arm(script, tmp_path, "sup10", 0, 0.625)
+    _finished_arm(script, tmp_path, "tcsm10", 0, 0.6875)
+    _finished_arm(script, tmp_path, "sup50", 1, 0.75)
+    (tmp_path / "tcsm50-seed0").mkdir()  # still training: no eval/ yet
+    argv = ["--data", str(tmp_path / "absent"), "--collect", "--output-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in saved["results"]] == [("sup10", 0), ("tcsm10", 0), ("sup50", 1)]
+    assert saved["settings"] == []  # tabulating is no run of the study
+    captured = capsys.readouterr()
+    assert "tcsm10 - sup10, seeds 0:" in captured.out
+    assert "sup50 - " not in captured.out and "- sup50" not in captured.out  # no seed in common
+    assert "tcsm50-seed0" in captured.err
+
+
+def test_collect_names_every_missing_run_and_writes_nothing(script, tmp_path, capsys):
+    _finished_arm(script, tmp_path, "sup10", 0, 0.625)
+    _finished_arm(script, tmp_path, "tcsm10", 0, 0.6875)
+    argv = ["--data", str(tmp_path / "absent"), "--collect", "--output-dir", str(tmp_path)]
+    assert script.main([*argv, "--arms", "sup10", "tcsm10", "--seeds", "0", "1"]) == 2
+    assert "sup10-seed1, tcsm10-seed1" in capsys.readouterr().err
+    assert not (tmp_path / "study.json").exists()
+
+
+def test_records_written_at_the_same_time_all_survive(script, tmp_path):
+    study = tmp_path / "study.json"
+    rows = [{"arm": arm, "seed": seed, "minutes": 1.0} for arm in script.ARMS for seed in range(4)]
+    # One thread per row, released together: without a lock, writers that read the file
+    # before another's rename drop that row.
+    barrier = threading.Barrier(len(rows))
+
+    def record(row: dict) -> None:
+        barrier.wait()
+        script._record(study, {"arms": [row["arm"]]}, row)
+
+    threads = [threading.Thread(target=record, args=(row,)) for row in rows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    saved = json.loads(study.read_text())
+    assert len(saved["results"]) == len(rows)
+    assert len(saved["settings"]) == len(script.ARMS)
+
+
+def _no_training(name: str, seed: int, args) -> dict:
+    raise AssertionError(f"{name}-seed{seed} would have been trained")
+
+
+@pytest.mark.parametrize("iterations", ["30", "0", "-50"])
+def test_iterations_must_be_whole_epochs(script, tmp_path, monkeypatch, capsys, iterations):
+    monkeypatch.setattr(script, "run_arm", _no_training)
+    argv = ["--data", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--iterations", iterations]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert "multiple of --iterations-per-epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "flag"),
+    [
+        ("run.seed=3", "--seeds"),
+        ("run.name=x", "--arms"),
+        ("run.output_dir=/tmp/x", "--output-dir"),
+        ("data.labeled_count=20", "--arms"),
+        ("tcsm.enabled=true", "--arms"),
+    ],
+)
+def test_set_refuses_what_the_script_controls(script, tmp_path, monkeypatch, capsys, override, flag):
+    monkeypatch.setattr(script, "run_arm", _no_training)
+    argv = ["--data", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--set", override]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert override.split("=")[0] in err and flag in err
