@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         runs = [Path(args.output_dir) / f"{args.name}-seed{seed}" for seed in args.seeds]
     else:
-        args.set = share_threads(args.set, args.jobs)
+        # Only as many networks as there are seeds train at once: share the cores between
+        # those, not between --jobs (one seed with --jobs 2 would leave a core idle).
+        args.set = share_threads(args.set, min(args.jobs, len(args.seeds)))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             runs = list(pool.map(lambda s: train_seed(s, args), args.seeds))
     minutes = (time.perf_counter() - start) / 60

@@ -76,3 +76,31 @@ def test_collect_refuses_runs_scored_on_differently_ordered_images(script, tmp_p
     argv = ["--data", str(data), "--output-dir", str(tmp_path), "--seeds", "0", "1", "--collect"]
     with pytest.raises(SystemExit, match="not in the same order"):
         script.main(argv)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "jobs", "cpus", "expected"),
+    [
+        (["0"], 2, 2, []),  # one network: nothing to share the cores with
+        (["0", "1"], 3, 4, ["run.num_threads=2"]),  # two networks, however many jobs
+        (["0", "1", "2"], 2, 4, ["run.num_threads=2"]),
+    ],
+)
+def test_cores_are_shared_between_the_networks_actually_trained_together(
+    script, tmp_path, monkeypatch, seeds, jobs, cpus, expected
+):
+    data = tmp_path / "retinamnist.npz"
+    data.touch()  # only checked to exist: the training is replaced below
+    monkeypatch.setattr(script.os, "cpu_count", lambda: cpus)
+    overrides = []
+
+    def fake_train(seed: int, args) -> Path:
+        overrides.append(list(args.set))
+        probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+        _fake_run(tmp_path, seed, np.array([0, 1]), probs, ["test_0", "test_1"])
+        return tmp_path / f"retinamnist-seed{seed}"
+
+    monkeypatch.setattr(script, "train_seed", fake_train)
+    argv = ["--data", str(data), "--output-dir", str(tmp_path), "--seeds", *seeds, "--jobs", str(jobs)]
+    assert script.main(argv) == 0
+    assert overrides == [expected] * len(seeds)
