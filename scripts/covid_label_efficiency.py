@@ -158,7 +158,7 @@ def plot(results: list[dict], path: Path) -> None:
     """Dice against the number of labelled slices, one line per method and class.
 
     Args:
-        results: rows from :func:`run_arm`.
+        results: rows of ``study.json`` (:func:`run_arm` or :func:`read_arm`).
         path: PNG destination.
     """
     import matplotlib
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_record(out / "study.json", None, read_arm(name, seed, out)))
         else:
             results.append(_record(out / "study.json", vars(args), run_arm(name, seed, args)))
-    plot(results, out / "dice_vs_labels.png")
+    # From study.json, not this call's rows: with two processes side by side (one per core),
+    # the one finishing last would otherwise draw only its own two arms.
+    plot(json.loads((out / "study.json").read_text())["results"], out / "dice_vs_labels.png")
     print(
         "\n| arm | labelled | seed | infection | GGO | consolidation "
         "| infection precision | infection sensitivity | minutes |"

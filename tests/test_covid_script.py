@@ -147,3 +147,15 @@ def test_set_refuses_what_the_script_controls(script, tmp_path, monkeypatch, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert override.split("=")[0] in err and flag in err
+
+
+def test_the_plot_shows_every_arm_of_the_study_not_only_this_calls(script, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(script, "plot", lambda rows, path: drawn.append(sorted(r["arm"] for r in rows)))
+    for name in ("sup10", "tcsm10", "sup50", "tcsm50"):
+        _finished_arm(script, tmp_path, name, 0, 0.625)
+    argv = ["--data", str(tmp_path / "absent"), "--collect", "--output-dir", str(tmp_path), "--seeds", "0"]
+    # As two processes side by side would: each records its own two arms, in turn.
+    assert script.main([*argv, "--arms", "sup10", "tcsm10"]) == 0
+    assert script.main([*argv, "--arms", "sup50", "tcsm50"]) == 0
+    assert drawn[-1] == ["sup10", "sup50", "tcsm10", "tcsm50"]
