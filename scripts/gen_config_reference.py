@@ -169,6 +169,8 @@ def validator_messages(cls: type[BaseModel]) -> list[str]:
     for group in (decorators.field_validators, decorators.model_validators):
         for decorator in group.values():
             func = getattr(decorator.func, "__func__", decorator.func)
+            if func.__qualname__.split(".")[0] != cls.__name__:
+                continue  # inherited (the base's yes/no rule is said once, in the header)
             try:
                 source = textwrap.dedent(inspect.getsource(func))
             except (OSError, TypeError):  # pragma: no cover - source not shipped

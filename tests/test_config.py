@@ -95,9 +95,10 @@ def test_dotted_overrides_are_typed(tmp_path):
         ("model.freeze=conv9", "model.freeze", "conv3"),
         ("bogus=1", "bogus", "unknown key"),
         # YAML reads on/yes as true, which pydantic alone would take as the number 1.
-        ("train.max_epochs=on", "train.max_epochs", "takes a number, not true"),
-        ("train.lr_head=yes", "train.lr_head", "takes a number, not true"),
-        ("data.val_fraction=no", "data.val_fraction", "takes a number, not false"),
+        ("train.max_epochs=on", "train.max_epochs", "takes numbers, not yes/no words"),
+        ("train.lr_head=yes", "train.lr_head", "takes numbers, not yes/no words"),
+        ("data.val_fraction=no", "data.val_fraction", "takes numbers, not yes/no words"),
+        ("model.image_size=on", "model.image_size", "takes numbers, not yes/no words"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key, fragment):
@@ -108,6 +109,23 @@ def test_bad_values_name_the_key(tmp_path, override, key, fragment):
     assert f"{key}:" in message
     assert fragment in message
     assert str(path) in message
+
+
+def test_yes_no_words_are_refused_inside_lists_and_next_to_other_errors(tmp_path):
+    path = _write(tmp_path, {"task": "segmentation", "data": {"path": "x"}})
+    overrides = [
+        "preprocess.slice_size=[on, 64]",
+        "model.features=[32, 32, 64, 128, 256, yes]",
+        "eval.merge={infection: [1, yes]}",
+        "train.batch_size=x",  # still reported beside them
+        "train.max_epochs=on",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    for key in ("preprocess.slice_size", "model.features", "eval.merge", "train.max_epochs"):
+        assert f"{key}: takes numbers, not yes/no words" in message, key
+    assert "train.batch_size: Input should be a valid integer" in message
 
 
 def test_yes_no_words_stay_booleans_where_a_switch_is_expected(tmp_path):

@@ -220,12 +220,12 @@ def _format_errors(err: ValidationError) -> str:
         loc = [str(p) for p in e["loc"]]
         if loc and loc[0] in ("classification", "segmentation"):
             loc = loc[1:]
-        if e["type"] == "yes_no_number":  # raised by the section, about one of its keys
-            loc.append(e["ctx"]["key"])
         key = ".".join(loc) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # pydantic's prefix to our own messages
         lines.append(
             f"  {key}: {msg}"
             + (

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from fewlabel.config.common import (
     CheckpointConfig,
+    ExperimentModel,
     OptimizerName,
     RunConfig,
     SchedulerName,
@@ -180,7 +181,7 @@ class ClassificationEval(StrictModel):
     gallery_size: int = Field(12, ge=0)
 
 
-class ClassificationExperiment(StrictModel):
+class ClassificationExperiment(ExperimentModel):
     """A whole classification experiment."""
 
     task: Literal["classification"]

@@ -6,50 +6,71 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# Unknown keys are errors, values are validated on assignment, and numbers are accepted where
+# text is expected, because YAML reads unquoted names such as the grade folders 0 to 4 as
+# integers.
+_STRICT = ConfigDict(
+    extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+)
 
 
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment.
 
     Numbers are accepted where text is expected, because YAML reads unquoted names such as the
-    grade folders ``0`` to ``4`` as integers.
+    grade folders ``0`` to ``4`` as integers; booleans are refused where numbers are expected.
     """
 
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
-    )
+    model_config = _STRICT
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _refuse_yes_no_numbers(cls, data: Any) -> Any:
-        """Refuse true/false where a number is expected.
+    def _refuse_yes_no_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse true/false where a number is expected, in a list too.
 
         YAML reads ``on``, ``yes`` and ``true`` as booleans, and pydantic would take them as 1:
-        ``max_epochs: on`` trained for one epoch, ``lr: yes`` at a learning rate of 1. (A model
-        validator, not a field one: pydantic forbids the latter on the ``task`` discriminator.)
+        ``max_epochs: on`` trained for one epoch, ``lr: yes`` at a learning rate of 1.
         """
-        if isinstance(data, dict):
-            for name, field in cls.model_fields.items():
-                value = data.get(name)
-                if isinstance(value, bool) and _is_number(field.annotation):
-                    raise PydanticCustomError(
-                        "yes_no_number",
-                        "takes a number, not {value} (YAML reads on/off and yes/no as true/false)",
-                        {"key": name, "value": str(value).lower()},
-                    )
-        return data
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(value, field.annotation):
+            raise ValueError("takes numbers, not yes/no words (YAML reads on/off and yes/no as true/false)")
+        return value
 
 
-def _is_number(annotation: Any) -> bool:
-    """Whether a field holds a number (``int``, ``float``, optionally ``| None``), not a bool."""
+class ExperimentModel(BaseModel):
+    """Base of a whole experiment: as strict as its sections.
+
+    Its ``task`` key is the discriminator of the experiment union, on which pydantic allows no
+    field validator; every other key is a section, which checks its own values.
+    """
+
+    model_config = _STRICT
+
+
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` holds a boolean where ``annotation`` expects a number."""
     members = [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return bool(members) and all(
-        isinstance(a, type) and issubclass(a, (int, float)) and not issubclass(a, bool) for a in members
-    )
+    if isinstance(value, bool):
+        return bool(members) and all(
+            isinstance(a, type) and issubclass(a, (int, float)) and not issubclass(a, bool) for a in members
+        )
+    if isinstance(value, (list, tuple)):
+        for member in members:
+            if typing.get_origin(member) in (list, tuple):
+                items = [a for a in typing.get_args(member) if a is not Ellipsis] or [Any]
+                if len(items) == 1:
+                    items = items * len(value)
+                return any(_bool_for_number(v, a) for v, a in zip(value, items, strict=False))
+    if isinstance(value, dict):
+        for member in members:
+            if typing.get_origin(member) is dict:
+                _, item = typing.get_args(member)
+                return any(_bool_for_number(v, item) for v in value.values())
+    return False
 
 
 class RunConfig(StrictModel):

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fewlabel.config.common import (
     CheckpointConfig,
+    ExperimentModel,
     OptimizerName,
     RunConfig,
     SchedulerName,
@@ -305,7 +306,7 @@ class SegmentationEval(StrictModel):
     keep_largest: list[str] = []
 
 
-class SegmentationExperiment(StrictModel):
+class SegmentationExperiment(ExperimentModel):
     """A whole segmentation experiment."""
 
     task: Literal["segmentation"]
