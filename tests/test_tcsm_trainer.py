@@ -336,6 +336,24 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
             assert torch.equal(a, b), name
 
 
+def test_each_rank_draws_its_own_transformations_after_a_resume(monkeypatch):
+    from fewlabel.engines import tcsm as tcsm_module
+
+    saved = make_trainer()
+    saved.run()
+    state = saved.state_dict()  # rank 0's checkpoint: its generator only
+    draws = {}
+    for world, rank_index in ((1, 0), (2, 0), (2, 1)):
+        monkeypatch.setattr(tcsm_module, "world_size", lambda w=world: w)
+        monkeypatch.setattr(tcsm_module, "rank", lambda r=rank_index: r)
+        trainer = make_trainer()
+        trainer.load_state_dict(state)
+        draws[world, rank_index] = torch.rand(8, generator=trainer._generator)
+    one_process = torch.rand(8, generator=torch.Generator().set_state(state["transform_rng"]))
+    assert torch.equal(draws[1, 0], one_process)  # one process continues exactly
+    assert not torch.equal(draws[2, 0], draws[2, 1])  # two ranks do not repeat each other
+
+
 def test_load_state_dict_rejects_foreign_dicts():
     trainer = make_trainer()
     with pytest.raises(CheckpointError, match="lacks"):

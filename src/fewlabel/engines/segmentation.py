@@ -348,7 +348,10 @@ def train_segmentation(
             out["teacher"] = tcsm_trainer.teacher
         return out
 
-    def resumable_payload(engine: Engine) -> dict[str, Any]:
+    def resumable_payload(
+        engine: Engine, sums: tuple[dict[str, float], float] | None = None
+    ) -> dict[str, Any]:
+        epoch_sums, epoch_count = sums if sums is not None else (state.epoch_sums, state.epoch_count)
         payload: dict[str, Any] = {
             "model": net.state_dict(),
             "engine": {
@@ -359,8 +362,8 @@ def train_segmentation(
             "rng_state": rng_state(),
             "history": state.history,
             # The running sums of the epoch so far, for its train_loss row after a mid-epoch resume.
-            "epoch_sums": dict(state.epoch_sums),
-            "epoch_count": int(state.epoch_count),
+            "epoch_sums": dict(epoch_sums),
+            "epoch_count": int(epoch_count),
             "best": {"value": state.best_value, "model_name": state.best_model, "epoch": state.best_epoch},
             "meta": meta,
         }
@@ -375,10 +378,10 @@ def train_segmentation(
 
     checkpointer = ResumableCheckpointer(ckpt_dir, cfg.train.checkpoint.keep_last)
 
-    def save_last(engine: Engine) -> None:
+    def save_last(engine: Engine, sums: tuple[dict[str, float], float] | None = None) -> None:
         if not is_main_process():
             return  # under torchrun only rank 0 writes
-        checkpointer.save(resumable_payload(engine), engine.state.iteration)
+        checkpointer.save(resumable_payload(engine, sums), engine.state.iteration)
 
     def save_mid_epoch(engine: Engine) -> None:
         # An epoch's last iteration is saved by _epoch_completed, once its history row, its
@@ -386,7 +389,9 @@ def train_segmentation(
         # previous epoch's history and best, and a resumed run would lose that row and could
         # let a worse model replace best.pt.
         if engine.state.iteration % epoch_length:
-            save_last(engine)
+            # Every rank adds its part, so the checkpoint holds the whole batch's sums so far
+            # (rank 0 alone takes them up again on resume).
+            save_last(engine, _sum_over_ranks(state.epoch_sums, state.epoch_count))
 
     if resume:
         start_iteration = _restore(
@@ -583,7 +588,8 @@ def _restore(
     if "rng_state" in ckpt:
         set_rng_state(ckpt["rng_state"])
     iteration = int(engine_state.get("iteration", 0))
-    if iteration % epoch_length:
+    if iteration % epoch_length and rank() == 0:
+        # The sums are over all ranks already (save_mid_epoch): taken up once, by rank 0.
         state.resumed_sums = {k: float(v) for k, v in ckpt.get("epoch_sums", {}).items()}
         state.resumed_count = int(ckpt.get("epoch_count", 0))
     # Ignite's own method: trainers such as TCSMTrainer override load_state_dict with their full state.

@@ -34,7 +34,7 @@ from fewlabel.errors import CheckpointError, DataError
 from fewlabel.losses.consistency import ConsistencyLoss
 from fewlabel.transforms.consistency import InPlaneTransform, apply_per_sample, sample_transforms
 from fewlabel.transforms.copy_paste import copy_paste_batch
-from fewlabel.utils.distributed import unwrap_model
+from fewlabel.utils.distributed import rank, unwrap_model, world_size
 
 __all__ = ["TCSMTrainer"]
 
@@ -192,6 +192,7 @@ class TCSMTrainer(Trainer):
         self.consistency_loss = ConsistencyLoss(tcsm.consistency_loss)
         self.unlabeled_loader = unlabeled_loader if tcsm.enabled else None
         self._unlabeled_iter: Iterator | None = None
+        self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -516,7 +517,17 @@ class TCSMTrainer(Trainer):
         if warmup is not None and state_dict["ema_warmup"] is not None:
             warmup.event_index = int(state_dict["ema_warmup"]["event_index"])
         self._generator.set_state(state_dict["transform_rng"])
+        if world_size() > 1:
+            # Only rank 0's generator is saved: restored on every rank, it would make all of
+            # them repeat rank 0's draws. Each rank continues on its own stream instead,
+            # reproducible for a given seed, rank and resume point.
+            self._generator.manual_seed(_rank_stream_seed(self._seed, rank(), int(self.state.iteration)))
         self._unlabeled_iter = None
+
+
+def _rank_stream_seed(seed: int, rank_index: int, iteration: int) -> int:
+    """A generator seed for one rank after a resume at ``iteration`` (distinct for each)."""
+    return (seed * 1_000_003 + rank_index * 7_919 + iteration * 104_729) % (2**63)
 
 
 def _plain(x: Tensor) -> Tensor:
