@@ -247,6 +247,10 @@ def test_resume_allows_other_machines_and_more_epochs_but_not_other_settings(tmp
     with pytest.raises(CheckpointError, match=r"config.yaml: differs .* \(run.seed, model.freeze\)"):
         check_resume_config(other, last, tmp_path / "config.yaml")
     assert config_changes({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3, "d": 4}}) == ["a.c"]
+    # The key the older run lacks was trained at its default: setting it now is a change too.
+    folds = parse_config({**raw, "data": {"path": "x", "folds": 5}})
+    with pytest.raises(CheckpointError, match=r"\(data.folds\)"):
+        check_resume_config(folds, last, tmp_path / "config.yaml")
 
 
 def test_rng_state_round_trip_is_weights_only_safe(tmp_path):

@@ -298,6 +298,39 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str =
     return changed
 
 
+def _added_keys_off_default(
+    saved: dict[str, Any], current: dict[str, Any], model: Any, prefix: str = ""
+) -> list[str]:
+    """Keys a run's saved config lacks (added to fewlabel since) that are now set off their default.
+
+    The run was trained with the default of such a key; giving it another value in
+    ``config.yaml`` before resuming is as much a change as editing a key the run recorded.
+
+    Args:
+        saved: the dumped config the checkpoint was trained with.
+        current: the dumped config about to be used.
+        model: the validated config (or section) that ``current`` dumps, for the defaults.
+        prefix: dotted path of these mappings (for recursion).
+
+    Returns:
+        The dotted keys.
+    """
+    changed = []
+    fields = getattr(type(model), "model_fields", {})
+    for key, new in current.items():
+        name, value = f"{prefix}{key}", getattr(model, key, None)
+        if key not in saved:
+            field = fields.get(key)
+            if field is not None and not field.is_required():
+                default = field.get_default(call_default_factory=True)
+                default = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+                if default != new:
+                    changed.append(name)
+        elif isinstance(saved[key], dict) and isinstance(new, dict) and hasattr(value, "model_fields"):
+            changed += _added_keys_off_default(saved[key], new, value, f"{name}.")
+    return changed
+
+
 def check_resume_config(cfg: Any, checkpoint: Path, config_file: Path) -> None:
     """Refuse to resume a run whose ``config.yaml`` no longer says what it was trained with.
 
@@ -321,7 +354,9 @@ def check_resume_config(cfg: Any, checkpoint: Path, config_file: Path) -> None:
     saved = load_checkpoint(checkpoint).get("meta", {}).get("config")
     if not isinstance(saved, dict):
         return
-    changed = [k for k in config_changes(saved, cfg.model_dump(mode="json")) if k not in RESUMABLE_CHANGES]
+    current = cfg.model_dump(mode="json")
+    changed = config_changes(saved, current) + _added_keys_off_default(saved, current, cfg)
+    changed = [k for k in changed if k not in RESUMABLE_CHANGES]
     if "train.max_epochs" in changed:
         changed.remove("train.max_epochs")
         old, new = saved["train"]["max_epochs"], cfg.train.max_epochs

@@ -379,6 +379,11 @@ def _start_from_best(ctx: _Context) -> None:
     if ctx.best_value is None or not path.is_file():
         return
     ckpt = load_checkpoint(path)
+    if ckpt.get("meta", {}).get("stage") != "bottleneck":
+        # A crash after fine-tuning's first best.pt but before its last.pt resumes here with
+        # a best.pt that is already fine-tuned; the bottleneck head is gone, so start from
+        # the model as it is.
+        return
     ctx.model.load_state_dict(ckpt["model"])
     log.info("fine-tuning starts from the classifier of epoch %s (the best bottleneck epoch)", ctx.best_epoch)
 
