@@ -11,7 +11,7 @@ from fewlabel.metrics.segmentation import CaseResult
 from fewlabel.reports.classification import predictions_csv_text
 from fewlabel.reports.comparison import read_evaluation
 from fewlabel.reports.segmentation import metrics_per_case_csv_text
-from fewlabel.utils.csv_cells import escape_cell, unescape_cell
+from fewlabel.utils.csv_cells import csv_text, escape_cell, unescape_cell
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,15 @@ def test_grading_predictions_escape_image_names_not_probabilities(tmp_path):
     read = read_evaluation(tmp_path / "predictions.csv")
     assert read.values["accuracy"]["=evil.png"][0] == 1.0
     assert math.isnan(read.values["accuracy"]["ok.png"][2])
+
+
+def test_a_carriage_return_in_a_name_keeps_its_row_whole(tmp_path):
+    names = ["scan\r2", "plain"]
+    cases = [CaseResult(case_id=name, metrics={"dice": {1: 0.5}}) for name in names]
+    text = metrics_per_case_csv_text(cases, ["background", "lesion"])
+    (tmp_path / "metrics_per_case.csv").write_text(text, encoding="utf-8", newline="")
+    with (tmp_path / "metrics_per_case.csv").open(newline="", encoding="utf-8") as f:
+        assert [row[0] for row in csv.reader(f)][1:] == names  # two rows, not three
+    assert sorted(read_evaluation(tmp_path / "metrics_per_case.csv").values["dice"]) == sorted(names)
+    # Without such a name the file stays as before: only cells that need it are quoted.
+    assert csv_text([["a", "b,c"], ["1", "2"]]) == 'a,"b,c"\n1,2\n'

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from fewlabel.data.readers import study_name as case_name
 from fewlabel.engines.checkpoint import ensemble_paths, version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
-from fewlabel.utils.csv_cells import escape_cell, unescape_cell
+from fewlabel.utils.csv_cells import csv_text, escape_cell, unescape_cell
 from fewlabel.utils.files import atomic_write, atomic_write_text
 from fewlabel.utils.runtime import config_device, torch_threads
 from fewlabel.utils.text import short_list
@@ -643,13 +642,11 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(
-        {k: escape_cell(str(v)) if k in _TEXT_COLUMNS else v for k, v in row.items()} for row in rows
-    )
-    atomic_write_text(path, buffer.getvalue())
+    table = [columns] + [
+        [escape_cell(str(row[k])) if k in _TEXT_COLUMNS and k in row else row.get(k, "") for k in columns]
+        for row in rows
+    ]
+    atomic_write_text(path, csv_text(table))
 
 
 def refuse_inside_inputs(output: Path, inputs: Sequence[Path]) -> None:

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 from fewlabel.metrics.classification import classification_metrics
 from fewlabel.reports import html as H
 from fewlabel.reports.plots import plot_confusion_matrix, plot_image_gallery, plot_roc_curves
-from fewlabel.utils.csv_cells import escape_cell
+from fewlabel.utils.csv_cells import csv_text, escape_cell
 from fewlabel.utils.files import atomic_write_text
 
 __all__ = [
@@ -50,12 +48,11 @@ def predictions_csv_text(
         The CSV text.
     """
     probs = np.asarray(probs, dtype=np.float64)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    rows = []
     header = (
         ["image"] + (["true"] if y_true is not None else []) + ["predicted"] + [f"prob_{c}" for c in classes]
     )
-    writer.writerow([escape_cell(h) for h in header])
+    rows.append([escape_cell(h) for h in header])
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     for i, name in enumerate(names):
         row = [str(name)]
@@ -64,8 +61,8 @@ def predictions_csv_text(
         row.append(classes[int(pred[i])])
         row = [escape_cell(cell) for cell in row]
         row.extend(f"{p:.6f}" for p in probs[i])
-        writer.writerow(row)
-    return buf.getvalue()
+        rows.append(row)
+    return csv_text(rows)
 
 
 def write_predictions_csv(
@@ -160,9 +157,7 @@ def write_classification_report(
     cm_rows = [["true \\ predicted", *map(escape_cell, classes)]] + [
         [escape_cell(c), *row] for c, row in zip(classes, metrics["confusion_matrix"], strict=True)
     ]
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(cm_rows)
-    files["confusion_matrix_csv"] = atomic_write_text(out / "confusion_matrix.csv", buf.getvalue())
+    files["confusion_matrix_csv"] = atomic_write_text(out / "confusion_matrix.csv", csv_text(cm_rows))
     files["confusion_matrix_png"] = plot_confusion_matrix(
         metrics["confusion_matrix"], classes, out / "confusion_matrix.png"
     )

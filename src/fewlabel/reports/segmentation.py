@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,7 @@ from matplotlib.lines import Line2D
 from fewlabel.metrics.segmentation import CaseResult, case_foreground_score, overlay_cases, summarize
 from fewlabel.reports import html as H
 from fewlabel.reports.plots import plain_text, save_figure
-from fewlabel.utils.csv_cells import escape_cell
+from fewlabel.utils.csv_cells import csv_text, escape_cell
 from fewlabel.utils.files import atomic_write_text
 
 __all__ = [
@@ -146,15 +144,13 @@ def metrics_per_case_csv_text(cases: Sequence[CaseResult], classes: Sequence[str
         The CSV text; one row per case and metric, ``nan`` where a value is undefined.
     """
     indices = _class_indices(cases)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case_id", "metric", *(escape_cell(_class_name(classes, k)) for k in indices)])
+    rows = [["case_id", "metric", *(escape_cell(_class_name(classes, k)) for k in indices)]]
     for case in cases:
         for metric, values in case.metrics.items():
             row = [escape_cell(case.case_id), metric]
             row.extend(_csv_number(values.get(k, math.nan)) for k in indices)
-            writer.writerow(row)
-    return buf.getvalue()
+            rows.append(row)
+    return csv_text(rows)
 
 
 def summary_json(

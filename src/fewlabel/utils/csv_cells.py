@@ -14,7 +14,11 @@ a negative value stays a number.
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 #: A cell a spreadsheet would evaluate, possibly behind quotes that this module added.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
@@ -43,3 +47,25 @@ def unescape_cell(text: str) -> str:
         The original text.
     """
     return text[1:] if text.startswith("'") and _FORMULA.match(text[1:]) else text
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """Rows as CSV text with ``\\n`` line ends, quoted so that every cell reads back whole.
+
+    With ``\\n`` as the line end, Python's writer does not quote a cell holding a carriage
+    return, and a reader then splits the row there (a case named after a file with a CR in its
+    name lost its row). Files with such a cell are written with every cell quoted.
+
+    Args:
+        rows: the header and data rows (cells already escaped where they are text).
+
+    Returns:
+        The CSV text.
+    """
+    rows = [list(row) for row in rows]
+    carriage = any(isinstance(cell, str) and "\r" in cell for row in rows for cell in row)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL if carriage else csv.QUOTE_MINIMAL).writerows(
+        rows
+    )
+    return buf.getvalue()
