@@ -40,6 +40,14 @@ def test_shards_partition_the_epoch():
     assert indices == {i for i, _ in _epoch(single)}
 
 
+@pytest.mark.parametrize(("size", "replicas"), [(1, 4), (2, 8), (3, 4), (9, 2)])
+def test_every_rank_gets_as_many_samples_as_it_says(size, replicas):
+    # A rank left short would wait forever at the others' next all-reduce.
+    shards = [_epoch(ResumableSampler(size, seed=0, num_replicas=replicas, rank=r)) for r in range(replicas)]
+    assert [len(s) for s in shards] == [len(ResumableSampler(size, num_replicas=replicas))] * replicas
+    assert {i for shard in shards for i, _ in shard} == set(range(size))
+
+
 def test_num_samples_sets_the_epoch_length():
     sampler = ResumableSampler(3, seed=0, num_samples=8)
     epoch = _epoch(sampler)

@@ -205,6 +205,21 @@ def test_labeled_count_by_patient_reproducible_and_nested(tmp_path: Path) -> Non
         build_datalist(cfg.model_copy(update={"labeled_count": 40}), seed=3)
 
 
+def test_labelled_selection_does_not_depend_on_the_order_of_the_records() -> None:
+    from fewlabel.data.segmentation import _select_labeled
+
+    # "P1" and "P01" sort as equals by natural order; the pick must not depend on which comes first.
+    records = [{"id": f"{p}-{i}", "patient_id": p} for p in ("P1", "P01", "P2", "P3") for i in range(2)]
+    for seed in range(6):
+        picks = [
+            sorted(
+                r["id"] for r in _select_labeled(rows, labeled_count=2, labeled_fraction=1.0, seed=seed)[0]
+            )
+            for rows in (records, records[2:4] + records[:2] + records[4:])
+        ]
+        assert picks[0] == picks[1], seed
+
+
 def test_labeled_fraction_counts_patients(tmp_path: Path) -> None:
     table = _csv_dataset(tmp_path, n_patients=10, per_patient=3)
     cfg = SegmentationData(path=str(table), val_fraction=0.2, test_fraction=0.2, labeled_fraction=0.5)

@@ -98,7 +98,9 @@ class ResumableSampler(Sampler):
                 out.extend(range(self.size))
         out = out[: self.num_samples]
         total = len(self) * self.num_replicas
-        return out + out[: total - len(out)]
+        # Cycled, not sliced once: with fewer samples than ranks one copy is not enough, and
+        # a rank left short would wait at the others' next all-reduce.
+        return (out * -(-total // len(out)))[:total] if out else out
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, skip = self.epoch, self._skip

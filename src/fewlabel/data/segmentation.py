@@ -533,7 +533,8 @@ def _select_labeled(
     patients: dict[str, list[int]] = {}
     for i, rec in enumerate(train):
         patients.setdefault(rec["patient_id"], []).append(i)
-    names = sorted(patients, key=_natural_key)
+    # The name itself breaks ties: "P1" and "P01" sort as equals, and input order would decide.
+    names = sorted(patients, key=lambda name: (_natural_key(name), name))
     rng = np.random.default_rng([seed, 0x5E1EC7])
     names = [names[i] for i in rng.permutation(len(names))]
     order = [i for name in names for i in patients[name]]
