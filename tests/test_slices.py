@@ -227,3 +227,15 @@ def test_a_datalist_mixing_images_and_volumes_names_one_of_each() -> None:
         DataError, match=r"2D images \(e.g. slices/b.png\) and 3D volumes \(e.g. scans/a.nii.gz\)"
     ):
         records_spatial_dims(mixed)
+
+
+def test_foreground_draws_are_judged_at_the_size_the_network_sees() -> None:
+    image = torch.rand(1, 64, 64, 3)
+    label = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    label[0, 31, 31, 1] = 1  # one pixel: gone once the slice is shrunk to 16 x 16
+    label[0, 8:40, 8:40, 2] = 1  # a lesion that survives the shrinking
+    ds = SliceDataset(
+        [{"image": image, "label": label}], mode="2d", axis=2, slice_size=(16, 16), foreground_ratio=1.0
+    )
+    assert ds.foreground == [2]
+    assert all(ds[i]["label"].sum() > 0 for i in range(len(ds)))

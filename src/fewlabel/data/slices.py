@@ -235,6 +235,14 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             other = tuple(d for d in range(label.ndim) if d != self.axis + 1)
             has = (label > 0).any(dim=other).tolist()
+        if self._resize_label is not None:
+            # Judged as the network will see the slice: shrinking it to slice_size can drop a
+            # lesion of a pixel or two, and a "foreground" draw would then be empty.
+            has = [
+                bool(h)
+                and bool((self._resize_label(_slice_label(_plain(label), s, self.axis).float()) > 0).any())
+                for s, h in enumerate(has)
+            ]
         return [start + s for s in range(n) if has[s]]
 
     def __len__(self) -> int:
