@@ -59,6 +59,14 @@ CONTROLLED_KEYS = {
     "run.output_dir": "--output-dir",
     "data.labeled_count": "--arms (sup10/tcsm10: 10 labels, sup50/tcsm50: all)",
     "tcsm.enabled": "--arms (sup*: supervised, tcsm*: TCSM)",
+    "data.path": "--data",
+    "data.test_path": "--data",
+    "data.val_fraction": "nothing: the study trains on every labelled slice and scores the test slices",
+    "preprocess.slice_size": "--slice-size",
+    "train.max_epochs": "--iterations",
+    "train.iterations_per_epoch": "--iterations-per-epoch",
+    "train.val_every": "--iterations",
+    "run.num_threads": "--threads",
 }
 _RUN_FOLDER = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 

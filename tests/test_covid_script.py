@@ -137,6 +137,9 @@ def test_iterations_must_be_whole_epochs(script, tmp_path, monkeypatch, capsys, 
         ("run.output_dir=/tmp/x", "--output-dir"),
         ("data.labeled_count=20", "--arms"),
         ("tcsm.enabled=true", "--arms"),
+        ("train.max_epochs=5", "--iterations"),
+        ("preprocess.slice_size=[64, 64]", "--slice-size"),
+        ("data.path=/elsewhere", "--data"),
     ],
 )
 def test_set_refuses_what_the_script_controls(script, tmp_path, monkeypatch, capsys, override, flag):
