@@ -238,9 +238,9 @@ class SliceDataset(torch.utils.data.Dataset):
         if self._resize_label is not None:
             # Judged as the network will see the slice: shrinking it to slice_size can drop a
             # lesion of a pixel or two, and a "foreground" draw would then be empty.
+            plain = _plain(label)
             has = [
-                bool(h)
-                and bool((self._resize_label(_slice_label(_plain(label), s, self.axis).float()) > 0).any())
+                bool(h) and bool((self._resize_label(_slice_label(plain, s, self.axis).float()) > 0).any())
                 for s, h in enumerate(has)
             ]
         return [start + s for s in range(n) if has[s]]

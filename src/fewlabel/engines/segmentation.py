@@ -311,9 +311,7 @@ def train_segmentation(
             epoch_length=epoch_length,
             amp=amp,
             lr_scheduler=scheduler,
-            # Each rank draws its own transformations and pasted rectangles for its shard; with
-            # one seed all ranks would repeat the same draws on their samples.
-            seed=cfg.run.seed + rank(),
+            seed=cfg.run.seed,
             cpu_amp=cpu_amp,
             plane_axis=cfg.input.axis,
         )

@@ -126,7 +126,7 @@ class TCSMTrainer(Trainer):
         cpu_amp: bfloat16 autocast when ``device`` is the CPU (no gradient scaling: bfloat16
             has float32's range). Network outputs are cast to float32 before the losses.
         lr_scheduler: optional learning-rate scheduler, stepped as ``scheduler_step`` says.
-        seed: seed of the generator that draws the transformations.
+        seed: seed of the generator that draws the transformations (each rank adds its index).
         scheduler_step: step ``lr_scheduler`` after every ``"iteration"`` or every ``"epoch"``.
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: ``(batch, device, non_blocking, **kwargs) -> (image, label)`` for
@@ -193,7 +193,9 @@ class TCSMTrainer(Trainer):
         self.unlabeled_loader = unlabeled_loader if tcsm.enabled else None
         self._unlabeled_iter: Iterator | None = None
         self._seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        # Each rank draws its own transformations and pasted rectangles for its shard; with
+        # one seed all ranks would repeat the same draws on their samples.
+        self._generator = torch.Generator().manual_seed(seed + rank())
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
         self.ema: EMAHandler | None = None
