@@ -200,3 +200,14 @@ def test_rank_cases_best_first_undefined_last():
         CaseResult("worst", {"dice": {1: 0.1}}),
     ]
     assert [c.case_id for c in rank_cases(cases)] == ["best", "mid", "worst", "none"]
+
+
+def test_the_worst_picture_is_the_worst_scored_case_not_one_with_nothing_to_score():
+    cases = [
+        CaseResult("good", {"dice": {1: 0.9}}),
+        CaseResult("mid", {"dice": {1: 0.5}}),
+        CaseResult("bad", {"dice": {1: 0.1}}),
+        CaseResult("empty", {"dice": {1: math.nan}}),  # no lesion, none predicted
+    ]
+    assert [c.case_id for c in overlay_cases(cases, [1])] == ["good", "mid", "bad"]
+    assert [c.case_id for c in overlay_cases(cases[3:], [1])] == ["empty"]  # nothing scored: still a picture

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fewlabel.reports.segmentation as seg_report
 from fewlabel.errors import ConfigError, DataError, RunDirError
 from fewlabel.metrics.segmentation import CaseResult
 from fewlabel.pipelines.mask_evaluation import case_name, evaluate_masks
-from fewlabel.reports.segmentation import overlay_slice, write_segmentation_report
+from fewlabel.reports.segmentation import overlay_slice, plot_overlay, write_segmentation_report
 
 GT_2D = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 0, 0]], dtype=np.uint8)
 PRED_2D = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 2, 0]], dtype=np.uint8)
@@ -133,6 +134,44 @@ def test_overlay_slice_picks_most_ground_truth():
     pred[0, 0, 3] = 1
     assert overlay_slice(np.zeros_like(gt), pred) == 3  # empty truth: follow the prediction
     assert overlay_slice(np.zeros_like(gt), np.zeros_like(gt)) == 2  # both empty: middle slice
+
+
+def _drawn_overlay(monkeypatch, tmp_path, gt: np.ndarray):
+    """The figure plot_overlay draws for ``gt`` as truth and prediction, and its contour's box."""
+    figures = []
+    monkeypatch.setattr(seg_report, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    plot_overlay(None, gt, gt, ["background", "lesion"], tmp_path / "overlay.png")
+    (ax,) = figures[0].axes
+    vertices = np.concatenate([p.vertices for c in ax.collections for p in c.get_paths() if len(p.vertices)])
+    return ax, vertices.min(axis=0), vertices.max(axis=0)
+
+
+def test_overlay_contours_run_along_the_edges_of_the_pixels_they_outline(monkeypatch, tmp_path):
+    # A non-square image with the lesion near its top: contour() with origin="upper" used to
+    # mirror the outline to the bottom of the picture.
+    gt = np.zeros((40, 12), dtype=np.uint8)
+    gt[1:8, 2:10] = 1  # rows 1..7, columns 2..9
+    ax, low, high = _drawn_overlay(monkeypatch, tmp_path, gt)
+    # imshow draws pixel (row i, column j) centred on (x=j, y=i), so the edges are at ±0.5
+    assert ax.images[0].get_extent() == [-0.5, 11.5, 39.5, -0.5]
+    np.testing.assert_allclose(low, [1.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(high, [9.5, 7.5], atol=1e-6)
+
+
+def test_overlay_contours_of_a_volume_slice_run_along_its_voxel_edges(monkeypatch, tmp_path):
+    gt = np.zeros((9, 14, 3), dtype=np.uint8)
+    gt[2:5, 3:8, 1] = 1  # x 2..4, y 3..7 on slice 1; x runs across the figure, y up
+    ax, low, high = _drawn_overlay(monkeypatch, tmp_path, gt)
+    assert ax.images[0].get_extent() == [-0.5, 8.5, -0.5, 13.5]
+    np.testing.assert_allclose(low, [1.5, 2.5], atol=1e-6)
+    np.testing.assert_allclose(high, [4.5, 7.5], atol=1e-6)
+
+
+def test_overlay_of_a_one_pixel_wide_image_draws_without_contours(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(seg_report, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    plot_overlay(None, np.ones((1, 5), np.uint8), np.ones((1, 5), np.uint8), ["bg", "a"], tmp_path / "o.png")
+    assert not figures[0].axes[0].collections  # contour() needs 2x2 samples; the legend still names the class
 
 
 def test_evaluate_nifti_masks_end_to_end(tmp_path):

@@ -323,6 +323,8 @@ def overlay_cases(cases: Sequence[CaseResult], foreground: Sequence[int], count:
 
     They are ranked on the classes the report's captions average (``foreground``, merged
     classes left out), so the picture called "median" is the median case of its caption.
+    Cases whose Dice is undefined (no foreground in truth or prediction) are left out unless
+    no case has a Dice.
 
     Args:
         cases: the evaluated cases.
@@ -333,6 +335,10 @@ def overlay_cases(cases: Sequence[CaseResult], foreground: Sequence[int], count:
         Up to ``count`` distinct cases, best first.
     """
     ranked = rank_cases(cases, "dice", foreground)
+    # A case with nothing to score (no lesion in truth or prediction) is neither best nor worst;
+    # it is shown only when no case has a score.
+    defined = [c for c in ranked if not math.isnan(case_foreground_score(c, "dice", foreground))]
+    ranked = defined or ranked
     if count <= 0 or not ranked:
         return []
     picks = [ranked[0], ranked[(len(ranked) - 1) // 2], ranked[-1]] if count >= 3 else [ranked[0], ranked[-1]]

@@ -370,10 +370,11 @@ def plot_overlay(
         colour = _COLOURS[(int(label) - 1) % len(_COLOURS)]
         for mask, style in ((gt, "solid"), (pred, "dashed")):
             binary = (mask == label).astype(float)
-            if binary.any():
-                ax.contour(
-                    binary, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.4, origin=origin
-                )
+            # contour() needs at least 2x2 samples. It is given no origin: its default puts
+            # sample (i, j) at (j, i), where imshow puts pixel (i, j) for either origin, so the
+            # line runs along the pixel edges (origin="upper" would mirror it vertically).
+            if binary.any() and min(binary.shape) >= 2:
+                ax.contour(binary, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.4)
         handles.append(Line2D([], [], color=colour, label=_class_name(classes, int(label))))
     handles += [
         Line2D([], [], color="white", linestyle="solid", label="truth"),
