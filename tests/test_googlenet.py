@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models import GoogLeNet
+from torchvision.models import GoogLeNet, GoogLeNet_Weights
 
 from fewlabel.errors import CheckpointError, ConfigError
 from fewlabel.networks.googlenet import FREEZE_ORDER, build_googlenet, parameter_groups
@@ -171,6 +173,61 @@ def test_imagenet_weights_unavailable_offline(monkeypatch):
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(CheckpointError, match="model.weights"):
         build_googlenet(3, weights="imagenet")
+
+
+def _torch_cache(monkeypatch, tmp_path) -> Path:
+    """An empty torch hub cache; the path where torchvision looks for its GoogLeNet weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # get_dir() follows TORCH_HOME
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    return folder / Path(GoogLeNet_Weights.IMAGENET1K_V1.url).name
+
+
+def test_imagenet_weights_are_read_from_torchs_cache_offline(monkeypatch, tmp_path):
+    cached = _torch_cache(monkeypatch, tmp_path)
+    torch.manual_seed(3)
+    source = GoogLeNet(num_classes=1000, aux_logits=True, transform_input=False, init_weights=True)
+    torch.save(source.state_dict(), cached)
+    model = build_googlenet(2, weights="imagenet")
+    assert model.pretrained and model.net.transform_input
+    assert torch.equal(
+        model.net.inception4c.branch2[1].conv.weight, source.inception4c.branch2[1].conv.weight
+    )
+
+
+def test_a_cached_imagenet_file_holding_code_is_refused_without_running_it(monkeypatch, tmp_path):
+    # Offline sites copy the file into the cache by hand, where torch.hub checks no hash.
+    cached = _torch_cache(monkeypatch, tmp_path)
+    marker = tmp_path / "code_ran"
+    torch.save({"conv1.conv.weight": _MakesFolder(str(marker))}, cached)
+    with pytest.raises(CheckpointError, match=rf"{cached.name}.*delete it"):
+        build_googlenet(3, weights="imagenet")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [(b"<html><body>proxy login</body></html>", "html"), (None, "list"), (b"", "empty")],
+)
+def test_an_unreadable_cached_imagenet_file_names_itself(monkeypatch, tmp_path, content, name):
+    cached = _torch_cache(monkeypatch, tmp_path)
+    if content is None:
+        torch.save([torch.zeros(1)], cached)
+    else:
+        cached.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"{cached.name}.*delete it and download"):
+        build_googlenet(3, weights="imagenet")
+
+
+class _MakesFolder:
+    """Unpickling this creates a folder: evidence that a load ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
 
 
 def test_invalid_arguments():

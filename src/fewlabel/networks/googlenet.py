@@ -12,7 +12,9 @@ bottleneck features.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +41,8 @@ FREEZE_ORDER = [
 
 # Five stride-2 stages: at 32 pixels the last inception block sees 1x1 maps. Smaller inputs
 # still run but are meaningless; training with BatchNorm also needs batches of >= 2 images
-# below 64 pixels (a 1x1 map of a single image has no batch statistics).
+# below 47 pixels (a 1x1 map of a single image has no batch statistics; see
+# config.classification.MIN_SIZE_FOR_BATCH_OF_ONE).
 MIN_IMAGE_SIZE = 32
 
 _HEAD_MODULES = ("fc", "aux1", "aux2")
@@ -179,14 +182,26 @@ def _frozen_layers(freeze: str) -> list[str]:
 
 
 def _imagenet_state_dict() -> dict[str, Tensor]:
+    url = GoogLeNet_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        # torch.hub checks the hash only when it downloads, and a file copied into the cache by
+        # hand, as offline sites do, is read as it is: read it like any local weights file.
+        try:
+            return load_state_dict_file(cached)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"model.weights=imagenet: {err}; delete it and download {url} again"
+            ) from err
     try:
-        return GoogLeNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError, ValueError) as err:
+        return GoogLeNet_Weights.IMAGENET1K_V1.get_state_dict(
+            progress=False, check_hash=True, weights_only=True
+        )
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(
             "model.weights=imagenet: cannot obtain torchvision's ImageNet GoogLeNet weights "
-            f"({type(err).__name__}: {err}). On a machine without internet access, download "
-            f"{GoogLeNet_Weights.IMAGENET1K_V1.url} once into torch's cache "
-            f"({Path(torch.hub.get_dir()) / 'checkpoints'}), or set model.weights to the path of that "
+            f"({type(err).__name__}: {err}). On a machine without internet access, download {url} "
+            f"once into torch's cache ({cached.parent}), or set model.weights to the path of that "
             "file (or any torchvision-layout GoogLeNet state dict)."
         ) from err
 
