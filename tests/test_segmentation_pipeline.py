@@ -764,6 +764,83 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
     assert {r["uncertainty"] for r in rows} == {"0.0"}  # a threshold network is never in doubt
 
 
+def _three_scans(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    hu = np.full((6, 5, 4), -800, dtype=np.float32)
+    hu[2:4, 1:3, 1:3] = 100
+    for name in ("a", "b", "c"):
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / f"{name}.nii.gz")
+    return scans, hu
+
+
+def test_a_failed_rerun_with_overwrite_still_lists_the_masks_it_did_not_replace(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    scans, hu = _three_scans(tmp_path)
+    out = tmp_path / "out"
+    segmentation.predict(tmp_path / "model.pt", [scans], out)
+    broken = hu.copy()
+    broken[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(broken, np.eye(4)), scans / "b.nii.gz")
+    with pytest.raises(DataError, match="b.nii.gz"):
+        segmentation.predict(tmp_path / "model.pt", [scans], out, overwrite=True)
+    # a was predicted again; b (failed) and c (not reached) keep their earlier masks and rows
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "predictions.csv"]
+    assert sorted(r["case"] for r in csv.DictReader((out / "predictions.csv").open())) == ["a", "b", "c"]
+
+
+def test_an_unexpected_error_midway_still_lists_the_finished_studies(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    real = segmentation_predict.predict_study
+
+    def out_of_memory_on_c(model, path):
+        if Path(path).name == "c.nii.gz":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, path)
+
+    monkeypatch.setattr(segmentation_predict, "predict_study", out_of_memory_on_c)
+    scans, _ = _three_scans(tmp_path)
+    with pytest.raises(torch.OutOfMemoryError):
+        segmentation.predict(tmp_path / "model.pt", [scans], tmp_path / "out")
+    assert [r["case"] for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())] == ["a", "b"]
+
+
+def test_two_cases_that_would_write_the_same_file_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({"eval": {"save_probabilities": True}}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    scans, _ = _three_scans(tmp_path)
+    (scans / "b.nii.gz").rename(scans / "a_probabilities.nii.gz")  # its mask is a's probability map
+    with pytest.raises(
+        DataError, match=r"cases 'a' and 'a_probabilities' would both write a_probabilities.nii.gz"
+    ):
+        segmentation.predict(tmp_path / "model.pt", [scans], tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_study_of_the_wrong_kind_stops_the_call_before_anything_is_predicted(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    scans, _ = _three_scans(tmp_path)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(scans / "z_preview.png")
+    with pytest.raises(
+        DataError, match="z_preview.png: is one of the 2D images, but the model was trained on 3D"
+    ):
+        segmentation.predict(tmp_path / "model.pt", [scans], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_study_named_like_a_formula_is_listed_as_text_and_kept_intact_by_overwrite(tmp_path, monkeypatch):
     from fewlabel.pipelines import segmentation_predict
 

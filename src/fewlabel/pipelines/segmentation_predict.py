@@ -261,12 +261,7 @@ def predict_study(model: LoadedModel | ModelEnsemble, path: str | Path) -> tuple
     from fewlabel.data.readers import read_study
 
     path = Path(path)
-    dims = _study_dims(path)
-    if dims != model.spatial_dims:
-        kinds = {2: "2D images", 3: "3D volumes"}
-        raise DataError(
-            path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}"
-        )
+    dims = _check_kind(model, path)
     members = model.members
     probs = _source_probabilities(members[0], path, dims)
     for member in members[1:]:
@@ -389,6 +384,7 @@ def predict(
             None, f"several inputs share the case name(s) {duplicates}; predict them into separate folders"
         )
     planned = {n: _outputs_for(n, p, model) for n, p in zip(names, studies, strict=True)}
+    _refuse_shared_outputs(planned)
     existing = [f for files in planned.values() for f in files if (output / f).exists()]
     if (output / "predictions.csv").exists():
         existing.append("predictions.csv")
@@ -398,23 +394,33 @@ def predict(
         )
     from fewlabel.data.readers import check_study_opens, write_mask
 
-    # A study that does not even open fails the run before anything is written.
+    # A study of the wrong kind, or one that does not even open, fails the run before
+    # anything is written.
     for path in studies:
+        _check_kind(model, path)
         check_study_opens(path)
     output.mkdir(parents=True, exist_ok=True)
     if isinstance(model, ModelEnsemble):
         log.info("averaging %d models: %s", len(model.members), ", ".join(str(m.path) for m in model.members))
     manifest = output / "predictions.csv"
-    kept = _earlier_rows(manifest, output, set(names)) if overwrite else []
+    earlier = _earlier_rows(manifest, output) if overwrite else []
     rows: list[dict] = []
+
+    def listing() -> list[dict]:
+        # Earlier rows stay for every case this call has not (yet) replaced: their masks are
+        # still in the folder, whether or not this call meant to predict them again.
+        done = {row["case"] for row in rows}
+        return [row for row in earlier if row["case"] not in done] + rows
+
     with torch_threads(model.cfg.run.num_threads):
         for name, path in zip(names, studies, strict=True):
             try:
                 labels, probs, reference = predict_study(model, path)
-            except FewLabelError:
-                # Hours of prediction are not lost to one bad study: what is done is listed.
+            except BaseException:
+                # Hours of prediction are not lost to one bad study, an out-of-memory error or
+                # Ctrl-C: what is done is listed.
                 if rows:
-                    _write_manifest(manifest, kept + rows)
+                    _write_manifest(manifest, listing())
                     log.warning(
                         "%d of %d studies were predicted before %s failed; they are listed in %s "
                         "(predict the rest into the same folder with --overwrite)",
@@ -430,12 +436,12 @@ def predict(
             rows.append(_manifest_row(name, path, mask_path, labels, probs, reference, model.classes))
             log.info("predicted %s -> %s", path, mask_path)
             del labels, probs, reference
-    _write_manifest(manifest, kept + rows)
+    _write_manifest(manifest, listing())
     return output
 
 
-def _earlier_rows(manifest: Path, output: Path, names: set[str]) -> list[dict]:
-    """Rows of an existing ``predictions.csv`` for other cases whose masks are still there.
+def _earlier_rows(manifest: Path, output: Path) -> list[dict]:
+    """Rows of an existing ``predictions.csv`` whose masks are still in the folder.
 
     Predicting more studies into a folder with ``--overwrite`` then keeps the manifest a
     listing of every mask in it, not only of the latest call's.
@@ -451,7 +457,7 @@ def _earlier_rows(manifest: Path, output: Path, names: set[str]) -> list[dict]:
     kept = []
     for row in rows:
         mask = Path(row.get("mask") or "")
-        if row.get("case") and row["case"] not in names and (output / mask.name).is_file():
+        if row.get("case") and (output / mask.name).is_file():
             kept.append(row)
     return kept
 
@@ -579,6 +585,24 @@ def mask_suffix(reference_or_dims: Any) -> str:
     return ".png" if dims == 2 else ".nii.gz"
 
 
+def _refuse_shared_outputs(planned: dict[str, list[str]]) -> None:
+    """Refuse two cases that would write the same file (``a``'s probabilities, case ``a_probabilities``)."""
+    owners: dict[str, list[str]] = {}
+    for case, files in planned.items():
+        for name in files:
+            owners.setdefault(name, []).append(case)
+    owners.setdefault("predictions.csv", []).append("the manifest")
+    shared = {name: cases for name, cases in owners.items() if len(cases) > 1}
+    if shared:
+        name, cases = next(iter(shared.items()))
+        raise DataError(
+            None,
+            f"cases {' and '.join(repr(c) for c in cases)} would both write {name}"
+            + (f" ({len(shared) - 1} more such files)" if len(shared) > 1 else "")
+            + "; rename one of the inputs or predict them into separate folders",
+        )
+
+
 def _outputs_for(name: str, path: Path, model: LoadedModel | ModelEnsemble) -> list[str]:
     dims = _study_dims(path)
     files = [name + mask_suffix(dims)]
@@ -668,6 +692,17 @@ def refuse_inside_inputs(output: Path, inputs: Sequence[Path]) -> None:
             raise DataError(
                 output, f"refusing to write into the input folder {folder}; choose another output"
             )
+
+
+def _check_kind(model: LoadedModel | ModelEnsemble, path: Path) -> int:
+    """The study's spatial dimensions, refused when the model predicts the other kind."""
+    dims = _study_dims(path)
+    if dims != model.spatial_dims:
+        kinds = {2: "2D images", 3: "3D volumes"}
+        raise DataError(
+            path, f"is one of the {kinds[dims]}, but the model was trained on {kinds[model.spatial_dims]}"
+        )
+    return dims
 
 
 def _study_dims(path: str | Path) -> int:
