@@ -1113,6 +1113,33 @@ def test_keep_largest_of_an_unknown_class_stops_training_before_it_starts(msd, t
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(tmp_path, monkeypatch, caplog):
+    from fewlabel.networks.segmentation import build_segmentation_net
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = {"task": "segmentation", "data": {"path": "unused"}, "run": {"device": "cuda"}}
+    raw["model"] = {"features": [4, 4, 8, 8, 16, 4]}
+    cfg = parse_config(raw)
+    meta = {"task": "segmentation", "classes": ["background", "lesion"], "spatial_dims": 2, "in_channels": 1}
+    meta["config"] = cfg.model_dump(mode="json")
+    net = build_segmentation_net(cfg.model, 2, 1, 2)
+    ckpt = save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "gpu.pt")
+    with caplog.at_level("WARNING"):
+        model = segmentation.load_segmentation_model(ckpt)
+    assert model.device == torch.device("cpu")
+    assert "gpu.pt: run.device='cuda'" in caplog.text and "running on cpu instead" in caplog.text
+    chosen = segmentation.load_segmentation_model(
+        ckpt, eval_overrides=["run.device=cpu", "run.num_threads=1"]
+    )
+    assert chosen.device == torch.device("cpu") and chosen.cfg.run.num_threads == 1
+    with pytest.raises(ConfigError, match="run.device='cuda'.*CUDA is not available"):  # asked for: refused
+        segmentation.load_segmentation_model(ckpt, eval_overrides=["run.device=cuda"])
+    with pytest.raises(
+        ConfigError, match=r"'model.features=\[1\]': only eval\.\*, run.device and run.num_threads"
+    ):
+        segmentation.load_segmentation_model(ckpt, eval_overrides=["model.features=[1]"])
+
+
 def test_test_time_augmentation_on_a_3d_model_is_warned_about(tmp_path, caplog):
     from fewlabel.networks.segmentation import build_segmentation_net
 

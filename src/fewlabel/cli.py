@@ -223,7 +223,9 @@ def _eval_overrides(task: str, items: list[str]) -> dict:
     if not items:
         return {}
     if task != "segmentation":
-        raise FewLabelError("--set after training applies to segmentation checkpoints (eval.* keys)")
+        raise FewLabelError(
+            "--set after training applies to segmentation checkpoints (eval.*, run.device, run.num_threads)"
+        )
     return {"eval_overrides": list(items)}
 
 
@@ -338,7 +340,8 @@ def _add_eval_overrides(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="eval.KEY=VALUE",
-        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true",
+        help="change an evaluation setting of a segmentation checkpoint, e.g. eval.tta=true, or where "
+        "it runs: run.device=cpu, run.num_threads=4",
     )
 
 

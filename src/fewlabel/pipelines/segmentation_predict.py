@@ -35,6 +35,9 @@ from fewlabel.utils.text import short_list
 
 log = logging.getLogger(__name__)
 
+# --set keys that a trained model accepts: how to evaluate, and where and how fast to run.
+_INFERENCE_KEYS = ("eval.", "run.device=", "run.num_threads=")
+
 __all__ = [
     "LoadedModel",
     "ModelEnsemble",
@@ -165,9 +168,11 @@ def load_segmentation_model(
 
     Args:
         checkpoint: ``best.pt`` (or ``last.pt``) of a segmentation run.
-        device: where to run; default the config's ``run.device``.
+        device: where to run; default the config's ``run.device`` (``--set run.device=...``
+            changes it), or the best device here when the machine lacks the one trained on.
         eval_overrides: ``eval.KEY=VALUE`` changes to the stored config's evaluation section
-            (e.g. ``eval.tta=true``); other sections describe how the model was trained and stay.
+            (e.g. ``eval.tta=true``), and ``run.device`` / ``run.num_threads``, which say where
+            to run; other sections describe how the model was trained and stay.
 
     Returns:
         The :class:`LoadedModel`.
@@ -193,9 +198,11 @@ def load_segmentation_model(
     if eval_overrides:
         from fewlabel.config import apply_overrides
 
-        outside = [o for o in eval_overrides if not o.startswith("eval.")]
+        outside = [o for o in eval_overrides if not o.startswith(_INFERENCE_KEYS)]
         if outside:
-            raise ConfigError(f"--set {outside[0]!r}: only eval.* keys can change after training")
+            raise ConfigError(
+                f"--set {outside[0]!r}: only eval.*, run.device and run.num_threads can change after training"
+            )
         stored = apply_overrides(stored, eval_overrides)
     try:
         cfg = parse_config(stored, source=f"{path} (stored config{version_note(meta)})")
@@ -208,7 +215,12 @@ def load_segmentation_model(
         log.warning(
             "%s: eval.tta averages in-plane turns of 2D/2.5D slices; this 3D model predicts without it", path
         )
-    device = config_device(cfg.run.device) if device is None else torch.device(device)
+    if device is not None:
+        device = torch.device(device)
+    elif any(o.startswith("run.device=") for o in eval_overrides or []):
+        device = config_device(cfg.run.device)
+    else:
+        device = _trained_device_or_best(cfg.run.device, path)
     net = build_segmentation_net(
         cfg.model, 3 if cfg.input.mode == "3d" else 2, int(meta["in_channels"]), len(meta["classes"])
     )
@@ -218,6 +230,22 @@ def load_segmentation_model(
         raise CheckpointError(f"{path}: weights do not match the stored model config: {err}") from err
     net.to(device).eval()
     return LoadedModel(net, cfg, meta, device, path)
+
+
+def _trained_device_or_best(name: str, checkpoint: Path) -> torch.device:
+    """The ``run.device`` a model was trained with, or the best one here if this machine lacks it.
+
+    A model trained on a GPU server is routinely evaluated on a laptop; only a device the user
+    asks for (``--set run.device=...``) is refused when missing.
+    """
+    from fewlabel.utils.runtime import select_device
+
+    try:
+        return config_device(name)
+    except ConfigError as err:
+        device = select_device("auto")
+        log.warning("%s: %s; running on %s instead (--set run.device=... chooses)", checkpoint, err, device)
+        return device
 
 
 def load_segmentation_models(
