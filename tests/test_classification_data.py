@@ -182,6 +182,53 @@ def test_csv_names_and_integer_labels(tmp_path):
         load_records(numbered, classes=["1", "2", "3"])
 
 
+def test_csv_integer_grades_however_spelt_are_one_class(tmp_path):
+    # A float column exported by pandas writes 2.0; a hand-edited table may write 02.
+    path = _csv(tmp_path, "image,label\nimg/a.png,0.0\nimg/b.png,2\nimg/c.png,02\nimg/d.png,1.0\n")
+    records, classes = load_records(path)
+    assert classes == ["0", "1", "2"]
+    assert [r["label"] for r in records] == [0, 2, 2, 1]
+    records, _ = load_records(path, classes=["0", "1", "2"])
+    assert [r["label"] for r in records] == [0, 2, 2, 1]
+    # A negative code among integer grades sorts by value, not as text ("10" before "2").
+    rows = "".join(f"img/{n}.png,{g}\n" for n, g in zip("abcd", (-1, 0, 2, 10), strict=True))
+    _, classes = load_records(_csv(tmp_path, "image,label\n" + rows))
+    assert classes == ["-1", "0", "2", "10"]
+
+
+def test_csv_empty_label_is_refused_not_made_a_class(tmp_path):
+    path = _csv(tmp_path, "image,label\nimg/a.png,0.0\nimg/b.png,\nimg/c.png,1.0\n")
+    with pytest.raises(DataError, match="labels.csv: row 3: empty label"):
+        load_records(path)
+
+
+def test_csv_image_listed_twice_is_refused(tmp_path):
+    path = _csv(tmp_path, "image,label\nimg/a.png,0\nimg/b.png,1\n./img/a.png,1\n")
+    with pytest.raises(DataError, match=r"rows 2 and 4 both list ./img/a.png; list each image once"):
+        load_records(path)
+
+
+def test_a_patient_column_under_another_name_is_pointed_out(tmp_path, caplog):
+    path = _csv(tmp_path, "image,label,PatientID\nimg/a.png,0,p1\nimg/b.png,1,p1\n")
+    with caplog.at_level("WARNING"):
+        records, _ = load_records(path)
+    assert all(r["patient_id"] is None for r in records)
+    assert (
+        "column 'PatientID' is not read as patient ids (the column must be named patient_id)" in caplog.text
+    )
+
+
+def test_wide_grey_image_outside_8_bits_is_found_by_the_up_front_check(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(wide)
+    narrow = tmp_path / "narrow.png"
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(narrow)
+    assert Image.open(wide).mode.startswith("I")
+    with pytest.raises(DataError, match=r"wide.png: .*values outside 0..255 integers \(range 3000..3000\)"):
+        verify_image(wide)
+    assert verify_image(narrow) == (8, 8, 1) and read_image(narrow).max() == 200
+
+
 def test_csv_image_root(tmp_path):
     _png(tmp_path / "images" / "x.png")
     _png(tmp_path / "images" / "y.png")

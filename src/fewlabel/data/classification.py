@@ -12,6 +12,8 @@ split they came from.
 from __future__ import annotations
 
 import csv
+import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ __all__ = [
     "load_classification_dataset",
     "load_records",
 ]
+
+log = logging.getLogger(__name__)
 
 _NPZ_SPLITS = ("train", "val", "test")
 
@@ -217,6 +221,17 @@ def _parse_int(text: str) -> int | None:
         return None
 
 
+def _parse_grade(text: str) -> int | None:
+    """An integer label however it is spelt (``2``, ``02``, ``2.0``: a float column's export)."""
+    if (value := _parse_int(text)) is not None:
+        return value
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
+
+
 def _load_csv(
     csv_path: Path, classes: list[str] | None, image_root: Path | None
 ) -> tuple[list[dict], list[str]]:
@@ -245,26 +260,39 @@ def _load_csv(
     if not rows:
         raise DataError(csv_path, "CSV has no data rows")
 
+    for line, row in rows:
+        # An empty cell (a float column's NaN, a missing grade) would otherwise become a class.
+        if not row["label"]:
+            raise DataError(csv_path, f"row {line}: empty label")
     raw_labels = [row["label"] for _, row in rows]
     if classes is None:
-        ints = [_parse_int(lab) for lab in raw_labels]
-        if all(i is not None and i >= 0 for i in ints):
+        grades = [_parse_grade(lab) for lab in raw_labels]
+        if all(g is not None and g >= 0 for g in grades):
             # Integer grades: class index = grade, so ordinal metrics see the true distances.
-            classes = [str(i) for i in range(max(ints) + 1)]
+            classes = [str(g) for g in range(max(grades) + 1)]
+        elif all(g is not None for g in grades):
+            classes = [str(g) for g in sorted(set(grades))]  # -1 "ungradable": numeric order
         else:
             classes = sorted(set(raw_labels))
     index = {name: i for i, name in enumerate(classes)}
     # Labels may be class indices, unless the class names are numbers themselves: with classes
     # ["1", "2", "3"] a label "0" is an error, not the first class.
     by_position = not any(_parse_int(name) is not None for name in classes)
+    # Numbered classes match a label by value, so "2.0" and "02" are grade "2".
+    by_grade = {g: i for i, name in enumerate(classes) if (g := _parse_int(name)) is not None}
 
     records: list[dict] = []
     channels: list[int] = []
+    listed: dict[Path, int] = {}
     has_patient = "patient_id" in rows[0][1]
+    if not has_patient:
+        _warn_about_patient_column(csv_path, header)
     for line, row in rows:
         lab = row["label"]
         if lab in index:
             label = index[lab]
+        elif (g := _parse_grade(lab)) is not None and g in by_grade:
+            label = by_grade[g]
         elif by_position and (i := _parse_int(lab)) is not None and 0 <= i < len(classes):
             label = i
         else:
@@ -276,6 +304,13 @@ def _load_csv(
             img_path = base / img_path
         if not img_path.is_file():
             raise DataError(img_path, f"image file not found (listed in {csv_path}, row {line})")
+        # Twice listed, an image could be split into training and test, or carry two grades.
+        key = img_path.resolve()
+        if key in listed:
+            raise DataError(
+                csv_path, f"rows {listed[key]} and {line} both list {row['image']}; list each image once"
+            )
+        listed[key] = line
         channels.append(verify_image(img_path)[2])
         patient = row.get("patient_id") if has_patient else None
         records.append({"image": str(img_path), "label": label, "id": "", "patient_id": patient or None})
@@ -284,6 +319,25 @@ def _load_csv(
         rec["id"] = rid
     _check_channels(records, channels, csv_path)
     return records, classes
+
+
+def _warn_about_patient_column(csv_path: Path, header: list[str]) -> None:
+    """Say so when a column looks like patient ids but is not named ``patient_id``.
+
+    Without it images are split one by one, and one patient's two eyes may land in training
+    and test: silently, unless the near miss is pointed out.
+    """
+    near = [h for h in header if "".join(ch for ch in h.lower() if ch.isalnum()) in _PATIENT_SPELLINGS]
+    if near:
+        log.warning(
+            "%s: column %r is not read as patient ids (the column must be named patient_id); "
+            "images are split one by one, so one patient's images may land in different splits",
+            csv_path,
+            near[0],
+        )
+
+
+_PATIENT_SPELLINGS = {"patient", "patientid", "patientname", "subject", "subjectid", "pid"}
 
 
 def _load_npz(npz_path: Path, classes: list[str] | None) -> tuple[list[dict], list[str]]:

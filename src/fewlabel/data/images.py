@@ -87,17 +87,8 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
             raise DataError(path, f"cannot decode image (truncated or corrupt?): {err}") from err
         _report_exif_orientation(path, img)
         src = img.mode
-        if src in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-            # Wide grey images (16-bit, float) cannot be squeezed into 8 bits without a
-            # windowing choice, so they are accepted only when their values already fit.
-            arr = np.asarray(img)
-            if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.all(np.equal(np.mod(arr, 1), 0))):
-                raise DataError(
-                    path,
-                    f"{src} image with values outside 0..255 integers (range {arr.min()}..{arr.max()}); "
-                    f"convert it to 8 bits with the intended intensity window",
-                )
-            arr = arr.astype(np.uint8)
+        if src in _WIDE_GREY:
+            arr = _wide_grey_as_8_bits(path, img)
             return arr if mode != "RGB" else np.repeat(arr[..., None], 3, axis=-1)
         if mode == "P":
             # By content, not name: a JPEG saved as .png is as lossy, and its wrong pixels can
@@ -115,6 +106,25 @@ def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
         target = mode or ("L" if _channels_of(src) == 1 else "RGB")
         out = img if src == target else img.convert(target)
         return np.asarray(out, dtype=np.uint8).copy()
+
+
+_WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _wide_grey_as_8_bits(path: Path, img: Image.Image) -> np.ndarray:
+    """A decoded 16-bit or float grey image as ``uint8``, refused unless its values fit.
+
+    Such images cannot be squeezed into 8 bits without a windowing choice, so they are
+    accepted only when their values are integers in 0..255 already.
+    """
+    arr = np.asarray(img)
+    if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.all(np.equal(np.mod(arr, 1), 0))):
+        raise DataError(
+            path,
+            f"{img.mode} image with values outside 0..255 integers (range {arr.min()}..{arr.max()}); "
+            f"convert it to 8 bits with the intended intensity window",
+        )
+    return arr.astype(np.uint8)
 
 
 def _report_exif_orientation(path: Path, img: Image.Image) -> None:
@@ -164,7 +174,9 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
 
     PNG files are checked with Pillow's ``verify()`` (chunk checksums, fast); JPEG files are
     decoded at reduced scale (``draft``), which reads all the compressed data and so detects
-    truncation at a fraction of the cost of a full decode; other formats are decoded fully.
+    truncation at a fraction of the cost of a full decode; other formats, and 16-bit or float
+    grey images of any format (whose values must fit 8 bits, as :func:`read_image` requires),
+    are decoded fully.
 
     Args:
         path: the image file.
@@ -174,15 +186,17 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
         ``mode=None`` returns: 1 for grey images, 3 otherwise.
 
     Raises:
-        DataError: if the file is missing, empty, truncated or not an image.
+        DataError: if the file is missing, empty, truncated, not an image, or a wide grey
+            image with values that do not fit 8 bits.
     """
     path = Path(path)
     with _open(path) as img:
         width, height = img.size
         channels = _channels_of(img.mode)
         fmt = img.format
+        wide = img.mode in _WIDE_GREY
         try:
-            if fmt == "PNG":
+            if fmt == "PNG" and not wide:
                 img.verify()
             else:
                 if fmt == "JPEG":
@@ -190,6 +204,8 @@ def verify_image(path: str | Path) -> tuple[int, int, int]:
                 img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(path, f"cannot decode image (truncated or corrupt?): {err}") from err
+        if wide:
+            _wide_grey_as_8_bits(path, img)
     if width == 0 or height == 0:
         raise DataError(path, f"image has zero size ({width}x{height})")
     return height, width, channels
