@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from fewlabel.cli import main
 from fewlabel.config import parse_config
 from fewlabel.data.synthetic_fundus import make_synthetic_fundus
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
+from fewlabel.pipelines.classification import evaluate
 
 SIZE = 48
 CLASSES = ["grade_0", "grade_1", "grade_2"]
@@ -446,6 +448,12 @@ def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, c
     )
     assert rc == 2
     assert not (fundus / "report").exists()
+    # Without --data the checkpoint's own training folder is as much at risk: its report images
+    # would be read as grade_0 images by the next training.
+    inside = fundus / "grade_0" / "report"
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--output", str(inside)])
+    assert rc == 2 and "lies inside the input data folder" in capsys.readouterr().err
+    assert not inside.exists()
 
     # --output . with --overwrite in a folder holding an old report and the user's notes:
     # refused before anything is evaluated, and nothing in the folder is touched.
@@ -473,6 +481,15 @@ def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, c
     )
     assert rc == 2 and "symbolic link" in capsys.readouterr().err
     assert sorted(p.name for p in here.iterdir()) == ["notes.txt", "summary.json"]
+
+
+def test_a_test_folder_of_a_single_grade_is_evaluated(tmp_path, fundus):
+    ckpt = _fake_checkpoint(tmp_path, fundus)
+    site = tmp_path / "site"
+    shutil.copytree(fundus / "grade_2", site / "grade_2")  # one clinic's referable cases only
+    result = evaluate(ckpt, str(site), tmp_path / "report")
+    assert result["metrics"]["n"] == len(list((site / "grade_2").glob("*.png")))
+    assert result["metrics"]["per_class"]["grade_2"]["support"] == result["metrics"]["n"]
 
 
 def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):

@@ -95,6 +95,7 @@ def load_records(
     fmt: str = "auto",
     classes: Sequence[str] | None = None,
     image_root: str | Path | None = None,
+    min_classes: int = 2,
 ) -> tuple[list[dict], list[str]]:
     """Read all labelled records of a data source, without splitting them.
 
@@ -105,6 +106,7 @@ def load_records(
             CSV/npz the integer grades ``"0".."max"`` (when all labels are integers) or the
             sorted label names.
         image_root: folder relative CSV image paths are relative to (default: the CSV's folder).
+        min_classes: fewest classes accepted: 2 to train; 1 for a test set of a single grade.
 
     Returns:
         ``(records, classes)``.
@@ -112,7 +114,7 @@ def load_records(
     Raises:
         DataError: naming the file or folder, if the source is missing or malformed, an image
             is unreadable, a label is unknown, channel counts are mixed, or there are fewer
-            than two classes.
+            than ``min_classes`` classes.
     """
     path = Path(path)
     if not path.exists():
@@ -127,7 +129,7 @@ def load_records(
         records, classes = _load_npz(path, classes)
     else:
         raise DataError(path, f"unknown data format {fmt!r} (expected folder, csv, npz or auto)")
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(path, f"found {len(classes)} class(es) {classes}; classification needs at least 2")
     if not records:
         raise DataError(path, "no labelled images found")

@@ -149,6 +149,9 @@ def evaluate(
     if data is None:
         from fewlabel.data.classification import load_classification_dataset
 
+        # Checked before the data are read: the training set's folder is as much at risk.
+        _check_not_inside(output, Path(cfg.data.path))
+
         dataset = load_classification_dataset(cfg.data, cfg.run.seed)
         if list(dataset.classes) != list(meta["classes"]):
             raise DataError(
@@ -397,9 +400,9 @@ def _records_for(path: Path, split: str, classes: list[str]) -> tuple[list[dict]
     from fewlabel.data.classification import load_records
 
     if path.is_dir():
-        # Folder names are the labels: a test folder may lack some classes, but must not
-        # have one the model never learned.
-        records, found = load_records(path, "folder", None)
+        # Folder names are the labels: a test folder may lack some classes (even hold one
+        # grade only), but must not have one the model never learned.
+        records, found = load_records(path, "folder", None, min_classes=1)
         unknown = [c for c in found if c not in classes]
         if unknown:
             raise DataError(
