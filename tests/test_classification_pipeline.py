@@ -578,3 +578,33 @@ def test_feature_cache_is_extracted_again_when_a_label_changes(tmp_path):
     ]
     corrected = [{"id": "a", "label": 1}, {"id": "b", "label": 1}]  # a grade fixed in the CSV
     assert cached_features(path, corrected, features_of(corrected), 1)["labels"].tolist() == [1, 1]
+    # Another backbone or preprocessing (another fingerprint) is extracted again, then reused.
+    again = features_of(corrected)
+    assert cached_features(path, corrected, again, 1, fingerprint="other")["fingerprint"] == "other"
+    assert cached_features(path, corrected, lambda: pytest.fail("extracted again"), 1, "other")
+
+
+def test_feature_fingerprint_follows_the_backbone_preprocessing_and_images_not_the_head(tmp_path):
+    from fewlabel.engines.bottleneck import feature_fingerprint
+    from fewlabel.networks.googlenet import build_googlenet
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    records = [
+        {"id": "a", "label": 0, "image": str(image)},
+        {"id": "b", "label": 1, "image": np.ones((4, 4))},
+    ]
+    model = build_googlenet(3, "none", "conv3", 0.2, True)
+    settings = {"image_size": 48, "mean": [0.5] * 3, "std": [0.5] * 3}
+    first = feature_fingerprint(model, records, settings)
+    with torch.no_grad():
+        model.net.fc.weight.add_(1.0)  # the head trains on the cached features
+        model.net.aux1.fc2.bias.add_(1.0)
+    assert feature_fingerprint(model, records, settings) == first
+    assert feature_fingerprint(model, records, {**settings, "image_size": 64}) != first
+    image.write_bytes(b"replaced")  # same name, other pixels
+    replaced = feature_fingerprint(model, records, settings)
+    assert replaced != first
+    with torch.no_grad():
+        model.net.inception5b.branch1.conv.weight.mul_(2.0)  # another backbone
+    assert feature_fingerprint(model, records, settings) != replaced

@@ -9,11 +9,15 @@ keeps it in ``<run>/features/{train,val}.pt`` for resumed and repeated runs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
@@ -25,7 +29,7 @@ from fewlabel.utils.runtime import autocast
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FEATURES_DIR", "FeatureDataset", "cached_features", "extract_features"]
+__all__ = ["FEATURES_DIR", "FeatureDataset", "cached_features", "extract_features", "feature_fingerprint"]
 
 #: Folder of the run that holds the cached features.
 FEATURES_DIR = "features"
@@ -99,9 +103,58 @@ def extract_features(
     }
 
 
+def feature_fingerprint(model: nn.Module, records: Sequence[dict], preprocessing: dict[str, Any]) -> str:
+    """A digest of everything the cached features depend on besides the ids and labels.
+
+    The backbone's weights (the new head's are left out: they train while the features stay),
+    the preprocessing settings, and each image file's size and modification time (or an
+    in-memory image's pixels), so that a cache is not reused for another backbone, input
+    size or normalisation, or for an image replaced under the same name.
+
+    Args:
+        model: network with ``head_parameters()``.
+        records: the records whose features are cached.
+        preprocessing: JSON-serialisable settings of the transforms (size, mean, std, ...).
+
+    Returns:
+        A hex digest.
+    """
+    digest = hashlib.sha256(json.dumps(preprocessing, sort_keys=True).encode())
+    head = {p.data_ptr() for p in model.head_parameters()}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in head:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for record in records:
+        image = record["image"]
+        if isinstance(image, str):
+            stat = os.stat(image)
+            digest.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        else:
+            digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
 def cached_features(
-    path: Path, records: Sequence[dict], make: Callable[[], dict[str, Any]], rotations: int
+    path: Path,
+    records: Sequence[dict],
+    make: Callable[[], dict[str, Any]],
+    rotations: int,
+    fingerprint: str = "",
 ) -> dict[str, Any]:
+    """The cached features of ``records`` if ``path`` holds them, else ``make()``'s (then cached).
+
+    Args:
+        path: the cache file.
+        records: the records, in the order of the features.
+        make: extracts the features (see :func:`extract_features`).
+        rotations: rotations per image the cache must hold.
+        fingerprint: :func:`feature_fingerprint` of the backbone, preprocessing and images.
+
+    Returns:
+        The features dict, with ``fingerprint``.
+    """
     ids = [str(r["id"]) for r in records]
     labels = [int(r["label"]) for r in records]
     if path.is_file():
@@ -112,11 +165,20 @@ def cached_features(
         else:
             # The labels are compared too: a grade corrected in the CSV must not train on the old one.
             same_labels = "labels" in cached and cached["labels"].tolist() == labels
-            if cached.get("ids") == ids and cached.get("rotations") == rotations and same_labels:
+            same_source = cached.get("fingerprint", "") == fingerprint
+            if (
+                cached.get("ids") == ids
+                and cached.get("rotations") == rotations
+                and same_labels
+                and same_source
+            ):
                 log.info("reusing cached bottleneck features %s", path)
                 return cached
-            log.info("feature cache %s is for other images or labels; extracting again", path)
-    feats = make()
+            what = (
+                "other images or labels" if same_source else "another backbone, preprocessing or image files"
+            )
+            log.info("feature cache %s is for %s; extracting again", path, what)
+    feats = {**make(), "fingerprint": fingerprint}
     if is_main_process():
         save_checkpoint(feats, path)
     return feats

@@ -48,7 +48,13 @@ from torch import nn
 
 from fewlabel.config.classification import ClassificationExperiment, ClassificationTrain
 from fewlabel.data.sampling import ResumableSampler
-from fewlabel.engines.bottleneck import FEATURES_DIR, FeatureDataset, cached_features, extract_features
+from fewlabel.engines.bottleneck import (
+    FEATURES_DIR,
+    FeatureDataset,
+    cached_features,
+    extract_features,
+    feature_fingerprint,
+)
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.classification_eval import (
     checkpoint_meta,
@@ -594,7 +600,9 @@ def _run_bottleneck_stage(
             loader = _loader(ds, cfg.train.batch_size, False, cfg.data.num_workers, device=device)
             return extract_features(model, loader, device, rotations=rot, amp=ctx.amp)
 
-        return cached_features(folder / f"{split}.pt", records, make, rot)
+        preprocessing = {"image_size": cfg.model.image_size, "mean": list(ctx.mean), "std": list(ctx.std)}
+        fingerprint = feature_fingerprint(model, records, preprocessing)
+        return cached_features(folder / f"{split}.pt", records, make, rot, fingerprint)
 
     train_feats = features_of("train", rotations)
     generator = torch.Generator().manual_seed(cfg.run.seed)
