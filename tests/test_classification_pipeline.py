@@ -584,6 +584,24 @@ def test_feature_cache_is_extracted_again_when_a_label_changes(tmp_path):
     assert cached_features(path, corrected, lambda: pytest.fail("extracted again"), 1, "other")
 
 
+def test_fine_tuning_with_random_frozen_layers_is_warned_about(tmp_path, caplog):
+    from fewlabel.engines.classification import warn_random_frozen_layers
+
+    def experiment(**model):
+        raw = {
+            "task": "classification",
+            "data": {"path": str(tmp_path)},
+            "model": {"weights": "none", **model},
+        }
+        return parse_config(raw)
+
+    with caplog.at_level("WARNING"):
+        assert warn_random_frozen_layers(experiment())  # the default freeze: conv3
+    assert "model.freeze=conv3: the frozen layers keep their random initialisation" in caplog.text
+    assert not warn_random_frozen_layers(experiment(freeze="none"))
+    assert not warn_random_frozen_layers(experiment(weights="imagenet"))
+
+
 def test_feature_fingerprint_follows_the_backbone_preprocessing_and_images_not_the_head(tmp_path):
     from fewlabel.engines.bottleneck import feature_fingerprint
     from fewlabel.networks.googlenet import build_googlenet

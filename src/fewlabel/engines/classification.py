@@ -239,6 +239,28 @@ def build_scheduler(
 # --------------------------------------------------------------------------- training
 
 
+def warn_random_frozen_layers(cfg: ClassificationExperiment) -> bool:
+    """Warn when fine-tuning would keep randomly initialised layers frozen.
+
+    ``model.freeze`` defaults to ``conv3`` for pretrained weights; with ``model.weights: none``
+    those layers would stay random. The bottleneck modes warn about random features already.
+
+    Args:
+        cfg: the experiment.
+
+    Returns:
+        Whether a warning was given.
+    """
+    if cfg.model.weights != "none" or cfg.model.freeze == "none" or cfg.train.mode != "finetune":
+        return False
+    log.warning(
+        "model.weights is none but model.freeze=%s: the frozen layers keep their random "
+        "initialisation; set model.freeze: none to train them",
+        cfg.model.freeze,
+    )
+    return True
+
+
 @dataclass
 class TrainingResult:
     """What :func:`train_classifier` produced.
@@ -318,6 +340,7 @@ def train_classifier(
     model = build_googlenet(
         len(classes), cfg.model.weights, cfg.model.freeze, cfg.model.dropout, cfg.model.aux_logits
     ).to(device)
+    warn_random_frozen_layers(cfg)
     has_val = bool(dataset.splits.get("val"))
     metric = best_metric_key(cfg.train.best_metric, len(classes)) if has_val else None
     if not has_val:
