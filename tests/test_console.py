@@ -32,6 +32,19 @@ def test_segmentation_scores_per_class():
     assert lines[3].split() == ["consolidation", "0.250", "0.250", "1"]
 
 
+def test_wide_class_names_keep_the_columns_aligned():
+    from fewlabel.utils.text import display_width
+
+    cases = [CaseResult("a", {"dice": {1: 0.5, 2: 0.25}, "voldice": {1: 0.7, 2: 0.25}})]
+    lines = score_lines(summarize(cases, ["background", "磨玻璃影", "consolidation"]))
+    # a terminal gives each of the four characters two columns: the numbers line up below the header
+    header, wide, latin = lines[1], lines[2], lines[3]
+    column = display_width(header[: header.index("Dice") + len("Dice")])
+    assert display_width(wide[: wide.index("0.500") + 5]) == column
+    assert display_width(latin[: latin.index("0.250") + 5]) == column
+    assert display_width("磨玻璃影") == 8 and display_width("e\u0301") == 1
+
+
 def test_evaluate_prints_the_scores(tmp_path, capsys):
     from PIL import Image
 

@@ -44,6 +44,7 @@ from fewlabel.errors import DataError, FewLabelError
 from fewlabel.reports.plots import plain_text, save_figure
 from fewlabel.reports.segmentation import METRIC_NAMES
 from fewlabel.utils.csv_cells import unescape_cell
+from fewlabel.utils.text import display_width, pad
 
 __all__ = [
     "ALL_IMAGES",
@@ -246,9 +247,9 @@ def comparison_lines(result: dict) -> list[str]:
         sides = f"; each side's {nb} and {nc} evaluations averaged per case first"
     n = result["n_cases"]
     lines = [f"candidate - baseline, paired by case ({n} case{'' if n == 1 else 's'}{sides}):"]
-    width = max(len("class"), *(len(r["class"]) for r in result["rows"]))
+    width = max(display_width("class"), *(display_width(r["class"]) for r in result["rows"]))
     lines.append(
-        f"  {'class':<{width}}  {'metric':<11}  {'baseline':>8}  {'candidate':>9}  {'difference':>10}"
+        f"  {pad('class', width)}  {'metric':<11}  {'baseline':>8}  {'candidate':>9}  {'difference':>10}"
         f"  {'95% interval':>17}    n  better/worse/tied  sign test p"
     )
     for r in result["rows"]:
@@ -256,7 +257,7 @@ def comparison_lines(result: dict) -> list[str]:
         interval = "n/a" if math.isnan(lo) else f"{lo:+.3f} .. {hi:+.3f}"
         counts = f"{r['better']}/{r['worse']}/{r['ties']}"
         lines.append(
-            f"  {r['class']:<{width}}  {METRIC_NAMES.get(r['metric'], r['metric']):<11}"
+            f"  {pad(r['class'], width)}  {METRIC_NAMES.get(r['metric'], r['metric']):<11}"
             f"  {_fmt(r['baseline']):>8}  {_fmt(r['candidate']):>9}  {_fmt(r['difference'], '+.3f'):>10}"
             f"  {interval:>17}  {r['n']:>3}  {counts:>17}  {_fmt(r['p_sign'], '.3g'):>11}"
         )

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fewlabel.reports.segmentation import METRIC_NAMES
+from fewlabel.utils.text import display_width, pad
 
 __all__ = ["score_lines"]
 
@@ -50,14 +51,14 @@ def score_lines(scores: Mapping[str, Any] | None, title: str = "test scores") ->
     classes = scores.get("classes", {})
     indices = sorted({int(k) for m in shown for k in metrics[m]})
     names = {k: str(classes.get(k, classes.get(str(k), f"class_{k}"))) for k in indices}
-    width = max(len("class"), *(len(n) for n in names.values()))
-    header = f"  {'class':<{width}}" + "".join(f"  {METRIC_NAMES[m]:>11}" for m in shown) + "    n"
+    width = max(display_width("class"), *(display_width(n) for n in names.values()))
+    header = f"  {pad('class', width)}" + "".join(f"  {METRIC_NAMES[m]:>11}" for m in shown) + "    n"
     lines = [f"{title} ({_count(scores.get('n_cases'), 'case')}, mean over cases):", header]
     for k in indices:
         stats = [metrics[m].get(k, {}) for m in shown]
         n = int(stats[0].get("n", 0))
         row = "".join(f"  {_fmt(s.get('mean')):>11}" for s in stats)
-        lines.append(f"  {names[k]:<{width}}{row}  {n:>3}")
+        lines.append(f"  {pad(names[k], width)}{row}  {n:>3}")
     return lines
 
 
