@@ -70,6 +70,13 @@ def test_paired_difference_interval_and_counts(tmp_path):
     assert cons["n"] == 3
     assert cons["difference"] == pytest.approx(-0.1 / 3)
     assert (cons["better"], cons["worse"], cons["ties"]) == (0, 1, 2)
+    # The cases left out are counted by the side that defines them.
+    assert (ggo["only_baseline"], ggo["only_candidate"]) == (0, 1)
+    assert (cons["only_baseline"], cons["only_candidate"]) == (0, 1)
+    lines = comparison_lines(result)
+    assert lines[-4].startswith("left out, defined on one side only")
+    assert lines[-3].split() == ["ggo", "Dice", "0", "baseline", "only,", "1", "candidate", "only"]
+    assert lines[-2].split() == ["consolidation", "Dice", "0", "baseline", "only,", "1", "candidate", "only"]
 
 
 def test_several_evaluations_per_side_are_averaged_per_case_first(tmp_path):

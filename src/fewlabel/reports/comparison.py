@@ -186,9 +186,10 @@ def compare_evaluations(
     Returns:
         ``{"baseline": [files], "candidate": [files], "n_cases": N, "task": str, "ci_method":
         str, "rows": [{"metric", "class", "n", "baseline", "candidate", "difference", "ci95":
-        [lo, hi], "better", "worse", "ties", "p_sign", "per_case": [{"case", "baseline",
-        "candidate"}]}]}``; means over the paired cases, NaN where fewer than two cases pair
-        (interval) or none (everything).
+        [lo, hi], "better", "worse", "ties", "p_sign", "only_baseline", "only_candidate",
+        "per_case": [{"case", "baseline", "candidate"}]}]}``; means over the paired cases, NaN
+        where fewer than two cases pair (interval) or none (everything). ``only_baseline`` /
+        ``only_candidate`` count the cases left out because only that side defines the value.
 
     Raises:
         FewLabelError: if a side is empty or one evaluation is given twice.
@@ -261,6 +262,14 @@ def comparison_lines(result: dict) -> list[str]:
             f"  {_fmt(r['baseline']):>8}  {_fmt(r['candidate']):>9}  {_fmt(r['difference'], '+.3f'):>10}"
             f"  {interval:>17}  {r['n']:>3}  {counts:>17}  {_fmt(r['p_sign'], '.3g'):>11}"
         )
+    one_sided = [r for r in result["rows"] if r.get("only_baseline") or r.get("only_candidate")]
+    if one_sided:
+        lines.append("left out, defined on one side only (for Dice: no lesion, and that side predicted one):")
+        for r in one_sided:
+            lines.append(
+                f"  {pad(r['class'], width)}  {METRIC_NAMES.get(r['metric'], r['metric']):<11}"
+                f"  {r['only_baseline']} baseline only, {r['only_candidate']} candidate only"
+            )
     lines.append(f"interval: {result['ci_method']}; p: two-sided sign test, ties left out")
     return lines
 
@@ -433,6 +442,12 @@ def _side_means(side: Sequence[PerCaseMetrics], metric: str, cases: Sequence[str
 def _paired(base: np.ndarray, cand: np.ndarray, cases: Sequence[str]) -> dict:
     both = ~np.isnan(base) & ~np.isnan(cand)
     b, c = base[both], cand[both]
+    # Left out of the pairing, but not of the story: for Dice such a case has no lesion, and
+    # the side that scores it (0) predicted one there.
+    one_sided = {
+        "only_baseline": int((~np.isnan(base) & np.isnan(cand)).sum()),
+        "only_candidate": int((np.isnan(base) & ~np.isnan(cand)).sum()),
+    }
     paired_cases = [case for case, keep in zip(cases, both, strict=True) if keep]
     d = c - b
     n = int(d.size)
@@ -446,6 +461,7 @@ def _paired(base: np.ndarray, cand: np.ndarray, cases: Sequence[str]) -> dict:
         "worse": int((d < -_TIE).sum()),
         "ties": int((np.abs(d) <= _TIE).sum()),
         "p_sign": math.nan,
+        **one_sided,
         "per_case": [
             {"case": case, "baseline": float(x), "candidate": float(y)}
             for case, x, y in zip(paired_cases, b, c, strict=True)
