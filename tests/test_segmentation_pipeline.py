@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -139,9 +140,22 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     )  # exists, no --overwrite
     # Without --data: the checkpoint's own dataset and its held-out test patient.
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(report_dir), "--overwrite"]) == 0
-    assert [c["case"] for c in json.loads((report_dir / "summary.json").read_text())["metric_per_case"]] == [
-        case
-    ]
+    saved = (report_dir / "summary.json").read_text()
+    assert [c["case"] for c in json.loads(saved)["metric_per_case"]] == [case]
+    # The report names its masks where they end up, not in the folder it was built in.
+    assert json.loads(saved)["metric_per_case"][0]["prediction_file"] == str(
+        report_dir / "predictions" / f"{case}.nii.gz"
+    )
+    # A case failing half-way (a label value the model does not know) leaves the old report whole.
+    broken = tmp_path / "broken"
+    shutil.copytree(msd, broken)
+    last = sorted((broken / "labelsTr").glob("*.nii.gz"))[-1]
+    label = nib.load(last)
+    nib.save(nib.Nifti1Image(np.full(label.shape, 7, np.uint8), label.affine), last)
+    args = ["evaluate", "--checkpoint", ckpt, "--data", str(broken), "--split", "all"]
+    assert main([*args, "--output", str(report_dir), "--overwrite"]) == 2
+    assert (report_dir / "summary.json").read_text() == saved
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     # Evaluation settings can change after training (test-time augmentation); training settings cannot.
     tta_dir = tmp_path / "eval_tta"
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tta_dir), "--set", "eval.tta=true"]) == 0

@@ -13,8 +13,6 @@ outputs are only replaced with ``overwrite``.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ from fewlabel.config.classification import ClassificationAugment, Classification
 from fewlabel.engines.checkpoint import ensemble_paths
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.runs import RunDir
-from fewlabel.utils.files import check_replaceable
+from fewlabel.utils.files import check_replaceable, staged_folder
 from fewlabel.utils.runtime import torch_threads
 
 log = logging.getLogger(__name__)
@@ -443,16 +441,5 @@ def _staged_dir(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> I
     """Yield a hidden sibling folder to fill; rename it to ``output`` once complete."""
     output = Path(output)
     _check_output_dir(output, overwrite, inputs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_folder(output) as tmp:
         yield tmp
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,9 +13,6 @@ interrupted evaluation never leaves a folder that looks complete.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -301,15 +298,8 @@ def _overlays(
 
 def _write_atomically(output: Path, overwrite: bool, write) -> Path:
     """Build the report in a hidden sibling folder, then swap it in, so no half report is ever visible."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the report is an ordinary output folder
+    from fewlabel.utils.files import staged_folder
+
+    with staged_folder(output) as tmp:
         report = Path(write(tmp))
-        if output.exists() and overwrite:
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output / report.relative_to(tmp)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ from fewlabel.pipelines.segmentation_predict import (
     refuse_inside_inputs,
 )
 from fewlabel.runs import RunDir
-from fewlabel.utils.files import check_replaceable
+from fewlabel.utils.files import check_replaceable, staged_folder
 from fewlabel.utils.runtime import config_device, torch_threads
 from fewlabel.utils.text import short_list
 
@@ -188,15 +187,18 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
         return out
     model = load_segmentation_model(result.best_checkpoint, device)
     eval_dir = run.path / "eval"
-    _prepare_output(eval_dir, overwrite=True)
-    evaluation = evaluate_studies(
-        model,
-        records,
-        eval_dir,
-        title=f"Segmentation: {split} split ({model.meta.get('model_name', 'student')} model)",
-        context={"checkpoint": str(result.best_checkpoint), "split": split, "run": str(run.path)},
-    )
-    out.update(report=str(evaluation["report"]), metrics=evaluation["summary"])
+    _check_output(eval_dir, overwrite=True)
+    with staged_folder(eval_dir) as staging:
+        evaluation = evaluate_studies(
+            model,
+            records,
+            staging,
+            title=f"Segmentation: {split} split ({model.meta.get('model_name', 'student')} model)",
+            context={"checkpoint": str(result.best_checkpoint), "split": split, "run": str(run.path)},
+            published_as=eval_dir,
+        )
+    report = eval_dir / Path(evaluation["report"]).relative_to(staging)
+    out.update(report=str(report), metrics=evaluation["summary"])
     return out
 
 
@@ -415,6 +417,7 @@ def evaluate_studies(
     output: Path,
     title: str = "Segmentation report",
     context: dict[str, Any] | None = None,
+    published_as: Path | None = None,
 ) -> dict[str, Any]:
     """Predict labelled studies, score them and write the report.
 
@@ -431,6 +434,8 @@ def evaluate_studies(
         output: the report folder (created).
         title: report title.
         context: facts shown at the top of the report.
+        published_as: where ``output`` will be once complete, when it is a staging folder
+            (:func:`~fewlabel.utils.files.staged_folder`): the report names the masks there.
 
     Returns:
         ``{"report": path, "summary": summary dict, "cases": list of CaseResult}``.
@@ -480,7 +485,7 @@ def evaluate_studies(
             CaseResult(
                 case_id,
                 metrics,
-                prediction_file=str(mask_path),
+                prediction_file=str((published_as or output) / mask_path.relative_to(output)),
                 reference_file=str(record["label"]),
                 uncertainty=round(mask_uncertainty(probs), 4),
             )
@@ -636,20 +641,23 @@ def evaluate(
         # --data may be the members' own dataset again, split the first member's way.
         _refuse_seen_by_members(model, records, split, strict=data is None)
     refuse_inside_inputs(output, [Path(data_cfg.path)])
-    _prepare_output(Path(output), overwrite, [*checkpoints, Path(data_cfg.path)])
-    with torch_threads(cfg.run.num_threads):
+    output = Path(output)
+    _check_output(output, overwrite, [*checkpoints, Path(data_cfg.path)])
+    # Built aside and swapped in: a case failing half-way leaves the previous report intact.
+    with torch_threads(cfg.run.num_threads), staged_folder(output) as staging:
         result = evaluate_studies(
             model,
             records,
-            Path(output),
+            staging,
             title=f"Segmentation: {split} split of {data_cfg.path}",
             context={
                 "checkpoint": ", ".join(str(c) for c in checkpoints),
                 "data": str(data_cfg.path),
                 "split": split,
             },
+            published_as=output,
         )
-    return {"report": result["report"], "summary": result["summary"]}
+    return {"report": output / Path(result["report"]).relative_to(staging), "summary": result["summary"]}
 
 
 def _uncertainty_context(rho: dict[str, float]) -> dict[str, str]:
@@ -749,11 +757,9 @@ def evaluate_masks(
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_output(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
-    """Create a report folder; replace an existing one only when asked and only if it is a report."""
-    if output.exists() and any(output.iterdir()):
+def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse a report folder that exists, unless asked to replace it and it is a report."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         if not overwrite:
             raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
         check_replaceable(output, inputs)
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)

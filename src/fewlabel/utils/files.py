@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from fewlabel.errors import RunDirError
@@ -120,6 +122,34 @@ def check_replaceable(
             f"{folder}: exists and does not look like a fewlabel output folder (none of "
             f"{', '.join(markers)}); refusing to delete it, choose another output"
         )
+
+
+@contextmanager
+def staged_folder(output: str | Path) -> Iterator[Path]:
+    """Yield a hidden sibling of ``output`` to fill; swap it in for ``output`` once complete.
+
+    A command that fails half-way (a bad case, out of memory, Ctrl-C) then leaves the previous
+    ``output`` as it was, or none, never a half-written folder that looks like a finished one.
+    The caller decides beforehand whether ``output`` may be replaced (:func:`check_replaceable`).
+
+    Args:
+        output: the folder to create or replace.
+
+    Yields:
+        The temporary folder, on the same file system, with the permissions the umask gives.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary output folder
+        yield tmp
+        if output.is_dir() and not output.is_symlink():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _umask() -> int:
