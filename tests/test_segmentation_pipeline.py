@@ -1154,6 +1154,15 @@ def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(tmp_path, mo
         segmentation.load_segmentation_model(ckpt, eval_overrides=["model.features=[1]"])
 
 
+def test_a_merge_of_unknown_labels_stops_training_before_it_starts(msd, tmp_path, capsys):
+    args = ["train", str(DEMO_YAML), "--output-dir", str(tmp_path)]
+    for item in [f"data.path={msd}", "run.name=bad", *FAST, "eval.merge={any_lesion: [1, 2]}"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    assert "eval.merge: merged class 'any_lesion' must list foreground labels" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_test_time_augmentation_on_a_3d_model_is_warned_about(tmp_path, caplog):
     from fewlabel.networks.segmentation import build_segmentation_net
 

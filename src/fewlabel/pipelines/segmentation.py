@@ -111,8 +111,9 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
 
     datalist = build_datalist(cfg.data, cfg.run.seed)
     classes = list(datalist.classes)
-    # Checked now, not when the final evaluation would stop on it after the training.
+    # Checked now, not when the final evaluation would stop on them after the training.
     check_keep_largest(cfg.eval.keep_largest, classes)
+    _merged_class_names(cfg.eval.merge, classes)
     if not datalist.train:
         raise DataError(cfg.data.path, "no labelled training studies left after the validation/test split")
     if cfg.tcsm.enabled and datalist.unlabeled:
@@ -445,19 +446,16 @@ def evaluate_studies(
     """
     from fewlabel.data.readers import check_grid, read_label, write_mask
     from fewlabel.inference.uncertainty import mask_uncertainty, uncertainty_dice_correlation
-    from fewlabel.metrics.segmentation import CaseResult, class_names_with_merge, evaluate_case, overlay_cases
+    from fewlabel.metrics.segmentation import CaseResult, evaluate_case, overlay_cases
     from fewlabel.reports.segmentation import write_segmentation_report
 
     output = Path(output)
-    pred_dir = output / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     num_classes = len(model.classes)
     merge = dict(cfg.eval.merge) or None
-    try:
-        names = class_names_with_merge(model.classes, merge)
-    except ValueError as err:
-        raise ConfigError(f"eval.merge: {err}") from err
+    names = _merged_class_names(cfg.eval.merge, model.classes)
+    pred_dir = output / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
     foreground = list(range(1, num_classes))
     cases: list[CaseResult] = []
     files: dict[str, tuple[str, str, Path]] = {}
@@ -529,6 +527,20 @@ def evaluate_studies(
         report,
     )
     return {"report": report, "summary": summary, "cases": cases}
+
+
+def _merged_class_names(merge: dict[str, list[int]], classes: list[str]) -> list[str]:
+    """The class names with ``eval.merge``'s merged classes appended, refused when they do not fit.
+
+    Raises:
+        ConfigError: naming ``eval.merge`` when a merged class lists labels outside ``classes``.
+    """
+    from fewlabel.metrics.segmentation import class_names_with_merge
+
+    try:
+        return class_names_with_merge(classes, dict(merge) or None)
+    except ValueError as err:
+        raise ConfigError(f"eval.merge: {err}") from err
 
 
 def _overlay_entry(case_id: str, image: str, label: str, mask: Path, classes: list[str]) -> dict[str, Any]:
