@@ -43,7 +43,8 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(tmp_pat
     with pytest.raises(DataError), track_run(run):
         raise DataError(tmp_path / "case.nii.gz", "truncated NIfTI")
     again = create_run_dir(tmp_path, "exp")
-    assert sorted(p.name for p in again.path.iterdir()) == []
+    assert sorted(p.name for p in again.path.iterdir()) == ["status.json"]
+    assert again.read_status()["state"] == "created"
 
     # Anything more than config and status (a checkpoint, a log, a user's file) is kept safe,
     # and so is a run that is still running or completed.
@@ -57,6 +58,30 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(tmp_pat
         assert again.status_file.is_file()
         if extra:
             (again.path / extra).rmdir()
+
+
+def test_a_run_stopped_before_its_training_began_is_replaced_without_overwrite(tmp_path):
+    # Ctrl-C between the folder's creation and track_run (config written or not yet)
+    run = create_run_dir(tmp_path, "exp")
+    create_run_dir(tmp_path, "exp").config_file.write_text("task: segmentation\n")
+    again = create_run_dir(tmp_path, "exp")
+    assert again.path == run.path and again.read_status()["state"] == "created"
+
+
+def test_generated_run_names_never_share_or_replace_a_folder(tmp_path, monkeypatch):
+    import fewlabel.runs as runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261203-120000")  # one second
+    first = create_run_dir(tmp_path, None, "sweep")
+    (first.path / "checkpoints").mkdir()
+    second = create_run_dir(tmp_path, None, "sweep", overwrite=True)
+    third = create_run_dir(tmp_path, None, "sweep", overwrite=True)
+    assert [r.path.name for r in (first, second, third)] == [
+        "sweep-20261203-120000",
+        "sweep-20261203-120000-2",
+        "sweep-20261203-120000-3",
+    ]
+    assert (first.path / "checkpoints").is_dir()  # the first run's files are untouched
 
 
 def test_overwrite_replaces_only_a_run_folder(tmp_path):

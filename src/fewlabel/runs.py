@@ -95,7 +95,7 @@ class RunDir:
         """Atomically record the run's state.
 
         Args:
-            state: ``running``, ``failed`` or ``completed``.
+            state: ``created`` (training not started), ``running``, ``failed`` or ``completed``.
             **extra: more JSON-serialisable fields (error message, report path...).
         """
         status = self.read_status()
@@ -120,7 +120,9 @@ def create_run_dir(
 
     Args:
         output_dir: parent folder.
-        name: folder name; ``None`` makes ``<stem>-<YYYYmmdd-HHMMSS>``.
+        name: folder name; ``None`` makes ``<stem>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``...
+            appended when runs start in the same second (a generated name never replaces a
+            folder, whatever ``overwrite`` says).
         stem: prefix of generated names.
         overwrite: allow reusing an existing run folder (its old files are removed). A run
             folder that failed before training started (it holds only its config and a
@@ -137,7 +139,7 @@ def create_run_dir(
     """
     output_dir = Path(output_dir)
     if name is None:
-        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return _fresh_run_dir(output_dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     path = output_dir / name
     if path.exists():
         if not overwrite and _failed_before_training(path):
@@ -156,18 +158,49 @@ def create_run_dir(
         check_replaceable(path, inputs, markers=(STATUS_FILE,))
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    return RunDir(path)
+    return _claimed(RunDir(path))
+
+
+def _fresh_run_dir(output_dir: Path, name: str) -> RunDir:
+    """A new folder ``name``, or ``name-2``, ``name-3``...: claimed by an exclusive mkdir.
+
+    Runs of a sweep started in the same second would otherwise share (or, with --overwrite,
+    delete) one folder.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = output_dir / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return _claimed(RunDir(path))
+    raise RunDirError(f"{output_dir}: 999 runs named {name}-N exist already; set run.name")
+
+
+def _claimed(run: RunDir) -> RunDir:
+    # Marked at once: interrupted before its training starts, the folder is recognised as a
+    # run that never began, and the rerun replaces it without --overwrite.
+    run.write_status(CREATED)
+    return run
+
+
+#: State of a run folder whose training has not started yet.
+CREATED = "created"
 
 
 def _failed_before_training(path: Path) -> bool:
-    """Whether ``path`` is a failed run folder holding only its config, status and environment."""
-    if not path.is_dir() or {p.name for p in path.iterdir()} - {ENVIRONMENT_FILE} != {
-        CONFIG_FILE,
-        STATUS_FILE,
+    """Whether ``path`` is a run folder that never started training.
+
+    It holds only its config, status and environment, and its state is ``failed`` or
+    ``created`` (the process was stopped between the two).
+    """
+    if not path.is_dir() or {p.name for p in path.iterdir()} - {ENVIRONMENT_FILE, CONFIG_FILE} != {
+        STATUS_FILE
     }:
         return False
     try:
-        return RunDir(path).read_status().get("state") == "failed"
+        return RunDir(path).read_status().get("state") in ("failed", CREATED)
     except (OSError, ValueError):
         return False
 
@@ -206,9 +239,10 @@ def track_run(run: RunDir):
     from fewlabel.utils.environment import software_versions
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    run.record_session(software_versions(), started)
     run.write_status("running", started=started)
     try:
+        # Inside the try: importing MONAI takes seconds, and a Ctrl-C there is a failed run too.
+        run.record_session(software_versions(), started)
         yield run
     except KeyboardInterrupt:
         run.write_status("failed", error="interrupted by the user")
