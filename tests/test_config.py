@@ -99,6 +99,11 @@ def test_dotted_overrides_are_typed(tmp_path):
         ("train.lr_head=yes", "train.lr_head", "takes numbers, not yes/no words"),
         ("data.val_fraction=no", "data.val_fraction", "takes numbers, not yes/no words"),
         ("model.image_size=on", "model.image_size", "takes numbers, not yes/no words"),
+        ("train.lr_head=.inf", "train.lr_head", "finite number"),
+        ("train.weight_decay=.nan", "train.weight_decay", "finite number"),
+        ("run.device=gpu", "run.device", "should match pattern"),
+        ("run.device=mps", "run.device", "should match pattern"),
+        ("run.seed=18446744073709551616", "run.seed", "less than or equal to 4294967295"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key, fragment):
@@ -246,6 +251,26 @@ def test_unavailable_device_is_a_config_error() -> None:
     assert config_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match=r"run.device='cuda'.*not available"):
         config_device("cuda")
+
+
+def test_a_mistyped_device_is_a_value_error_not_a_crash() -> None:
+    from fewlabel.utils import runtime
+
+    for name in ("gpu", "CPU", "cuda:-1", "meta"):
+        with pytest.raises(ValueError, match=f"{name!r}"):
+            runtime.select_device(name)
+
+
+def test_a_run_without_determinism_undoes_an_earlier_deterministic_one() -> None:
+    from fewlabel.utils.runtime import seed_everything
+
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        seed_everything(0, deterministic=False)
 
 
 def test_a_gpu_index_beyond_the_machine_is_refused(monkeypatch) -> None:

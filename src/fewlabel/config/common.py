@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 # text is expected, because YAML reads unquoted names such as the grade folders 0 to 4 as
 # integers.
 _STRICT = ConfigDict(
-    extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    extra="forbid",
+    validate_assignment=True,
+    protected_namespaces=(),
+    coerce_numbers_to_str=True,
+    allow_inf_nan=False,
 )
 
 
@@ -87,8 +91,8 @@ class RunConfig(StrictModel):
 
     output_dir: str = "runs"
     name: str | None = None
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     deterministic: bool = False
     num_threads: int = Field(0, ge=0)
 
