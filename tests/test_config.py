@@ -253,6 +253,16 @@ def test_unavailable_device_is_a_config_error() -> None:
         config_device("cuda")
 
 
+@pytest.mark.parametrize(
+    ("task", "classes"),
+    [("classification", ["a", "b", "b"]), ("segmentation", ["background", "lesion", "lesion"])],
+)
+def test_a_class_named_twice_is_refused(tmp_path, task, classes):
+    path = _write(tmp_path, {"task": task, "data": {"path": "x", "classes": classes}})
+    with pytest.raises(ConfigError, match=r"data: .*classes names '(b|lesion)' more than once"):
+        load_config(path)
+
+
 def test_a_mistyped_device_is_a_value_error_not_a_crash() -> None:
     from fewlabel.utils import runtime
 

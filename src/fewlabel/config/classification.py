@@ -13,6 +13,7 @@ from fewlabel.config.common import (
     RunConfig,
     SchedulerName,
     StrictModel,
+    check_distinct_classes,
     check_folds,
 )
 
@@ -77,6 +78,7 @@ class ClassificationData(StrictModel):
     def _fractions(self) -> ClassificationData:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave cases for training (< 1)")
+        check_distinct_classes(self.classes)
         check_folds(self.folds, self.fold)
         return self
 

@@ -123,6 +123,25 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 SchedulerName = Literal["none", "cosine", "step"]
 
 
+def check_distinct_classes(classes: list[str] | None) -> None:
+    """Refuse a ``data.classes`` list that names a class twice.
+
+    A repeated folder name would list its images under two labels, and a repeated segmentation
+    class would give two report columns one name.
+
+    Args:
+        classes: the configured class names, or ``None``.
+
+    Raises:
+        ValueError: naming the repeated classes.
+    """
+    if classes is None:
+        return
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise ValueError(f"classes names {', '.join(repr(n) for n in repeated)} more than once")
+
+
 def check_folds(folds: int, fold: int) -> None:
     """Validate the ``data.folds`` / ``data.fold`` pair of a data section.
 

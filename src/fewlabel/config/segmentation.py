@@ -13,6 +13,7 @@ from fewlabel.config.common import (
     RunConfig,
     SchedulerName,
     StrictModel,
+    check_distinct_classes,
     check_folds,
 )
 
@@ -64,6 +65,7 @@ class SegmentationData(StrictModel):
             raise ValueError("val_fraction + test_fraction must leave cases for training (< 1)")
         if self.classes is not None and len(self.classes) < 2:
             raise ValueError("classes needs at least background and one foreground class")
+        check_distinct_classes(self.classes)
         check_folds(self.folds, self.fold)
         return self
 
