@@ -37,6 +37,7 @@ def test_a_batch_of_one_needs_feature_maps_larger_than_one_pixel(tmp_path):
         load_config(path, ["train.batch_size=1", "model.image_size=40"])
     load_config(path, ["train.batch_size=1", f"model.image_size={MIN_SIZE_FOR_BATCH_OF_ONE}"])
     load_config(path, ["train.batch_size=2", "model.image_size=32"])
+    load_config(path, ["train.batch_size=1", "model.image_size=32", "train.mode=bottleneck"])
     # The limit is the network's: one pixel less and a training step fails.
     torch.manual_seed(0)
     net = build_googlenet(3, "none", "none", 0.2, True).train()
@@ -260,6 +261,22 @@ def test_unavailable_device_is_a_config_error() -> None:
 def test_a_class_named_twice_is_refused(tmp_path, task, classes):
     path = _write(tmp_path, {"task": task, "data": {"path": "x", "classes": classes}})
     with pytest.raises(ConfigError, match=r"data: .*classes names '(b|lesion)' more than once"):
+        load_config(path)
+
+
+def test_yaml_anchors_merge_keys_and_empty_sections_are_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "task: segmentation\n"
+        "data: {path: x}\n"
+        "train:\n  <<: &fast {max_epochs: 2, lr: 0.01}\n  lr: 0.02\n"
+        "tcsm:\n  # enabled: true\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.train.max_epochs, cfg.train.lr) == (2, 0.02)  # merged, then the own key wins
+    assert cfg.tcsm.enabled is False  # the commented-out section keeps its defaults
+    path.write_text("task: segmentation\ndata: {path: x}\ntrain:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
         load_config(path)
 
 

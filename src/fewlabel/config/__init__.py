@@ -68,6 +68,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    # A section whose keys are all commented out reads as null: it means the defaults.
+    raw = {key: {} if value is None and key != "task" else value for key, value in raw.items()}
     raw = apply_overrides(raw, overrides or [])
     return parse_config(raw, source=str(path))
 
@@ -86,6 +88,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults": its keys may be replaced by the mapping's own
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise _DuplicateKeyError(

@@ -197,8 +197,13 @@ class ClassificationExperiment(ExperimentModel):
     @model_validator(mode="after")
     def _batch_norm_has_values(self) -> ClassificationExperiment:
         # Below 47 pixels GoogLeNet's last feature maps are 1x1, and batch norm in training
-        # mode cannot normalise a single value per channel.
-        if self.train.batch_size == 1 and self.model.image_size < MIN_SIZE_FOR_BATCH_OF_ONE:
+        # mode cannot normalise a single value per channel. The bottleneck mode trains only the
+        # linear classifier on features extracted in eval mode: no batch norm trains.
+        if (
+            self.train.batch_size == 1
+            and self.model.image_size < MIN_SIZE_FOR_BATCH_OF_ONE
+            and self.train.mode != "bottleneck"
+        ):
             raise ValueError(
                 f"train.batch_size: 1 needs model.image_size of at least {MIN_SIZE_FOR_BATCH_OF_ONE} "
                 f"(got {self.model.image_size}): GoogLeNet's last feature maps are then 1x1 and "
