@@ -584,6 +584,32 @@ def test_feature_cache_is_extracted_again_when_a_label_changes(tmp_path):
     assert cached_features(path, corrected, lambda: pytest.fail("extracted again"), 1, "other")
 
 
+def test_a_resumed_position_counts_the_epoch_it_was_saved_in():
+    from fewlabel.engines.classification import _resume_position
+
+    assert _resume_position({"epoch": 2, "iteration": 0}, 4) == (2, 0)  # an epoch end
+    # mid-epoch, saved by one process with 4 iterations an epoch: 3 of epoch 2 done
+    assert _resume_position({"epoch": 1, "iteration": 7, "epoch_length": 4}, 4) == (1, 3)
+    # resumed where epochs have 3 iterations (iteration 7 // 3 would claim epoch 3 done):
+    # 2 done is still epoch 2, and 3 done completes it
+    assert _resume_position({"epoch": 1, "iteration": 6, "epoch_length": 4}, 3) == (1, 2)
+    assert _resume_position({"epoch": 1, "iteration": 7, "epoch_length": 4}, 3) == (2, 0)
+    assert _resume_position({"epoch": 1, "iteration": 7}, 4) == (1, 3)  # before epoch_length was saved
+
+
+def test_a_finished_stage_goes_on_when_resumed_with_more_epochs(tmp_path):
+    from fewlabel.engines.classification import _stage_goes_on
+
+    cfg = parse_config(
+        {"task": "classification", "data": {"path": str(tmp_path)}, "train": {"max_epochs": 4}}
+    )
+    done = {"stage_done": True, "engine": {"epoch": 2, "iteration": 0}}
+    assert _stage_goes_on(cfg, "finetune", {**done, "early_stopped": False})
+    assert not _stage_goes_on(cfg, "finetune", {**done, "early_stopped": True})  # stopped early: stays done
+    assert not _stage_goes_on(cfg, "finetune", done)  # a checkpoint from before the flag
+    assert not _stage_goes_on(cfg, "finetune", {**done, "early_stopped": False, "engine": {"epoch": 4}})
+
+
 def test_fine_tuning_with_random_frozen_layers_is_warned_about(tmp_path, caplog):
     from fewlabel.engines.classification import warn_random_frozen_layers
 

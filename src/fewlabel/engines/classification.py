@@ -46,7 +46,11 @@ from ignite.handlers import EarlyStopping
 from ignite.metrics import Average
 from torch import nn
 
-from fewlabel.config.classification import ClassificationExperiment, ClassificationTrain
+from fewlabel.config.classification import (
+    MIN_SIZE_FOR_BATCH_OF_ONE,
+    ClassificationExperiment,
+    ClassificationTrain,
+)
 from fewlabel.data.sampling import ResumableSampler
 from fewlabel.engines.bottleneck import (
     FEATURES_DIR,
@@ -63,6 +67,7 @@ from fewlabel.engines.classification_eval import (
     rank_shard,
 )
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
+from fewlabel.engines.schedules import load_scheduler_state
 from fewlabel.errors import CheckpointError, ConfigError, FewLabelError
 from fewlabel.metrics.classification import best_metric_key, classification_metrics, is_better
 from fewlabel.runs import RunDir
@@ -371,7 +376,7 @@ def train_classifier(
         if index < start_stage:
             continue
         stage_state = state if (state and index == start_stage) else None
-        if stage_state and stage_state.get("stage_done"):
+        if stage_state and stage_state.get("stage_done") and not _stage_goes_on(cfg, stage, stage_state):
             continue
         epoch_offset = _epoch_offset(cfg, stages, index)
         if stage == "bottleneck":
@@ -420,6 +425,34 @@ def _start_from_best(ctx: _Context) -> None:
 def _epoch_offset(cfg: ClassificationExperiment, stages: list[str], index: int) -> int:
     lengths = {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
     return sum(lengths[s] for s in stages[:index])
+
+
+def _resume_position(engine_state: dict[str, Any], epoch_length: int) -> tuple[int, int]:
+    """``(completed epochs, iterations done in the next one)`` of a saved engine position.
+
+    The iterations done are counted in the saved epoch's length, so a run resumed on another
+    number of processes (whose epochs may have another length at small image sizes) goes on
+    in the epoch it was in; an epoch already complete at the new length is counted as done.
+    """
+    epoch = int(engine_state["epoch"])
+    iteration = int(engine_state.get("iteration", 0))
+    if not iteration:
+        return epoch, 0
+    saved_length = int(engine_state.get("epoch_length") or epoch_length)
+    done = iteration - epoch * saved_length
+    if done >= epoch_length:
+        return epoch + 1, 0
+    return epoch, max(done, 0)
+
+
+def _stage_goes_on(cfg: ClassificationExperiment, stage: str, state: dict[str, Any]) -> bool:
+    """Whether a stage saved as done has epochs left: the run resumes with a larger epoch count.
+
+    A stage stopped early stays done; so does one from a checkpoint that predates the flag.
+    """
+    lengths = {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
+    early = state.get("early_stopped", True)
+    return not early and int(state["engine"]["epoch"]) < lengths[stage]
 
 
 def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | None:
@@ -504,8 +537,13 @@ def _image_loaders(ctx: _Context, dataset: Any) -> tuple[Any, Any | None]:
         cfg.data.num_workers,
         sampler,
         generator,
-        # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes.
-        drop_last=len(sampler) % batch_size == 1 and len(sampler) > 1,
+        # A lone last image would give BatchNorm a batch of one 1x1 map at small input sizes;
+        # otherwise every image trains, and the epoch length does not depend on the rank count.
+        drop_last=(
+            cfg.model.image_size < MIN_SIZE_FOR_BATCH_OF_ONE
+            and len(sampler) % batch_size == 1
+            and len(sampler) > 1
+        ),
         device=ctx.device,
     )
     val_loader = None
@@ -737,25 +775,23 @@ def _run_stage(
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
+            load_scheduler_state(scheduler, state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if stopper is not None and state.get("early_stopping"):
             stopper.load_state_dict(state["early_stopping"])
         engine_state = dict(state["engine"])
-        if engine_state["epoch"] >= max_epochs:
+        epoch, done = _resume_position(engine_state, len(train_loader))
+        if epoch >= max_epochs:
             return
-        iteration = int(engine_state.get("iteration", 0))
-        position = {"iteration": iteration} if iteration else {"epoch": int(engine_state["epoch"])}
+        position = {"iteration": epoch * len(train_loader) + done} if done else {"epoch": epoch}
         trainer.load_state_dict({**position, "max_epochs": max_epochs, "epoch_length": len(train_loader)})
+        iteration = position.get("iteration", 0)
         sampler = getattr(train_loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
-            done = iteration % len(train_loader) if iteration else 0
             # Iterations count global batches whatever the number of processes; the sampler
             # counts this rank's samples, so a run may resume on a different number of processes.
-            sampler.resume(
-                epoch=int(engine_state["epoch"]), samples_done=done * cfg.train.batch_size // world_size()
-            )
+            sampler.resume(epoch=epoch, samples_done=done * cfg.train.batch_size // world_size())
         saved_loss = state.get("train_loss") or {}
         # One process's running sum: with several, each rank holds its own and only rank 0's is saved.
         if iteration and saved_loss.get("world_size") == 1 and world_size() == 1:
@@ -780,10 +816,12 @@ def _run_stage(
                 ),
                 "stage": stage,
                 "stage_done": at_epoch_end and (engine.state.epoch >= max_epochs or stopped["early"]),
+                "early_stopped": stopped["early"],
                 # An iteration inside an epoch resumes there; at an epoch end, at the next epoch.
                 "engine": {
                     "epoch": engine.state.epoch if at_epoch_end else engine.state.epoch - 1,
                     "iteration": 0 if at_epoch_end else engine.state.iteration,
+                    "epoch_length": engine.state.epoch_length,
                 },
                 "global_epoch": epoch_offset
                 + (engine.state.epoch if at_epoch_end else engine.state.epoch - 1),

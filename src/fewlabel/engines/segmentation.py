@@ -40,6 +40,7 @@ from fewlabel import __version__
 from fewlabel.config.segmentation import SegmentationExperiment, SegmentationLoss, SegmentationTrain
 from fewlabel.engines.checkpoint import load_checkpoint, save_checkpoint
 from fewlabel.engines.handlers import ResumableCheckpointer, TrainingHistory
+from fewlabel.engines.schedules import load_scheduler_state
 from fewlabel.errors import CheckpointError, FewLabelError
 from fewlabel.losses.continuous_dice import ContinuousDiceLoss
 from fewlabel.runs import RunDir
@@ -573,7 +574,7 @@ def _restore(
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
+                load_scheduler_state(scheduler, ckpt["scheduler"])
             _restore_scaler_at_start(trainer, ckpt.get("scaler"))
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: does not match this model/optimizer: {err}") from err

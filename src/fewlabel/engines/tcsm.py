@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fewlabel.config.segmentation import TCSMConfig
 from fewlabel.engines.ramps import sigmoid_rampup
+from fewlabel.engines.schedules import load_scheduler_state
 from fewlabel.errors import CheckpointError, DataError
 from fewlabel.losses.consistency import ConsistencyLoss
 from fewlabel.transforms.consistency import InPlaneTransform, apply_per_sample, sample_transforms
@@ -512,7 +513,7 @@ class TCSMTrainer(Trainer):
             raise CheckpointError(f"cannot restore the TCSM trainer: {err}") from err
         self.optimizer.load_state_dict(state_dict["optimizer"])
         if self.lr_scheduler is not None and state_dict["lr_scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
+            load_scheduler_state(self.lr_scheduler, state_dict["lr_scheduler"])
         if state_dict["scaler"]:
             self.scaler.load_state_dict(state_dict["scaler"])
         warmup = getattr(self.ema, "momentum_scheduler", None) if self.ema is not None else None
