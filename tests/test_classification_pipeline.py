@@ -610,6 +610,17 @@ def test_a_finished_stage_goes_on_when_resumed_with_more_epochs(tmp_path):
     assert not _stage_goes_on(cfg, "finetune", {**done, "early_stopped": False, "engine": {"epoch": 4}})
 
 
+def test_a_one_grade_validation_split_selects_by_loss(caplog):
+    from fewlabel.engines.classification import selectable_metric
+
+    with caplog.at_level("WARNING"):
+        assert selectable_metric("auc", [1, 1, 1], ["no", "yes"]) == "loss"
+    assert "holds one grade only (yes): auc is undefined on it" in caplog.text
+    assert selectable_metric("kappa", [0, 0], ["a", "b", "c"]) == "loss"
+    assert selectable_metric("kappa", [0, 2], ["a", "b", "c"]) == "kappa"
+    assert selectable_metric("accuracy", [0, 0], ["a", "b"]) == "accuracy"  # defined on one grade
+
+
 def test_fine_tuning_with_random_frozen_layers_is_warned_about(tmp_path, caplog):
     from fewlabel.engines.classification import warn_random_frozen_layers
 

@@ -244,6 +244,33 @@ def build_scheduler(
 # --------------------------------------------------------------------------- training
 
 
+def selectable_metric(metric: str, val_labels: Sequence[int], classes: Sequence[str]) -> str:
+    """The selection metric, or ``loss`` when the validation split makes it undefined.
+
+    AUC needs both a grade and another one to rank, and kappa is undefined when the truth and
+    the predictions are one grade; with one grade in the validation split every epoch would
+    score ``n/a``, ``best.pt`` would stay at the first epoch and early stopping would fire.
+
+    Args:
+        metric: the resolved ``train.best_metric``.
+        val_labels: the validation images' class indices.
+        classes: the class names.
+
+    Returns:
+        ``metric``, or ``loss`` with a warning.
+    """
+    present = sorted(set(val_labels))
+    if metric in ("auc", "kappa") and len(present) < 2:
+        log.warning(
+            "the validation split holds one grade only (%s): %s is undefined on it, so the best "
+            "checkpoint is selected by the validation loss instead",
+            ", ".join(classes[i] for i in present),
+            metric,
+        )
+        return "loss"
+    return metric
+
+
 def warn_random_frozen_layers(cfg: ClassificationExperiment) -> bool:
     """Warn when fine-tuning would keep randomly initialised layers frozen.
 
@@ -348,6 +375,8 @@ def train_classifier(
     warn_random_frozen_layers(cfg)
     has_val = bool(dataset.splits.get("val"))
     metric = best_metric_key(cfg.train.best_metric, len(classes)) if has_val else None
+    if metric is not None:
+        metric = selectable_metric(metric, [int(r["label"]) for r in dataset.splits["val"]], classes)
     if not has_val:
         log.warning("no validation images: best.pt will be the model after the last epoch")
     if is_main_process():
