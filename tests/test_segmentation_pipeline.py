@@ -155,6 +155,17 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
     args = ["evaluate", "--checkpoint", ckpt, "--data", str(broken), "--split", "all"]
     assert main([*args, "--output", str(report_dir), "--overwrite"]) == 2
     assert (report_dir / "summary.json").read_text() == saved
+    # A dataset whose dataset.json names its labels otherwise is refused, not scored swapped.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(msd, renamed)
+    meta = json.loads((renamed / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "1": "tumour"}
+    (renamed / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"dataset.json labels \['background', 'tumour'\] differ from the model's"
+    ):
+        segmentation.evaluate(Path(ckpt), str(renamed), tmp_path / "eval_renamed", split="all")
+    assert not (tmp_path / "eval_renamed").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     # Evaluation settings can change after training (test-time augmentation); training settings cannot.
     tta_dir = tmp_path / "eval_tta"

@@ -529,6 +529,23 @@ def evaluate_studies(
     return {"report": report, "summary": summary, "cases": cases}
 
 
+def _refuse_other_declared_classes(data: Path, classes: list[str]) -> None:
+    """Refuse ``--data`` whose ``dataset.json`` names its labels otherwise than the model.
+
+    The model's class list is imposed on ``--data`` (a plain folder names no classes), so a
+    dataset with label 1 = consolidation and 2 = GGO would be scored with the two swapped.
+    """
+    from fewlabel.data.segmentation import load_records
+
+    _, _, declared = load_records(data, "auto", None)
+    if declared is not None and list(declared) != list(classes):
+        raise DataError(
+            data,
+            f"its dataset.json labels {list(declared)} differ from the model's classes {classes}; "
+            "relabel the masks, or score a dataset with the same labels",
+        )
+
+
 def _merged_class_names(merge: dict[str, list[int]], classes: list[str]) -> list[str]:
     """The class names with ``eval.merge``'s merged classes appended, refused when they do not fit.
 
@@ -623,6 +640,7 @@ def evaluate(
     if split == "all":
         fields.update(folds=0, fold=0)
     if data is not None:
+        _refuse_other_declared_classes(Path(data), model.classes)
         fields.update(path=str(data), format="auto", image_root=None, test_path=None, classes=model.classes)
     data_cfg = SegmentationData.model_validate(fields)
     try:
