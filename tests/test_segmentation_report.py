@@ -245,6 +245,14 @@ def test_unmatched_files_are_listed(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_predict_probability_maps_beside_their_masks_are_not_cases(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    _save_nifti(pred_dir / "case_a_probabilities.nii.gz", np.zeros((4, 4, 3)))  # eval.save_probabilities
+    (pred_dir / "case_b_prob_lesion.png").write_bytes(b"")
+    result = evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    assert result["summary"]["n_cases"] == 2
+
+
 def test_bad_masks_raise_data_errors(tmp_path):
     pred_dir, gt_dir = _nifti_folders(tmp_path)
     _save_nifti(pred_dir / "case_b.nii", np.zeros((4, 4, 2)))

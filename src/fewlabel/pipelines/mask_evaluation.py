@@ -67,8 +67,19 @@ def case_name(path: str | Path) -> str | None:
     return None
 
 
+def _probability_map_of(name: str) -> str | None:
+    """The case whose ``predict`` probability map ``name`` would be (``a_probabilities``, ``a_prob_ggo``)."""
+    if name.endswith("_probabilities"):
+        return name[: -len("_probabilities")]
+    case, sep, _ = name.rpartition("_prob_")
+    return case if sep else None
+
+
 def index_masks(folder: Path, kind: str = "mask") -> dict[str, Path]:
     """Map case names to the mask files of a folder (not recursive; hidden files skipped).
+
+    ``fewlabel predict``'s probability maps (``<case>_probabilities.nii.gz``,
+    ``<case>_prob_<class>.png``) next to their case's mask are skipped too.
 
     Args:
         folder: the folder.
@@ -93,6 +104,11 @@ def index_masks(folder: Path, kind: str = "mask") -> dict[str, Path]:
         if name in found:
             raise DataError(folder, f"two files for case {name!r}: {found[name].name} and {path.name}")
         found[name] = path
+    # fewlabel predict's probability maps beside the masks they belong to are not cases.
+    maps = [name for name in found if _probability_map_of(name) in found]
+    for name in maps:
+        del found[name]
+    skipped += len(maps)
     if not found:
         raise DataError(folder, f"holds no {kind} files ({', '.join(MASK_SUFFIXES)})")
     if skipped:
