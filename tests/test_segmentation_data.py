@@ -87,6 +87,29 @@ def test_nnunet_v2_labels_and_file_naming(tmp_path: Path) -> None:
     assert [r["id"] for r in msd_test_records(root)] == ["lung_100"]
 
 
+def test_nnunet_case_ids_are_the_label_names_listed_or_scanned(tmp_path: Path) -> None:
+    # A training list naming <case>_0000 images gives the ids a scan of imagesTr/ gives.
+    root = tmp_path / "listed"
+    for case in ("lung_001", "lung_002"):
+        _touch(root / "imagesTr" / f"{case}_0000.nii.gz")
+        _touch(root / "labelsTr" / f"{case}.nii.gz")
+    training = [
+        {"image": f"./imagesTr/{c}_0000.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
+        for c in ("lung_001", "lung_002")
+    ]
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "lesion": 1}, "training": training})
+    )
+    assert [r["id"] for r in load_records(root)[0]] == ["lung_001", "lung_002"]
+    # Names ending in four digits are cases when a label of the same name exists, not channels.
+    scanned = tmp_path / "scanned"
+    for case in ("patient_0001", "scan_0000"):
+        _touch(scanned / "imagesTr" / f"{case}.nii.gz")
+        _touch(scanned / "labelsTr" / f"{case}.nii.gz")
+    (scanned / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    assert [r["id"] for r in load_records(scanned)[0]] == ["patient_0001", "scan_0000"]
+
+
 def test_msd_errors_name_the_problem(tmp_path: Path) -> None:
     root = _msd(tmp_path / "gap", {"0": "background", "2": "tumour"}, ["a"])
     with pytest.raises(DataError, match=r"0\.\.n-1 without gaps"):

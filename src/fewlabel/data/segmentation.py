@@ -304,7 +304,11 @@ def _load_msd(root: Path) -> tuple[list[dict], list[dict], list[str] | None]:
             label = entry.get("label")
             if not label:
                 raise DataError(file, f"training entry for {entry['image']} has no label")
-            labelled.append(_record(image, _resolve(root, label, file, "training label")))
+            label_path = _resolve(root, label, file, "training label")
+            # nnU-Net v2 lists images as <case>_0000 beside labels named <case>: the case is
+            # the label's name, as when imagesTr/ is scanned.
+            nnunet = study_name(image) == f"{study_name(label_path)}_0000"
+            labelled.append(_record(image, label_path, case_id=study_name(label_path) if nnunet else None))
     else:
         labelled = _scan_nnunet(root)
     unlabelled = []
@@ -325,13 +329,18 @@ def _scan_nnunet(root: Path) -> list[dict]:
     channel = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
     for image in files:
         stem = study_name(image)
+        suffix = image.name[len(stem) :]
+        if (labels_dir / f"{stem}{suffix}").is_file():
+            # <case>.nii.gz with its label of the same name, whatever digits end the name
+            # (patient_0001 is a case, not channel 1 of "patient").
+            records.append(_record(image, labels_dir / f"{stem}{suffix}", case_id=stem))
+            continue
         match = channel.match(stem)
         if match and match.group("ch") != "0000":
             raise DataError(
                 image, "multi-channel cases (_0001, ...) are not supported; keep one channel (_0000)"
             )
         case = match.group("case") if match else stem
-        suffix = image.name[len(stem) :]
         label = labels_dir / f"{case}{suffix}"
         if not label.is_file():
             raise DataError(image, f"no label for this image (expected {labels_dir / (case + suffix)})")
