@@ -110,6 +110,13 @@ def test_nnunet_case_ids_are_the_label_names_listed_or_scanned(tmp_path: Path) -
     assert [r["id"] for r in load_records(scanned)[0]] == ["patient_0001", "scan_0000"]
 
 
+def test_a_test_path_holding_the_training_files_is_refused(tmp_path: Path) -> None:
+    root = _msd(tmp_path / "data", {"0": "background", "1": "lesion"}, ["a", "b", "c", "d"])
+    cfg = SegmentationData(path=str(root), test_path=str(root), val_fraction=0.0)
+    with pytest.raises(DataError, match=r"4 test studies are files of data.path too"):
+        build_datalist(cfg, seed=0)
+
+
 def test_msd_errors_name_the_problem(tmp_path: Path) -> None:
     root = _msd(tmp_path / "gap", {"0": "background", "2": "tumour"}, ["a"])
     with pytest.raises(DataError, match=r"0\.\.n-1 without gaps"):

@@ -167,6 +167,18 @@ def test_supervised_train_then_evaluate_and_predict(msd, tmp_path):
         segmentation.evaluate(Path(ckpt), str(renamed), tmp_path / "eval_renamed", split="all")
     assert not (tmp_path / "eval_renamed").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # A model whose data.test_path holds studies named like its training ones: --split all would
+    # write two masks under one name; and no report goes inside the test data.
+    stored = load_checkpoint(Path(ckpt))
+    stored["meta"]["config"]["data"]["test_path"] = str(broken)
+    with_test = save_checkpoint(stored, tmp_path / "with_test.pt")
+    with pytest.raises(
+        DataError, match=r"--split all: cases .* are named alike in data.path and data.test_path"
+    ):
+        segmentation.evaluate(with_test, None, tmp_path / "eval_dup", split="all")
+    with pytest.raises(DataError, match="refusing to write into the input folder"):
+        segmentation.evaluate(with_test, None, broken / "labelsTr" / "report", split="test")
+    assert not (broken / "labelsTr" / "report").exists()
     # Evaluation settings can change after training (test-time augmentation); training settings cannot.
     tta_dir = tmp_path / "eval_tta"
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(tta_dir), "--set", "eval.tta=true"]) == 0

@@ -420,6 +420,18 @@ def _load_csv(path: Path, image_root: str | Path | None) -> tuple[list[dict], li
     return labelled, unlabelled
 
 
+def _refuse_shared_files(training: list[dict], test: list[dict], test_path: str | Path) -> None:
+    """Refuse test studies that are the very files of ``data.path``: scored where they trained."""
+    seen = {Path(r["image"]).resolve() for r in training}
+    shared = [r["image"] for r in test if Path(r["image"]).resolve() in seen]
+    if shared:
+        raise DataError(
+            test_path,
+            f"{len(shared)} test studies are files of data.path too (e.g. {shared[0]}); "
+            "point data.test_path at held-out studies, or leave it unset for a test_fraction split",
+        )
+
+
 def _warn_shared_patients(labelled: list[dict], test: list[dict], test_path: str | Path) -> None:
     # Patient ids derived from file names can coincide in two folders by chance, so this warns
     # instead of refusing; when they are the same patients the test scores are optimistic.
@@ -613,6 +625,7 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
     else:
         fractions["test"] = cfg.test_fraction
     if test:
+        _refuse_shared_files(labelled + unlabelled, test, cfg.test_path)
         _warn_shared_patients(labelled, test, cfg.test_path)
     parts = split_cases(None, [r["patient_id"] for r in labelled], fractions, seed, cfg.folds, cfg.fold)
     train = [labelled[i] for i in parts["train"]]

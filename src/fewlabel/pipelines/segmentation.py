@@ -667,10 +667,21 @@ def evaluate(
         raise DataError(
             data_cfg.path, f"the {split!r} split holds no labelled studies; choose another --split (e.g. all)"
         )
+    names = [str(r.get("id") or case_name(r["image"])) for r in records]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(
+            data_cfg.test_path or data_cfg.path,
+            f"--split {split}: cases {short_list(repeated)} are named alike in data.path and "
+            "data.test_path, and their masks and rows would overwrite each other; score the splits apart",
+        )
     if split in ("val", "test") and isinstance(model, ModelEnsemble):
         # --data may be the members' own dataset again, split the first member's way.
         _refuse_seen_by_members(model, records, split, strict=data is None)
-    refuse_inside_inputs(output, [Path(data_cfg.path)])
+    # Not inside any folder read: the data, the test data, or those a CSV lists studies in.
+    read = {Path(p) for p in (data_cfg.path, data_cfg.test_path) if p}
+    read |= {Path(r[key]).parent for r in records for key in ("image", "label") if r.get(key)}
+    refuse_inside_inputs(output, sorted(read))
     output = Path(output)
     _check_output(output, overwrite, [*checkpoints, Path(data_cfg.path)])
     # Built aside and swapped in: a case failing half-way leaves the previous report intact.
