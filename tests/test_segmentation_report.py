@@ -253,6 +253,19 @@ def test_predict_probability_maps_beside_their_masks_are_not_cases(tmp_path):
     assert result["summary"]["n_cases"] == 2
 
 
+def test_masks_saved_as_0_and_255_are_refused_with_the_fix(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    for folder in (pred_dir, gt_dir):
+        _save_png(folder / "a.png", GT_2D.clip(0, 1) * 255)
+    with pytest.raises(
+        DataError, match=r"gt: the masks hold only the values 0 and 255.*save the lesion as 1"
+    ):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_masks_raise_data_errors(tmp_path):
     pred_dir, gt_dir = _nifti_folders(tmp_path)
     _save_nifti(pred_dir / "case_b.nii", np.zeros((4, 4, 2)))

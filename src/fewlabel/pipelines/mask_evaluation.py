@@ -155,7 +155,14 @@ def evaluate_masks(
     _check_matching(preds, gts, pred_dir, gt_dir)
 
     if classes is None:
-        top = max(_max_label(p) for p in [*preds.values(), *gts.values()])
+        values = set().union(*(_label_values(p) for p in [*preds.values(), *gts.values()]))
+        if values == {0, 255} or values == {255}:
+            raise DataError(
+                gt_dir,
+                "the masks hold only the values 0 and 255: binary masks saved as 0/255 pixels, which "
+                "would be scored as 255 classes; save the lesion as 1 (or pass --classes for 256 classes)",
+            )
+        top = max(values)
         classes = ["background"] + [f"class_{k}" for k in range(1, max(top, 1) + 1)]
         log.info("classes not given; using %s from the largest label found", classes)
     classes = list(classes)
@@ -241,9 +248,9 @@ def _listing(names: Sequence[str]) -> str:
     return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-def _max_label(path: Path) -> int:
+def _label_values(path: Path) -> set[int]:
     labels = read_label(path, None).array
-    return int(labels.max()) if labels.size else 0
+    return {int(v) for v in np.unique(labels)} if labels.size else {0}
 
 
 def _axial_axis(study: Study) -> int:
