@@ -264,6 +264,18 @@ def test_a_class_named_twice_is_refused(tmp_path, task, classes):
         load_config(path)
 
 
+@pytest.mark.parametrize("name", ["001", "0123", "0x1F", "12:30", "2024-01-05", "+1", "1_000"])
+def test_names_in_a_config_file_are_kept_as_written(tmp_path, name):
+    # YAML 1.1 reads these as 1, 83, 31, 750, a date, 1 and 1000.
+    path = tmp_path / "c.yaml"
+    path.write_text(f"task: classification\ndata: {{path: x, classes: [00, 01]}}\nrun: {{name: {name}}}\n")
+    cfg = load_config(path)
+    assert cfg.run.name == name and cfg.data.classes == ["00", "01"]
+    path.write_text("task: classification\ndata: {path: x}\ntrain: {max_epochs: 012, lr_head: 1.5e-3}\n")
+    cfg = load_config(path)
+    assert (cfg.train.max_epochs, cfg.train.lr_head) == (12, 0.0015)  # numbers still read as numbers
+
+
 def test_yaml_anchors_merge_keys_and_empty_sections_are_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(

@@ -7,6 +7,7 @@ Every error names the offending key.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
@@ -98,6 +99,34 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# Numbers YAML 1.1 reads from text that does not look like one: 001, 0123 (octal 83), 0x1F,
+# 12:30 (sexagesimal 750), 1_000. Kept as written: a run named 001 must not become "1", and a
+# number field still parses the plain spellings.
+_PLAIN_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
+_PLAIN_FLOAT = re.compile(
+    r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF|nan|NaN|NAN)$"
+)
+
+
+def _int_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    text = str(node.value)
+    return loader.construct_yaml_int(node) if _PLAIN_INT.match(text) else text
+
+
+def _float_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | str:
+    text = str(node.value)
+    return loader.construct_yaml_float(node) if _PLAIN_FLOAT.match(text) else text
+
+
+def _timestamp_as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    return str(node.value)  # no setting is a date: 2024-01-05 is a name
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _int_as_written)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _float_as_written)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_written)
 
 
 def parse_config(raw: dict[str, Any], source: str = "config"):
