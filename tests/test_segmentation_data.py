@@ -117,6 +117,12 @@ def test_a_test_path_holding_the_training_files_is_refused(tmp_path: Path) -> No
         build_datalist(cfg, seed=0)
 
 
+def test_nnunets_ignore_label_is_refused_not_trained_as_a_class(tmp_path: Path) -> None:
+    root = _msd(tmp_path / "data", {"background": 0, "lesion": 1, "ignore": 2}, ["a"])
+    with pytest.raises(DataError, match=r"dataset.json: label 2 is nnU-Net's 'ignore' label"):
+        load_records(root)
+
+
 def test_msd_errors_name_the_problem(tmp_path: Path) -> None:
     root = _msd(tmp_path / "gap", {"0": "background", "2": "tumour"}, ["a"])
     with pytest.raises(DataError, match=r"0\.\.n-1 without gaps"):

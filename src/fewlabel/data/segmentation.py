@@ -273,7 +273,16 @@ def _classes_from_labels(file: Path, labels: Any) -> list[str] | None:
         raise DataError(file, f"label values must be 0..n-1 without gaps, found {indices}")
     if len(indices) < 2:
         raise DataError(file, "the labels map needs background and at least one foreground class")
-    return [by_index[i] for i in indices]
+    names = [by_index[i] for i in indices]
+    if names[-1].lower() == "ignore":
+        # nnU-Net v2's ignore label marks unannotated voxels; trained as a class, the model would
+        # learn to predict "not annotated" and be scored on it.
+        raise DataError(
+            file,
+            f"label {indices[-1]} is nnU-Net's 'ignore' label (unannotated voxels), which fewlabel does "
+            "not support; annotate those voxels, or give them a class of their own under another name",
+        )
+    return names
 
 
 def _resolve(root: Path, entry: Any, file: Path, what: str) -> Path:
