@@ -266,6 +266,18 @@ def test_masks_saved_as_0_and_255_are_refused_with_the_fix(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_overlay_image_on_another_grid_is_refused(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # same shape, mirrored left to right
+    for name in ("case_a", "case_b"):
+        _save_nifti(img_dir / f"{name}.nii.gz", np.zeros((4, 4, 3)), flipped)
+    with pytest.raises(DataError, match=r"img/case_.\.nii\.gz"):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out", image_dir=img_dir)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_masks_raise_data_errors(tmp_path):
     pred_dir, gt_dir = _nifti_folders(tmp_path)
     _save_nifti(pred_dir / "case_b.nii", np.zeros((4, 4, 2)))

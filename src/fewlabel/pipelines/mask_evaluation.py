@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fewlabel.data.readers import AFFINE_TOLERANCE, Study, array_axis_along, read_label, read_study
+from fewlabel.data.readers import (
+    AFFINE_TOLERANCE,
+    Study,
+    array_axis_along,
+    check_grid,
+    read_label,
+    read_study,
+)
 from fewlabel.errors import ConfigError, DataError, RunDirError
 from fewlabel.metrics.segmentation import (
     CaseResult,
@@ -306,6 +313,9 @@ def _overlays(
                     images[name],
                     f"image shape {study.array.shape} differs from ground truth {gt.path} shape {gt.array.shape}",
                 )
+            # The grid too: an image in another orientation would have the outlines drawn on
+            # the wrong anatomy.
+            check_grid(images[name], study.array.shape, study.affine, gt.path, gt.array.shape, gt.affine)
             image = study.array
         elif image_dir is not None:
             missing.append(name)
