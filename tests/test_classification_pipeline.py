@@ -327,6 +327,32 @@ def test_resume_continues_after_a_crash(tmp_path, fundus, monkeypatch):
     assert (run / "eval" / "report.html").is_file()
 
 
+def test_a_resume_between_the_two_stages_trains_as_a_run_never_stopped(tmp_path, fundus, monkeypatch):
+    from fewlabel.engines import classification as engine
+
+    cfg = _write_config(
+        tmp_path / "st.yaml",
+        fundus,
+        data={"val_fraction": 0.0},  # nothing else draws random numbers between the stages
+        model={"aux_logits": False},
+        train={"mode": "bottleneck_then_finetune", "bottleneck_epochs": 1, "max_epochs": 1},
+    )
+    assert main(["train", str(cfg), "--set", "run.name=whole"]) == 0
+    real = engine._run_finetune_stage
+
+    def power_cut(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(engine, "_run_finetune_stage", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train", str(cfg), "--set", "run.name=cut"])
+    monkeypatch.setattr(engine, "_run_finetune_stage", real)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "cut")]) == 0
+    whole = load_checkpoint(tmp_path / "runs" / "whole" / "checkpoints" / "last.pt")["model"]
+    cut = load_checkpoint(tmp_path / "runs" / "cut" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)  # same dropout masks, same batches
+
+
 def test_a_diverged_loss_stops_training_with_advice(tmp_path, fundus, monkeypatch, capsys):
     from fewlabel.engines import classification as engine
 

@@ -406,6 +406,9 @@ def train_classifier(
             continue
         stage_state = state if (state and index == start_stage) else None
         if stage_state and stage_state.get("stage_done") and not _stage_goes_on(cfg, stage, stage_state):
+            # The next stage draws from the random streams as they were when this one ended,
+            # as in a run never stopped.
+            set_rng_state(stage_state["rng"])
             continue
         epoch_offset = _epoch_offset(cfg, stages, index)
         if stage == "bottleneck":
