@@ -303,6 +303,19 @@ def test_exported_and_saved_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
+def test_files_and_folders_are_written_where_chmod_is_refused(tmp_path, monkeypatch):
+    from fewlabel.utils import files
+
+    def no_permissions(path, mode):  # as on a vfat USB disk
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(files.os, "chmod", no_permissions)
+    assert files.atomic_write_text(tmp_path / "a.txt", "kept").read_text() == "kept"
+    with files.staged_folder(tmp_path / "report") as staging:
+        (staging / "summary.json").write_text("{}")
+    assert (tmp_path / "report" / "summary.json").is_file()
+
+
 def test_reading_the_umask_does_not_change_it(monkeypatch):
     from fewlabel.utils import files
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from fewlabel.errors import RunDirError
@@ -37,7 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp_path)
         # mkstemp creates 0600 files (and some writers recreate the file): results are shared
         # with colleagues, so honour the umask instead.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        _chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -142,7 +142,7 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary output folder
+        _chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary output folder
         yield tmp
         if output.is_dir() and not output.is_symlink():
             shutil.rmtree(output)
@@ -150,6 +150,13 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _chmod(path: Path, mode: int) -> None:
+    # File systems without POSIX permissions (vfat and exFAT USB disks, some SMB shares) refuse
+    # chmod; their files are readable anyway, and the write must not fail for it.
+    with suppress(PermissionError):
+        os.chmod(path, mode)
 
 
 def _umask() -> int:
