@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,21 @@ def test_failed_run_is_marked_failed(tmp_path):
     status = json.loads(run.status_file.read_text())
     assert status["state"] == "failed"
     assert "img.png" in status["error"]
+
+
+def test_a_run_stopped_by_sigterm_is_marked_failed_not_running(tmp_path):
+    import signal
+
+    from fewlabel.runs import RunTerminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    run = create_run_dir(tmp_path, "exp")
+    with pytest.raises(RunTerminated), track_run(run):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a batch scheduler at its time limit
+        time.sleep(5)  # the handler raises before this ends
+    status = json.loads(run.status_file.read_text())
+    assert status["state"] == "failed" and "SIGTERM" in status["error"] and "--resume" in status["error"]
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the run
 
 
 def test_completed_run_is_marked_completed(tmp_path):

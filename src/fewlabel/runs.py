@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import traceback
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from fewlabel.errors import FewLabelError, RunDirError
 from fewlabel.utils.files import atomic_write_text, check_replaceable
@@ -235,15 +237,22 @@ def track_run(run: RunDir):
     Yields:
         The run folder.
     """
-    # Deferred: it imports torch and MONAI, which commands that only read run folders never need.
-    from fewlabel.utils.environment import software_versions
-
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run.write_status("running", started=started)
+    previous = _on_sigterm_raise()
     try:
-        # Inside the try: importing MONAI takes seconds, and a Ctrl-C there is a failed run too.
+        # Deferred, and inside the try: it imports torch and MONAI (seconds), which commands
+        # that only read run folders never need, and a Ctrl-C meanwhile is a failed run too.
+        from fewlabel.utils.environment import software_versions
+
         run.record_session(software_versions(), started)
         yield run
+    except RunTerminated:
+        run.write_status(
+            "failed",
+            error="terminated (SIGTERM: a batch scheduler's time limit, or a stop); continue with --resume",
+        )
+        raise
     except KeyboardInterrupt:
         run.write_status("failed", error="interrupted by the user")
         raise
@@ -253,4 +262,27 @@ def track_run(run: RunDir):
     except Exception as err:
         run.write_status("failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     run.write_status("completed")
+
+
+class RunTerminated(KeyboardInterrupt):
+    """SIGTERM during a run: unwinds like Ctrl-C (handlers and checkpoints close as for it)."""
+
+
+def _on_sigterm_raise() -> Any:
+    """Make SIGTERM raise :class:`RunTerminated`; returns the previous handler (None off the main thread).
+
+    Batch schedulers (SLURM at its time limit), ``docker stop`` and ``kill`` send SIGTERM; by
+    default the process would die with ``status.json`` still saying ``running``.
+    """
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise RunTerminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # signal handlers can be set only from the main thread
+        return None
