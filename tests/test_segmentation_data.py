@@ -100,7 +100,10 @@ def test_nnunet_case_ids_are_the_label_names_listed_or_scanned(tmp_path: Path) -
     (root / "dataset.json").write_text(
         json.dumps({"labels": {"background": 0, "lesion": 1}, "training": training})
     )
-    assert [r["id"] for r in load_records(root)[0]] == ["lung_001", "lung_002"]
+    listed = load_records(root)[0]
+    assert [r["id"] for r in listed] == ["lung_001", "lung_002"]
+    # The split is drawn on the patient ids, which keep the names splits were drawn on before.
+    assert [r["patient_id"] for r in listed] == ["lung_001_0000", "lung_002_0000"]
     # Names ending in four digits are cases when a label of the same name exists, not channels.
     scanned = tmp_path / "scanned"
     for case in ("patient_0001", "scan_0000"):

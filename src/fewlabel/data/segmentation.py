@@ -315,9 +315,12 @@ def _load_msd(root: Path) -> tuple[list[dict], list[dict], list[str] | None]:
                 raise DataError(file, f"training entry for {entry['image']} has no label")
             label_path = _resolve(root, label, file, "training label")
             # nnU-Net v2 lists images as <case>_0000 beside labels named <case>: the case is
-            # the label's name, as when imagesTr/ is scanned.
+            # the label's name, as when imagesTr/ is scanned. The patient id keeps the image's
+            # name, on which the splits of runs made before this naming were drawn.
             nnunet = study_name(image) == f"{study_name(label_path)}_0000"
-            labelled.append(_record(image, label_path, case_id=study_name(label_path) if nnunet else None))
+            case = study_name(label_path) if nnunet else None
+            patient = patient_id_from_name(study_name(image))
+            labelled.append(_record(image, label_path, patient_id=patient, case_id=case))
     else:
         labelled = _scan_nnunet(root)
     unlabelled = []
