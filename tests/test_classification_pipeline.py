@@ -509,6 +509,16 @@ def test_evaluate_rejects_unknown_classes_and_unsafe_outputs(tmp_path, fundus, c
     assert sorted(p.name for p in here.iterdir()) == ["notes.txt", "summary.json"]
 
 
+def test_a_stored_config_this_release_refuses_is_a_checkpoint_error(tmp_path, fundus, capsys):
+    ckpt = _fake_checkpoint(tmp_path, fundus)
+    saved = load_checkpoint(ckpt)
+    saved["meta"]["config"]["train"]["lr_head"] = -1.0  # what a future or hand-edited file may hold
+    save_checkpoint(saved, ckpt)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "fake.pt (stored config)" in err and "train.lr_head" in err and "Traceback" not in err
+
+
 def test_a_test_folder_of_a_single_grade_is_evaluated(tmp_path, fundus):
     ckpt = _fake_checkpoint(tmp_path, fundus)
     site = tmp_path / "site"

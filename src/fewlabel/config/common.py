@@ -84,15 +84,15 @@ class RunConfig(StrictModel):
         output_dir: parent folder of run folders.
         name: run folder name; ``None`` derives ``<config stem>-<timestamp>``.
         seed: seed for splits, initialisation and augmentation.
-        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (Apple GPUs).
         deterministic: force deterministic kernels (bitwise reproducible on CPU).
         num_threads: torch CPU threads; 0 keeps torch's default.
     """
 
     output_dir: str = "runs"
     name: str | None = None
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps)$")
     deterministic: bool = False
     num_threads: int = Field(0, ge=0)
 

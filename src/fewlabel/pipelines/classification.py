@@ -257,6 +257,16 @@ def _load_members(checkpoints: Sequence[Path]) -> list[tuple[torch.nn.Module, di
     from fewlabel.errors import CheckpointError
 
     members = [model_from_checkpoint(load_checkpoint(c), c) for c in checkpoints]
+    from fewlabel.config import parse_config
+    from fewlabel.errors import ConfigError
+
+    for path, (_, meta) in zip(checkpoints, members, strict=True):
+        # Checked here, where the file is known: a stored config this release refuses is a
+        # checkpoint problem, not a traceback from a later validation.
+        try:
+            parse_config(meta["config"], source=f"{path} (stored config)")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from err
     first = list(members[0][1]["classes"])
     for path, (_, meta) in zip(checkpoints[1:], members[1:], strict=True):
         if list(meta["classes"]) != first:

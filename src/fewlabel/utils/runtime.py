@@ -17,7 +17,7 @@ def select_device(name: str = "auto") -> torch.device:
     """Pick the device to train on.
 
     Args:
-        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
     Returns:
         The torch device.
@@ -31,8 +31,10 @@ def select_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"{name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name!r}: fewlabel runs on auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name!r}: fewlabel runs on auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but this machine has no Apple GPU (MPS)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
