@@ -120,6 +120,18 @@ def test_a_test_path_holding_the_training_files_is_refused(tmp_path: Path) -> No
         build_datalist(cfg, seed=0)
 
 
+def test_evaluate_data_labels_must_match_the_model_unless_it_renamed_them(tmp_path: Path) -> None:
+    from fewlabel.pipelines.segmentation import _refuse_other_declared_classes
+
+    root = _msd(tmp_path / "data", {"0": "background", "1": "tumour"}, ["a"])
+    with pytest.raises(DataError, match=r"labels \['background', 'tumour'\] differ from the model's"):
+        _refuse_other_declared_classes(root, ["background", "lesion"])
+    # trained with data.classes: [background, lesion] over the same dataset.json
+    _refuse_other_declared_classes(root, ["background", "lesion"], renamed=True)
+    with pytest.raises(DataError, match="has 2 labels"):
+        _refuse_other_declared_classes(root, ["background", "ggo", "consolidation"], renamed=True)
+
+
 def test_nnunets_ignore_label_is_refused_not_trained_as_a_class(tmp_path: Path) -> None:
     root = _msd(tmp_path / "data", {"background": 0, "lesion": 1, "ignore": 2}, ["a"])
     with pytest.raises(DataError, match=r"dataset.json: label 2 is nnU-Net's 'ignore' label"):

@@ -529,16 +529,25 @@ def evaluate_studies(
     return {"report": report, "summary": summary, "cases": cases}
 
 
-def _refuse_other_declared_classes(data: Path, classes: list[str]) -> None:
+def _refuse_other_declared_classes(data: Path, classes: list[str], renamed: bool = False) -> None:
     """Refuse ``--data`` whose ``dataset.json`` names its labels otherwise than the model.
 
     The model's class list is imposed on ``--data`` (a plain folder names no classes), so a
-    dataset with label 1 = consolidation and 2 = GGO would be scored with the two swapped.
+    dataset with label 1 = consolidation and 2 = GGO would be scored with the two swapped. A
+    model trained with ``data.classes`` gave the labels its own names: then only their number
+    must agree.
     """
     from fewlabel.data.segmentation import load_records
 
     _, _, declared = load_records(data, "auto", None)
-    if declared is not None and list(declared) != list(classes):
+    if declared is None:
+        return
+    if renamed and len(declared) != len(classes):
+        raise DataError(
+            data,
+            f"its dataset.json has {len(declared)} labels {list(declared)}, the model {len(classes)} {classes}",
+        )
+    if not renamed and list(declared) != list(classes):
         raise DataError(
             data,
             f"its dataset.json labels {list(declared)} differ from the model's classes {classes}; "
@@ -640,7 +649,7 @@ def evaluate(
     if split == "all":
         fields.update(folds=0, fold=0)
     if data is not None:
-        _refuse_other_declared_classes(Path(data), model.classes)
+        _refuse_other_declared_classes(Path(data), model.classes, renamed=cfg.data.classes is not None)
         fields.update(path=str(data), format="auto", image_root=None, test_path=None, classes=model.classes)
     data_cfg = SegmentationData.model_validate(fields)
     try:
