@@ -208,6 +208,18 @@ def test_csv_image_listed_twice_is_refused(tmp_path):
         load_records(path)
 
 
+def test_two_images_linked_to_one_file_are_not_a_repeated_row(tmp_path):
+    # git-annex and DVC keep identical images as links to one stored file.
+    store = _png(tmp_path / ".store" / "blank.png")
+    for name in ("left.png", "right.png"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / name).symlink_to(store)
+    table = tmp_path / "t.csv"
+    table.write_text("image,label\nimg/left.png,0\nimg/right.png,1\n")
+    records, _ = load_records(table)
+    assert [Path(r["image"]).name for r in records] == ["left.png", "right.png"]
+
+
 def test_a_patient_column_under_another_name_is_pointed_out(tmp_path, caplog):
     path = _csv(tmp_path, "image,label,PatientID\nimg/a.png,0,p1\nimg/b.png,1,p1\n")
     with caplog.at_level("WARNING"):

@@ -332,6 +332,24 @@ def test_files_and_folders_are_written_where_chmod_is_refused(tmp_path, monkeypa
     assert (tmp_path / "report" / "summary.json").is_file()
 
 
+def test_a_staged_folder_keeps_the_group_bit_and_refuses_links_first(tmp_path):
+    import stat
+
+    from fewlabel.utils import files
+
+    shared = tmp_path / "project"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a group folder: new files take its group
+    with files.staged_folder(shared / "report") as staging:
+        (staging / "summary.json").write_text("{}")
+    assert (shared / "report").stat().st_mode & stat.S_ISGID
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RunDirError, match="symbolic link"), files.staged_folder(tmp_path / "link"):
+        pytest.fail("the work must not start")
+    assert (tmp_path / "link").is_symlink() and not list(tmp_path.glob(".link.*"))
+
+
 def test_reading_the_umask_does_not_change_it(monkeypatch):
     from fewlabel.utils import files
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -307,7 +308,8 @@ def _load_csv(
         if not img_path.is_file():
             raise DataError(img_path, f"image file not found (listed in {csv_path}, row {line})")
         # Twice listed, an image could be split into training and test, or carry two grades.
-        key = img_path.resolve()
+        # By path, not by link target: git-annex and DVC link identical images to one file.
+        key = Path(os.path.abspath(img_path))
         if key in listed:
             raise DataError(
                 csv_path, f"rows {listed[key]} and {line} both list {row['image']}; list each image once"

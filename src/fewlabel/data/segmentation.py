@@ -637,7 +637,8 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
     else:
         fractions["test"] = cfg.test_fraction
     if test:
-        _refuse_shared_files(labelled + unlabelled, test, cfg.test_path)
+        # Unlabelled studies that are test studies are dropped from the pool further on.
+        _refuse_shared_files(labelled, test, cfg.test_path)
         _warn_shared_patients(labelled, test, cfg.test_path)
     parts = split_cases(None, [r["patient_id"] for r in labelled], fractions, seed, cfg.folds, cfg.fold)
     train = [labelled[i] for i in parts["train"]]

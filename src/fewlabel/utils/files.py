@@ -136,15 +136,27 @@ def staged_folder(output: str | Path) -> Iterator[Path]:
         output: the folder to create or replace.
 
     Yields:
-        The temporary folder, on the same file system, with the permissions the umask gives.
+        The temporary folder, on the same file system, with the permissions the umask gives
+        (and the parent's setgid bit, so that a shared project folder's group carries over).
+
+    Raises:
+        RunDirError: before anything is done, if ``output`` is a symbolic link (a link is not
+            replaced, and writing through it would bypass the checks made on ``output``).
     """
+    import stat
+
     output = Path(output)
+    if output.is_symlink():
+        raise RunDirError(
+            f"{output}: is a symbolic link; outputs do not replace links, choose another output"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        _chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary output folder
+        # mkdtemp makes it private; this is an ordinary output folder
+        _chmod(tmp, (0o777 & ~_umask()) | (output.parent.stat().st_mode & stat.S_ISGID))
         yield tmp
-        if output.is_dir() and not output.is_symlink():
+        if output.is_dir():
             shutil.rmtree(output)
         os.replace(tmp, output)
     except BaseException:
