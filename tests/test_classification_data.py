@@ -196,6 +196,14 @@ def test_csv_integer_grades_however_spelt_are_one_class(tmp_path):
     assert classes == ["-1", "0", "2", "10"]
 
 
+def test_grades_spelt_as_floats_by_earlier_releases_are_the_same_grades():
+    from fewlabel.data.classification import same_grades
+
+    assert same_grades(["0.0", "1.0", "2.0"], ["0", "1", "2"])
+    assert not same_grades(["0.0", "1.0", "10.0", "2.0"], ["0", "1", "2", "10"])  # another order
+    assert not same_grades(["mild", "severe"], ["mild", "severe"]) and not same_grades(["0"], ["0", "1"])
+
+
 def test_csv_empty_label_is_refused_not_made_a_class(tmp_path):
     path = _csv(tmp_path, "image,label\nimg/a.png,0.0\nimg/b.png,\nimg/c.png,1.0\n")
     with pytest.raises(DataError, match="labels.csv: row 3: empty label"):

@@ -33,6 +33,7 @@ __all__ = [
     "list_images",
     "load_classification_dataset",
     "load_records",
+    "same_grades",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,25 @@ def _parse_int(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def same_grades(classes: Sequence[str], other: Sequence[str]) -> bool:
+    """Whether two class lists are the same integer grades in the same order, however spelt.
+
+    Releases before integer grades were read by value named a float column's grades ``0.0``,
+    ``1.0``...; their checkpoints still fit data now read as ``0``, ``1``...
+
+    Args:
+        classes: one class list.
+        other: the other.
+
+    Returns:
+        True when both are integer grades, equal value by value.
+    """
+    grades = [_parse_grade(str(c)) for c in classes]
+    return (
+        len(classes) == len(other) and None not in grades and grades == [_parse_grade(str(c)) for c in other]
+    )
 
 
 def _parse_grade(text: str) -> int | None:

@@ -51,6 +51,7 @@ from fewlabel.config.classification import (
     ClassificationExperiment,
     ClassificationTrain,
 )
+from fewlabel.data.classification import same_grades
 from fewlabel.data.sampling import ResumableSampler
 from fewlabel.engines.bottleneck import (
     FEATURES_DIR,
@@ -494,6 +495,8 @@ def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | Non
         return None
     ckpt = load_checkpoint(path)
     meta = ckpt.get("meta", {})
+    if meta.get("classes") != ctx.classes and same_grades(meta.get("classes") or [], ctx.classes):
+        ctx.classes = list(meta["classes"])  # 0.0, 1.0... from an earlier release: the run keeps its names
     if meta.get("classes") != ctx.classes:
         raise CheckpointError(
             f"{path}: saved for classes {meta.get('classes')}, the data now has {ctx.classes}"

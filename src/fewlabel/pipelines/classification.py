@@ -145,13 +145,15 @@ def evaluate(
     meta = members[0][1]
     cfg = ClassificationExperiment.model_validate(meta["config"])
     if data is None:
-        from fewlabel.data.classification import load_classification_dataset
+        from fewlabel.data.classification import load_classification_dataset, same_grades
 
         # Checked before the data are read: the training set's folder is as much at risk.
         _check_not_inside(output, Path(cfg.data.path))
 
         dataset = load_classification_dataset(cfg.data, cfg.run.seed)
-        if list(dataset.classes) != list(meta["classes"]):
+        if list(dataset.classes) != list(meta["classes"]) and not same_grades(
+            dataset.classes, meta["classes"]
+        ):
             raise DataError(
                 cfg.data.path, f"classes are now {dataset.classes}, the checkpoint has {meta['classes']}"
             )
