@@ -7,6 +7,7 @@ per process contend for two cores and make tiny networks many times slower.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import shutil
@@ -631,6 +632,24 @@ def test_a_resumed_position_counts_the_epoch_it_was_saved_in():
     assert _resume_position({"epoch": 1, "iteration": 6, "epoch_length": 4}, 3) == (1, 2)
     assert _resume_position({"epoch": 1, "iteration": 7, "epoch_length": 4}, 3) == (2, 0)
     assert _resume_position({"epoch": 1, "iteration": 7}, 4) == (1, 3)  # before epoch_length was saved
+
+
+def test_a_completed_run_resumed_with_more_epochs_trains_them(tmp_path, fundus):
+    cfg = _write_config(
+        tmp_path / "more.yaml",
+        fundus,
+        model={"aux_logits": False},
+        train={"max_epochs": 2, "scheduler": "cosine"},
+    )
+    assert main(["train", str(cfg), "--set", "run.name=more"]) == 0
+    run = tmp_path / "runs" / "more"
+    text = (run / "config.yaml").read_text().replace("max_epochs: 2", "max_epochs: 4")
+    (run / "config.yaml").write_text(text)
+    assert main(["train", "--resume", str(run)]) == 0
+    rows = _read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    rates = [float(r["lr_head"]) for r in rows]
+    assert all(b <= a for a, b in itertools.pairwise(rates))  # the cosine does not climb back up
 
 
 def test_a_finished_stage_goes_on_when_resumed_with_more_epochs(tmp_path):

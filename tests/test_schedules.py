@@ -63,3 +63,16 @@ def test_a_segmentation_schedule_resumed_for_more_iterations_keeps_the_new_lengt
 
     rates = _rates(build(10), 20, resume_at=5, build_resumed=build(20))
     assert all(b < a for a, b in itertools.pairwise(rates[5:])) and rates[-1] < 0.001
+
+
+def test_a_run_shorter_than_its_warm_up_resumed_for_longer_follows_the_new_schedule(caplog):
+    # The 3-epoch run's warm-up was cut to 2 epochs; the 12-epoch run's lasts 5.
+    def build(epochs):
+        return lambda opt: classification.build_scheduler(opt, "cosine", epochs, 5)
+
+    with caplog.at_level("WARNING"):
+        rates = _rates(build(3), 12, resume_at=3, build_resumed=build(12))
+    assert "replayed to step 3" in caplog.text
+    assert rates[3:] == pytest.approx(_rates(build(12), 12)[3:])
+    # one epoch with a warm-up has no warm-up at all: its state does not even fit (KeyError before)
+    assert len(_rates(build(1), 6, resume_at=1, build_resumed=build(6))) == 6

@@ -9,7 +9,11 @@ would put the old length back: a cosine schedule then climbs back up past its ol
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_scheduler_state"]
 
@@ -20,17 +24,46 @@ _LENGTH_ATTRIBUTES = ("T_max", "step_size", "milestones", "total_iters", "_miles
 def load_scheduler_state(scheduler: Any, state: dict[str, Any]) -> None:
     """Load a saved position into ``scheduler`` but keep the length it was built with.
 
-    The rates continue from where the run stopped (the chainable forms of cosine and step
-    schedules go on from the current rate) and reach the end of the schedule at the new
-    length instead of the old one.
+    A cosine schedule goes on down from the rate where the run stopped and reaches its floor
+    at the new length instead of the old one. A step schedule keeps the decays it made and
+    makes those of the new length still ahead, so it can end a decay or two lower than a run
+    of the new length from the start. When the two schedules differ in their phases (a run
+    shorter than its warm-up resumed for longer), the new schedule is replayed up to the
+    saved position instead, with a warning: the rate then jumps to the new schedule's.
 
     Args:
         scheduler: a scheduler built for the resumed run's length (a ``SequentialLR`` too).
         state: the saved ``scheduler.state_dict()``.
     """
     lengths = _lengths(scheduler)
+    if _phases(lengths) != _phases_of_state(state):
+        _replay(scheduler, int(state.get("last_epoch", 0)))
+        return
     scheduler.load_state_dict(state)
     _apply(scheduler, lengths)
+
+
+def _phases(lengths: dict[str, Any]) -> Any:
+    return (lengths.get("_milestones"), len(lengths.get("_schedulers", [])))
+
+
+def _phases_of_state(state: dict[str, Any]) -> Any:
+    return (state.get("_milestones"), len(state.get("_schedulers", [])))
+
+
+def _replay(scheduler: Any, position: int) -> None:
+    log.warning(
+        "the learning-rate schedule of the resumed run has other phases than the saved one "
+        "(its warm-up no longer ends where it did); it is replayed to step %d and goes on from there",
+        position,
+    )
+    # From the rates the new schedule started at: the optimizer's loaded ones are the old schedule's.
+    for group, rate in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = rate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
+        for _ in range(position):
+            scheduler.step()
 
 
 def _lengths(scheduler: Any) -> dict[str, Any]:
