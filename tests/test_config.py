@@ -287,6 +287,12 @@ def test_yaml_anchors_merge_keys_and_empty_sections_are_read(tmp_path):
     cfg = load_config(path)
     assert (cfg.train.max_epochs, cfg.train.lr) == (2, 0.02)  # merged, then the own key wins
     assert cfg.tcsm.enabled is False  # the commented-out section keeps its defaults
+    path.write_text("task: segmentation\ndata: {path: x}\ntrain:\n  checkpoint:\n    # keep_last: 3\n")
+    assert (
+        load_config(path).train.checkpoint.keep_last
+        == load_config(path, ["train.lr=0.01"]).train.checkpoint.keep_last
+    )
+    assert load_config(path, ["train.max_epochs=012"]).train.max_epochs == 12  # as in a file, not octal 10
     path.write_text("task: segmentation\ndata: {path: x}\ntrain:\n  lr: 0.01\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
         load_config(path)

@@ -204,7 +204,8 @@ def _parse_value(text: str, as_text: bool) -> Any:
         if stripped[0] in "['\"":
             return yaml.load(text, Loader=yaml.BaseLoader)
         return stripped
-    return yaml.safe_load(text)
+    # The config files' loader: 012 is 12 and 0x1F text, in a file and on the command line alike.
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _text_field(task: Any, keys: list[str]) -> bool:

@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Unknown keys are errors, values are validated on assignment, and numbers are accepted where
 # text is expected, because YAML reads unquoted names such as the grade folders 0 to 4 as
@@ -28,6 +28,19 @@ class StrictModel(BaseModel):
     """
 
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_defaults(cls, data: Any) -> Any:
+        """A nested section whose keys are all commented out reads as null: it means the defaults."""
+        if not isinstance(data, dict):
+            return data
+        sections = {
+            name
+            for name, field in cls.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, StrictModel)
+        }
+        return {key: {} if value is None and key in sections else value for key, value in data.items()}
 
     @field_validator("*", mode="before")
     @classmethod
