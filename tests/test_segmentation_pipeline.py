@@ -761,17 +761,22 @@ def test_one_scan_is_predicted_into_a_folder_beside_it_not_into_its_own(tmp_path
     assert np.asarray(nib.load(scan).dataobj).min() == -800
 
 
-def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkeypatch):
-    from fewlabel.pipelines import segmentation_predict
-
-    model = _model({}, ThresholdNet(0.5), 3)
-    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+def _three_scans(tmp_path: Path) -> tuple[Path, np.ndarray]:
     scans = tmp_path / "scans"
     scans.mkdir()
     hu = np.full((6, 5, 4), -800, dtype=np.float32)
     hu[2:4, 1:3, 1:3] = 100
     for name in ("a", "b", "c"):
         nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / f"{name}.nii.gz")
+    return scans, hu
+
+
+def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkeypatch):
+    from fewlabel.pipelines import segmentation_predict
+
+    model = _model({}, ThresholdNet(0.5), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: model)
+    scans, hu = _three_scans(tmp_path)
     broken = hu.copy()
     broken[0, 0, 0] = np.nan  # opens fine; found only when the voxels are read
     nib.save(nib.Nifti1Image(broken, np.eye(4)), scans / "b.nii.gz")
@@ -799,16 +804,6 @@ def test_a_study_failing_midway_leaves_the_finished_ones_listed(tmp_path, monkey
     assert [r["case"] for r in rows] == ["a", "b", "c"]
     assert {r["lesion_voxels"] for r in rows} == {"8"}
     assert {r["uncertainty"] for r in rows} == {"0.0"}  # a threshold network is never in doubt
-
-
-def _three_scans(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    hu = np.full((6, 5, 4), -800, dtype=np.float32)
-    hu[2:4, 1:3, 1:3] = 100
-    for name in ("a", "b", "c"):
-        nib.save(nib.Nifti1Image(hu, np.eye(4)), scans / f"{name}.nii.gz")
-    return scans, hu
 
 
 def test_a_failed_rerun_with_overwrite_still_lists_the_masks_it_did_not_replace(tmp_path, monkeypatch):
