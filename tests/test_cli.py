@@ -89,6 +89,16 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, capsys):
     assert (run / "data" / "scan.png").read_bytes() == b"pixels" and inside.is_file()
 
 
+def test_a_run_folder_inside_the_data_folder_is_refused_before_it_is_made(tmp_path, capsys):
+    data = tmp_path / "fundus"
+    (data / "grade_0").mkdir(parents=True)
+    (data / "grade_0" / "a.png").write_bytes(b"pixels")
+    cfg = _classification_config(tmp_path, data)
+    assert main(["train", str(cfg), "--output-dir", str(data)]) == 2
+    assert "lies inside the data folder" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["grade_0"]  # no class folder "r" made
+
+
 def test_resume_rejects_config_and_missing_folder(tmp_path):
     cfg = _classification_config(tmp_path, tmp_path / "data")
     assert main(["train", str(cfg), "--resume", str(tmp_path / "runs" / "r")]) == 2
