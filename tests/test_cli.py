@@ -99,6 +99,31 @@ def test_a_run_folder_inside_the_data_folder_is_refused_before_it_is_made(tmp_pa
     assert sorted(p.name for p in data.iterdir()) == ["grade_0"]  # no class folder "r" made
 
 
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    import fewlabel.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), interrupted))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("fewlabel: interrupted;") and "--resume" in err and "Traceback" not in err
+
+
+def _with_func(parser, func):
+    original = parser.parse_args
+
+    def parse_args(argv=None):
+        args = original(argv)
+        args.func = func
+        return args
+
+    parser.parse_args = parse_args
+    return parser
+
+
 def test_resume_rejects_config_and_missing_folder(tmp_path):
     cfg = _classification_config(tmp_path, tmp_path / "data")
     assert main(["train", str(cfg), "--resume", str(tmp_path / "runs" / "r")]) == 2

@@ -284,6 +284,19 @@ def test_resume_continues_exactly_where_the_run_stopped(msd, tmp_path, method, c
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(msd, tmp_path, caplog):
+    run = _train(msd, tmp_path, "early", "tcsm.enabled=false")
+    for path in (run / "checkpoints").iterdir():  # as after a Ctrl-C during the first epoch
+        path.unlink()
+    (run / "history.csv").unlink()
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--resume", str(run)]) == 0
+    assert "nothing to resume from, training from the start" in caplog.text
+    assert (run / "checkpoints" / "best.pt").is_file() and len(
+        (run / "history.csv").read_text().splitlines()
+    ) == 3
+
+
 class ThresholdNet(nn.Module):
     """Class 1 where the centre input channel exceeds a threshold (a network with known output).
 

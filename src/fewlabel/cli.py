@@ -22,6 +22,9 @@ log = logging.getLogger("fewlabel")
 EXIT_USER_ERROR = 2
 # 128 + SIGPIPE, what a shell reports for a command whose reader closed the pipe.
 EXIT_BROKEN_PIPE = 141
+#: Exit status after Ctrl-C (128 + SIGINT) and SIGTERM (128 + SIGTERM), as shells report them.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _pipeline(task: str):
@@ -512,6 +515,17 @@ def main(argv: list[str] | None = None) -> int:
         # no permission, a full disk): the message names the path, which is the user's to fix.
         print(f"fewlabel: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as stop:
+        # Ctrl-C or SIGTERM: the run folder says so already; seventy lines of traceback do not help.
+        from fewlabel.runs import RunTerminated
+
+        terminated = isinstance(stop, RunTerminated)
+        print(
+            f"fewlabel: {'terminated' if terminated else 'interrupted'}; a training run continues with "
+            "fewlabel train --resume RUN_FOLDER",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

