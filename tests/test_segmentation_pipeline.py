@@ -289,9 +289,10 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(msd, t
     for path in (run / "checkpoints").iterdir():  # as after a Ctrl-C during the first epoch
         path.unlink()
     (run / "history.csv").unlink()
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         assert main(["train", "--resume", str(run)]) == 0
     assert "nothing to resume from, training from the start" in caplog.text
+    assert f"report {run / 'eval' / 'report.html'}" in caplog.text  # where it is, not where it was built
     assert (run / "checkpoints" / "best.pt").is_file() and len(
         (run / "history.csv").read_text().splitlines()
     ) == 3

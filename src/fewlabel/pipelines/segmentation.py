@@ -524,7 +524,7 @@ def evaluate_studies(
         "evaluated %d cases: mean foreground Dice %.4f; report %s",
         len(cases),
         summary["foreground_mean"].get("dice", math.nan),
-        report,
+        (published_as or output) / Path(report).relative_to(output),
     )
     return {"report": report, "summary": summary, "cases": cases}
 
