@@ -132,6 +132,15 @@ def test_evaluate_data_labels_must_match_the_model_unless_it_renamed_them(tmp_pa
         _refuse_other_declared_classes(root, ["background", "ggo", "consolidation"], renamed=True)
 
 
+def test_a_csv_given_as_an_msd_folder_says_which_format_to_set(tmp_path: Path) -> None:
+    table = tmp_path / "list.csv"
+    table.write_text("image,label\n")
+    with pytest.raises(
+        DataError, match=r"list.csv: is a file, but data.format is msd .*set data.format: csv"
+    ):
+        load_records(table, fmt="msd")
+
+
 def test_nnunets_ignore_label_is_refused_not_trained_as_a_class(tmp_path: Path) -> None:
     root = _msd(tmp_path / "data", {"background": 0, "lesion": 1, "ignore": 2}, ["a"])
     with pytest.raises(DataError, match=r"dataset.json: label 2 is nnU-Net's 'ignore' label"):

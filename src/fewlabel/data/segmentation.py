@@ -205,6 +205,11 @@ def load_records(
         fmt = detect_format(path)
     elif not path.exists():
         raise DataError(path, "dataset path not found")
+    elif fmt in ("msd", "slices2d") and path.is_file():
+        # The shipped CT configs pin msd; a CSV datalist given to them must say so.
+        raise DataError(
+            path, f"is a file, but data.format is {fmt} (a dataset folder); set data.format: csv or auto"
+        )
     if fmt == "msd":
         labelled, unlabelled, classes = _load_msd(path)
     elif fmt == "csv":
