@@ -216,6 +216,8 @@ def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
     history = (run / "history.csv").read_text()
     for column in ("cons_loss", "cons_weight", "val_dice_student", "val_dice_teacher"):
         assert column in history
+    # the column order the docs give
+    assert history.startswith("epoch,iteration,train_loss,sup_loss,cons_loss,cons_weight,lr,seconds,")
     assert (run / "eval" / "report.html").is_file()
 
 

@@ -448,8 +448,10 @@ def train_segmentation(
         epoch = engine.state.epoch
         sums, count = _sum_over_ranks(state.epoch_sums, state.epoch_count)
         row: dict[str, Any] = {"epoch": epoch, "iteration": engine.state.iteration}
-        for key, total in sums.items():
-            row["train_loss" if key == "loss" else key] = total / max(1.0, count)
+        # In the documented column order, whatever order the sums came back from the ranks in.
+        for key in ("loss", "sup_loss", "cons_loss", "cons_weight", "cp_loss"):
+            if key in sums:
+                row["train_loss" if key == "loss" else key] = sums[key] / max(1.0, count)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - state.epoch_start, 2)
         # Under torchrun rank 0 validates alone (the others go on and wait for it at the next
