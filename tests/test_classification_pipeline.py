@@ -537,6 +537,9 @@ def test_predict_checks_inputs_and_checkpoint(tmp_path, fundus, capsys):
     assert main(["predict", "--checkpoint", str(ckpt), str(bad), "--output", str(out)]) == 2
     assert "broken.png" in capsys.readouterr().err
     assert not out.exists()
+    inside = fundus / "grade_1" / "p.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), str(fundus / "grade_1"), "--output", str(inside)]) == 2
+    assert "lies inside the input folder" in capsys.readouterr().err and not inside.exists()
 
     assert (
         main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "missing.png"), "--output", str(out)]) == 2

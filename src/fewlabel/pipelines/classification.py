@@ -193,7 +193,8 @@ def predict(
         The CSV path.
 
     Raises:
-        FewLabelError: if the output exists (without ``overwrite``) or is a folder.
+        FewLabelError: if the output exists (without ``overwrite``), is a folder, or lies
+            inside an input folder.
         DataError: if an input is missing or not a readable image.
         CheckpointError: if a checkpoint is not a usable classification checkpoint, or the
             checkpoints of an ensemble have different classes.
@@ -209,6 +210,12 @@ def predict(
         )
     if output.exists() and not overwrite:
         raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
+    for folder in (Path(i) for i in inputs):
+        # A CSV among the images would be harmless to read, but fewlabel never writes into its inputs.
+        if folder.is_dir() and folder.resolve() in output.resolve().parents:
+            raise FewLabelError(
+                f"{output}: lies inside the input folder {folder}; write predictions elsewhere"
+            )
     members = _load_members(checkpoints)
     paths = list_images(inputs)
     # Decode errors inside the data loader would surface wrapped in MONAI's RuntimeError;
