@@ -577,7 +577,7 @@ def test_a_long_list_of_labelled_cases_is_cut_short_in_the_log(tmp_path: Path, c
         dl = build_datalist(cfg, seed=0)
     listed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("labelled training cases")]
     assert len(dl.train) == 24
-    assert listed == [listed[0]] and listed[0].endswith("and 4 more (all of them with --verbose)")
+    assert listed == [listed[0]] and listed[0].endswith("and 4 more (all of them with fewlabel -v train ...)")
     full = [
         r.getMessage() for r in caplog.records if r.levelname == "DEBUG" and "all labelled" in r.getMessage()
     ]

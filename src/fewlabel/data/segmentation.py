@@ -689,7 +689,7 @@ def build_datalist(cfg: SegmentationData, seed: int) -> SegmentationDatalist:
         log.info("labelled training cases: %s", ", ".join(ids))
     else:
         log.info(
-            "labelled training cases: %s and %d more (all of them with --verbose)",
+            "labelled training cases: %s and %d more (all of them with fewlabel -v train ...)",
             ", ".join(ids[:_LISTED_CASES]),
             len(ids) - _LISTED_CASES,
         )
