@@ -98,7 +98,8 @@ class RunConfig(StrictModel):
         name: run folder name; ``None`` derives ``<config stem>-<timestamp>``.
         seed: seed for splits, initialisation and augmentation.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (Apple GPUs).
-        deterministic: force deterministic kernels (bitwise reproducible on CPU).
+        deterministic: ask torch for deterministic kernels (bitwise reproducible on CPU; on
+            CUDA an operation without a deterministic kernel warns and runs anyway).
         num_threads: torch CPU threads; 0 keeps torch's default.
     """
 
