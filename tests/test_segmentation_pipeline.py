@@ -933,6 +933,11 @@ def test_probability_maps_share_the_mask_geometry(tmp_path, monkeypatch):
     probs = np.asarray(maps.dataobj)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(probs.argmax(axis=-1), np.asarray(mask.dataobj))
+    # Predicted again without the maps: the old ones do not stay beside the new mask.
+    plain = _model({}, ThresholdNet(0.5, slope=2.0), 3)
+    monkeypatch.setattr(segmentation_predict, "load_segmentation_model", lambda checkpoint, **_: plain)
+    segmentation.predict(tmp_path / "model.pt", [tmp_path / "case.nii.gz"], tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.nii.gz", "predictions.csv"]
 
 
 def test_labels_with_classes_the_model_lacks_are_named_as_such(tmp_path):

@@ -461,6 +461,10 @@ def predict(
             mask_path = write_mask(labels, reference, output / planned[name][0])
             if model.cfg.eval.save_probabilities:
                 _write_probabilities(probs, reference, output, name, model.classes)
+            elif overwrite:
+                # An earlier call's maps would sit beside the new mask as if they were its own.
+                for stale in _probability_files(name, model.classes):
+                    (output / stale).unlink(missing_ok=True)
             rows.append(_manifest_row(name, path, mask_path, labels, probs, reference, model.classes))
             log.info("predicted %s -> %s", path, mask_path)
             del labels, probs, reference
@@ -635,11 +639,15 @@ def _outputs_for(name: str, path: Path, model: LoadedModel | ModelEnsemble) -> l
     dims = _study_dims(path)
     files = [name + mask_suffix(dims)]
     if model.cfg.eval.save_probabilities:
-        if dims == 3:
-            files.append(f"{name}_probabilities.nii.gz")
-        else:
-            files.extend(f"{name}_prob_{c}.png" for c in model.classes[1:])
+        files.extend(
+            f for f in _probability_files(name, model.classes) if f.endswith(".nii.gz") == (dims == 3)
+        )
     return files
+
+
+def _probability_files(name: str, classes: list[str]) -> list[str]:
+    """The probability maps ``eval.save_probabilities`` writes for case ``name``, volume or image."""
+    return [f"{name}_probabilities.nii.gz", *(f"{name}_prob_{c}.png" for c in classes[1:])]
 
 
 def _write_probabilities(
