@@ -455,8 +455,12 @@ def _start_from_best(ctx: _Context) -> None:
     log.info("fine-tuning starts from the classifier of epoch %s (the best bottleneck epoch)", ctx.best_epoch)
 
 
+def _stage_epochs(cfg: ClassificationExperiment) -> dict[str, int]:
+    return {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
+
+
 def _epoch_offset(cfg: ClassificationExperiment, stages: list[str], index: int) -> int:
-    lengths = {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
+    lengths = _stage_epochs(cfg)
     return sum(lengths[s] for s in stages[:index])
 
 
@@ -483,9 +487,8 @@ def _stage_goes_on(cfg: ClassificationExperiment, stage: str, state: dict[str, A
 
     A stage stopped early stays done; so does one from a checkpoint that predates the flag.
     """
-    lengths = {"bottleneck": cfg.train.bottleneck_epochs, "finetune": cfg.train.max_epochs}
     early = state.get("early_stopped", True)
-    return not early and int(state["engine"]["epoch"]) < lengths[stage]
+    return not early and int(state["engine"]["epoch"]) < _stage_epochs(cfg)[stage]
 
 
 def _load_resume_state(ctx: _Context, stages: list[str]) -> dict[str, Any] | None:

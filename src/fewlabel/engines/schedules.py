@@ -36,19 +36,16 @@ def load_scheduler_state(scheduler: Any, state: dict[str, Any]) -> None:
         state: the saved ``scheduler.state_dict()``.
     """
     lengths = _lengths(scheduler)
-    if _phases(lengths) != _phases_of_state(state):
+    if _phases(lengths) != _phases(state):
         _replay(scheduler, int(state.get("last_epoch", 0)))
         return
     scheduler.load_state_dict(state)
     _apply(scheduler, lengths)
 
 
-def _phases(lengths: dict[str, Any]) -> Any:
-    return (lengths.get("_milestones"), len(lengths.get("_schedulers", [])))
-
-
-def _phases_of_state(state: dict[str, Any]) -> Any:
-    return (state.get("_milestones"), len(state.get("_schedulers", [])))
+def _phases(found: dict[str, Any]) -> Any:
+    # A state dict and the lengths _lengths() collects share these keys.
+    return (found.get("_milestones"), len(found.get("_schedulers", [])))
 
 
 def _replay(scheduler: Any, position: int) -> None:

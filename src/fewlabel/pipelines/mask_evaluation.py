@@ -209,7 +209,6 @@ def evaluate_masks(
 
     report = _write_atomically(
         output,
-        overwrite,
         lambda folder: write_segmentation_report(
             folder,
             cases,
@@ -329,7 +328,7 @@ def _overlays(
     return overlays, notes
 
 
-def _write_atomically(output: Path, overwrite: bool, write) -> Path:
+def _write_atomically(output: Path, write) -> Path:
     """Build the report in a hidden sibling folder, then swap it in, so no half report is ever visible."""
     from fewlabel.utils.files import staged_folder
 
