@@ -198,8 +198,7 @@ def _train(cfg: SegmentationExperiment, run: RunDir, resume: bool, device: torch
             context={"checkpoint": str(result.best_checkpoint), "split": split, "run": str(run.path)},
             published_as=eval_dir,
         )
-    report = eval_dir / Path(evaluation["report"]).relative_to(staging)
-    out.update(report=str(report), metrics=evaluation["summary"])
+    out.update(report=str(evaluation["report"]), metrics=evaluation["summary"])
     return out
 
 
@@ -439,7 +438,8 @@ def evaluate_studies(
             (:func:`~fewlabel.utils.files.staged_folder`): the report names the masks there.
 
     Returns:
-        ``{"report": path, "summary": summary dict, "cases": list of CaseResult}``.
+        ``{"report": path, "summary": summary dict, "cases": list of CaseResult}``; the
+        report's path is under ``published_as`` when that is given.
 
     Raises:
         DataError: if a label is missing, unreadable, out of range or not on its image's grid.
@@ -520,11 +520,13 @@ def evaluate_studies(
     from fewlabel.metrics.segmentation import summarize
 
     summary = summarize(cases, names, foreground)
+    # Where the report will be: a staging folder is renamed into place by the caller.
+    report = (published_as or output) / Path(report).relative_to(output)
     log.info(
         "evaluated %d cases: mean foreground Dice %.4f; report %s",
         len(cases),
         summary["foreground_mean"].get("dice", math.nan),
-        (published_as or output) / Path(report).relative_to(output),
+        report,
     )
     return {"report": report, "summary": summary, "cases": cases}
 
@@ -707,7 +709,7 @@ def evaluate(
             },
             published_as=output,
         )
-    return {"report": output / Path(result["report"]).relative_to(staging), "summary": result["summary"]}
+    return {"report": result["report"], "summary": result["summary"]}
 
 
 def _uncertainty_context(rho: dict[str, float]) -> dict[str, str]:
