@@ -100,11 +100,11 @@ def _check_named_paths(cfg: Any) -> None:
             raise DataError(Path(value), f"not found (set by {key}); check the path")
     # A run folder inside a data folder would be read as data by this run (a class folder of
     # no images) or the next, and fewlabel never writes into its inputs.
-    runs = Path(cfg.run.output_dir).resolve()
+    from fewlabel.utils.files import lies_within
+
     for key in ("path", "unlabeled_path", "test_path"):
         value = getattr(cfg.data, key, None)
-        folder = Path(value).resolve() if value else None
-        if folder is not None and folder.is_dir() and (runs == folder or folder in runs.parents):
+        if value and Path(value).is_dir() and lies_within(cfg.run.output_dir, value):
             raise DataError(
                 Path(cfg.run.output_dir),
                 f"lies inside the data folder {value} (data.{key}); write runs elsewhere (run.output_dir / --output-dir)",

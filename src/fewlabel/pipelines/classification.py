@@ -25,7 +25,7 @@ from fewlabel.config.classification import ClassificationAugment, Classification
 from fewlabel.engines.checkpoint import ensemble_paths
 from fewlabel.errors import DataError, FewLabelError
 from fewlabel.runs import RunDir
-from fewlabel.utils.files import check_replaceable, staged_folder
+from fewlabel.utils.files import check_replaceable, lies_within, staged_folder
 from fewlabel.utils.runtime import torch_threads
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def predict(
         raise FewLabelError(f"{output}: exists already; pass --overwrite to replace it")
     for folder in (Path(i) for i in inputs):
         # A CSV among the images would be harmless to read, but fewlabel never writes into its inputs.
-        if folder.is_dir() and folder.resolve() in output.resolve().parents:
+        if folder.is_dir() and lies_within(output, folder):
             raise FewLabelError(
                 f"{output}: lies inside the input folder {folder}; write predictions elsewhere"
             )
@@ -450,8 +450,7 @@ def _check_not_inside(output: Path, data: Path) -> None:
     # A report folder inside a class-folder data set would be read as a class next time.
     if not data.is_dir():
         return
-    root, out = data.resolve(), output.resolve()
-    if out == root or root in out.parents:
+    if lies_within(output, data):
         raise FewLabelError(f"{output}: lies inside the input data folder {data}; write reports elsewhere")
 
 

@@ -29,7 +29,7 @@ from fewlabel.engines.checkpoint import ensemble_paths, version_note
 from fewlabel.errors import CheckpointError, ConfigError, DataError, FewLabelError
 from fewlabel.inference.postprocessing import check_keep_largest, postprocess_labels
 from fewlabel.utils.csv_cells import csv_text, escape_cell, unescape_cell
-from fewlabel.utils.files import atomic_write, atomic_write_text
+from fewlabel.utils.files import atomic_write, atomic_write_text, lies_within
 from fewlabel.utils.runtime import config_device, torch_threads
 from fewlabel.utils.text import short_list
 
@@ -719,12 +719,11 @@ def refuse_inside_inputs(output: Path, inputs: Sequence[Path]) -> None:
     Raises:
         DataError: naming ``output`` and the input folder it would write into.
     """
-    out = Path(output).resolve()
     for folder in inputs:
         folder = Path(folder).resolve()
         if folder.is_file():
             folder = folder.parent
-        if out == folder or out.is_relative_to(folder):
+        if lies_within(output, folder):
             raise DataError(
                 output, f"refusing to write into the input folder {folder}; choose another output"
             )

@@ -76,6 +76,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def lies_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, links and ``..`` resolved.
+
+    Args:
+        path: an output about to be written.
+        folder: a folder that is read.
+
+    Returns:
+        True when writing ``path`` would write into ``folder``.
+    """
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def check_replaceable(
     folder: str | Path, inputs: Sequence[str | Path] = (), markers: Sequence[str] = OUTPUT_MARKERS
 ) -> None:
