@@ -462,7 +462,7 @@ def evaluate_studies(
     for record in records:
         if not record.get("label"):
             raise DataError(record["image"], "has no label to evaluate against")
-        case_id = str(record.get("id") or case_name(record["image"]))
+        case_id = _case_id(record)
         labels, probs, reference = predict_study(model, record["image"])
         gt = read_label(
             record["label"],
@@ -555,6 +555,11 @@ def _refuse_other_declared_classes(data: Path, classes: list[str], renamed: bool
             f"its dataset.json labels {list(declared)} differ from the model's classes {classes}; "
             "relabel the masks, or score a dataset with the same labels",
         )
+
+
+def _case_id(record: dict[str, Any]) -> str:
+    """The case name a study's mask and report rows take: its id, else its file name."""
+    return str(record.get("id") or case_name(record["image"]))
 
 
 def _merged_class_names(merge: dict[str, list[int]], classes: list[str]) -> list[str]:
@@ -678,7 +683,7 @@ def evaluate(
         raise DataError(
             data_cfg.path, f"the {split!r} split holds no labelled studies; choose another --split (e.g. all)"
         )
-    names = [str(r.get("id") or case_name(r["image"])) for r in records]
+    names = [_case_id(r) for r in records]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(
@@ -752,7 +757,7 @@ def _refuse_seen_by_members(
     """
     from fewlabel.data.segmentation import build_datalist
 
-    held_out = {str(Path(r["image"]).resolve()): str(r.get("id") or case_name(r["image"])) for r in records}
+    held_out = {str(Path(r["image"]).resolve()): _case_id(r) for r in records}
     for member in model.members[1:]:
         try:
             seen = build_datalist(member.cfg.data, member.cfg.run.seed)
