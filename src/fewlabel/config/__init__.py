@@ -69,8 +69,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-    # A section whose keys are all commented out reads as null: it means the defaults.
-    raw = {key: {} if value is None and key != "task" else value for key, value in raw.items()}
     raw = apply_overrides(raw, overrides or [])
     return parse_config(raw, source=str(path))
 

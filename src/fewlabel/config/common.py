@@ -32,15 +32,7 @@ class StrictModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _empty_sections_are_defaults(cls, data: Any) -> Any:
-        """A nested section whose keys are all commented out reads as null: it means the defaults."""
-        if not isinstance(data, dict):
-            return data
-        sections = {
-            name
-            for name, field in cls.model_fields.items()
-            if isinstance(field.annotation, type) and issubclass(field.annotation, StrictModel)
-        }
-        return {key: {} if value is None and key in sections else value for key, value in data.items()}
+        return _null_sections_to_defaults(cls, data)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -64,6 +56,23 @@ class ExperimentModel(BaseModel):
     """
 
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_defaults(cls, data: Any) -> Any:
+        return _null_sections_to_defaults(cls, data)
+
+
+def _null_sections_to_defaults(model: type[BaseModel], data: Any) -> Any:
+    """A section whose keys are all commented out reads as null: it means the defaults."""
+    if not isinstance(data, dict):
+        return data
+    sections = {
+        name
+        for name, field in model.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, StrictModel)
+    }
+    return {key: {} if value is None and key in sections else value for key, value in data.items()}
 
 
 def _bool_for_number(value: Any, annotation: Any) -> bool:
