@@ -23,7 +23,9 @@ Usage::
 Prints a markdown table and, for each pair of arms run on the same seeds (TCSM against
 supervised with as many labels, and TCSM-10 against supervised-50), their Dice difference
 paired per test slice (``fewlabel compare``); writes ``study.json`` and ``dice_vs_labels.png``
-in the output folder.
+in the output folder. Runs that the folder holds already are refused unless ``--overwrite``
+says to retrain them. Runs trained with other settings than the rest of the table (read from
+each run's ``config.yaml``) are named in a warning and are not paired.
 """
 
 from __future__ import annotations
@@ -67,7 +69,19 @@ CONTROLLED_KEYS = {
     "train.iterations_per_epoch": "--iterations-per-epoch",
     "train.val_every": "--iterations",
     "run.num_threads": "--threads",
+    "data.labeled_fraction": "--arms (sup10/tcsm10: 10 labels, sup50/tcsm50: all)",
+    "data.folds": "nothing: the study trains on every labelled slice and scores the test slices",
+    "data.fold": "nothing: the study trains on every labelled slice and scores the test slices",
+    "data.test_fraction": "--data (the test slices are the dataset's test/ folder)",
+    "data.format": "--data",
+    "data.image_root": "--data",
+    "data.classes": "nothing: the tables read the dataset's GGO and consolidation labels",
 }
+# Settings that differ between the runs of one study by design: the arm, seed and thread
+# count. Any other setting that differs makes two runs incomparable (see setting_differences).
+PER_RUN_KEYS = frozenset(
+    {"run.seed", "run.name", "run.output_dir", "run.num_threads", "run.device", "data.labeled_count"}
+)
 _RUN_FOLDER = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
@@ -147,7 +161,9 @@ def run_arm(name: str, seed: int, args: argparse.Namespace) -> dict:
         "run.name": run_name,
         **dict(item.split("=", 1) for item in args.set),
     }
-    argv = ["train", str(REPO / "configs" / "covid2d_supervised.yaml"), "--overwrite"]
+    argv = ["train", str(REPO / "configs" / "covid2d_supervised.yaml")]
+    if args.overwrite:
+        argv.append("--overwrite")
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     start = time.perf_counter()
@@ -232,8 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--collect",
         action="store_true",
-        help="train nothing: tabulate and plot the finished <arm>-seed<N> runs in --output-dir "
-        "(all of them, or those of --arms / --seeds; with both, every combination must be there)",
+        help="train nothing: tabulate the finished <arm>-seed<N> runs in --output-dir (all of "
+        "them, or those of --arms / --seeds; with both, every combination must be there); the "
+        "plot draws every finished run recorded in study.json",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs that --output-dir holds already (without it the study refuses them)",
     )
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
@@ -251,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         args.arms = args.arms or list(ARMS)
         args.seeds = args.seeds or [0]
         runs = [(name, seed) for seed in args.seeds for name in args.arms]
+        existing = [f"{name}-seed{seed}" for name, seed in runs if (out / f"{name}-seed{seed}").exists()]
+        if existing and not args.overwrite:
+            # Checked before anything trains: retraining deletes the finished run first, and
+            # a study page's sections each need their own folder.
+            print(
+                f"{out} holds {', '.join(existing)} already: pass --overwrite to retrain "
+                f"{'them' if len(existing) > 1 else 'it'}, or choose another --output-dir",
+                file=sys.stderr,
+            )
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, seed in runs:
@@ -260,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append(_record(out / "study.json", vars(args), run_arm(name, seed, args)))
     # From study.json, not this call's rows: with two processes side by side (one per core),
-    # the one finishing last would otherwise draw only its own two arms.
-    plot(json.loads((out / "study.json").read_text())["results"], out / "dice_vs_labels.png")
+    # the one finishing last would otherwise draw only its own two arms. Rows whose run
+    # folder was deleted or is being retrained no longer describe a run and are left out.
+    recorded = json.loads((out / "study.json").read_text())["results"]
+    plot(
+        [r for r in recorded if (out / f"{r['arm']}-seed{r['seed']}" / "eval" / "summary.json").is_file()],
+        out / "dice_vs_labels.png",
+    )
+    for line in difference_lines(setting_differences(out, runs)):
+        print(line)
     print(
         "\n| arm | labelled | seed | infection | GGO | consolidation "
         "| infection precision | infection sensitivity | minutes |"
@@ -301,8 +340,15 @@ def _check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         key, sep, _ = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
-        if key.strip() in CONTROLLED_KEYS:
-            parser.error(f"--set {key.strip()}: set by the study itself; use {CONTROLLED_KEYS[key.strip()]}")
+        key = key.strip()
+        if key in CONTROLLED_KEYS:
+            parser.error(f"--set {key}: set by the study itself; use {CONTROLLED_KEYS[key]}")
+        inside = sorted(k for k in CONTROLLED_KEYS if k.startswith(key + "."))
+        if inside:
+            # A whole section would replace the keys the study sets in it.
+            parser.error(
+                f"--set {key}: a whole section, holding {', '.join(inside)}; set its keys one by one"
+            )
 
 
 def find_runs(
@@ -377,11 +423,101 @@ def paired_lines(output_dir: str | Path, runs: list[tuple[str, int]]) -> list[st
     for base, cand in PAIRS:
         # Paired per test slice, so each side averages over the same seeds.
         seeds = sorted({s for a, s in runs if a == base} & {s for a, s in runs if a == cand})
-        if seeds:
-            sides = {arm: [Path(output_dir) / f"{arm}-seed{s}" for s in seeds] for arm in (base, cand)}
-            result = compare_evaluations(sides[base], sides[cand])
-            seeds_text = ", ".join(str(s) for s in seeds)
-            lines += ["", f"{cand} - {base}, seeds {seeds_text}:", *comparison_lines(result)[1:]]
+        if not seeds:
+            continue
+        seeds_text = ", ".join(str(s) for s in seeds)
+        differences = setting_differences(output_dir, [(arm, s) for arm in (base, cand) for s in seeds])
+        if differences:
+            # A per-slice difference between runs trained otherwise measures the settings too.
+            lines += [
+                "",
+                f"{cand} - {base}, seeds {seeds_text}: not paired, the runs differ in {', '.join(differences)}",
+            ]
+            continue
+        sides = {arm: [Path(output_dir) / f"{arm}-seed{s}" for s in seeds] for arm in (base, cand)}
+        result = compare_evaluations(sides[base], sides[cand])
+        lines += ["", f"{cand} - {base}, seeds {seeds_text}:", *comparison_lines(result)[1:]]
+    return lines
+
+
+def run_settings(run: Path) -> dict[str, str] | None:
+    """The resolved settings a run was trained with, flattened to ``section.key`` names.
+
+    Args:
+        run: an ``<arm>-seed<N>`` run folder.
+
+    Returns:
+        Each setting's value as JSON text, except :data:`PER_RUN_KEYS`; ``None`` when the
+        folder holds no ``config.yaml`` (a run made otherwise, whose settings are unknown).
+    """
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif prefix not in PER_RUN_KEYS:
+            flat[prefix] = json.dumps(value)
+
+    walk("", yaml.safe_load(path.read_text()))
+    return flat
+
+
+def setting_differences(output_dir: str | Path, runs: list[tuple[str, int]]) -> dict[str, dict[str, str]]:
+    """The settings in which runs that are tabulated or paired together differ.
+
+    Every arm's runs must agree on every setting but :data:`PER_RUN_KEYS`; runs of different
+    arms must agree on all but those and the ``tcsm`` section (the arms' method, whose
+    settings each arm chooses for itself: the study uses another consistency weight with 50
+    labels than with 10). Runs without a ``config.yaml`` are left out of the check.
+
+    Args:
+        output_dir: the study's output folder.
+        runs: the (arm, seed) runs.
+
+    Returns:
+        ``{setting: {run folder name: value}}`` for each setting that differs; empty when the
+        runs are comparable.
+    """
+    settings = {}
+    for arm, seed in runs:
+        found = run_settings(Path(output_dir) / f"{arm}-seed{seed}")
+        if found is not None:
+            settings[(arm, seed)] = found
+    keys = sorted({key for values in settings.values() for key in values})
+    differences: dict[str, dict[str, str]] = {}
+    for key in keys:
+        groups = (
+            [settings]
+            if not key.startswith("tcsm.")
+            else [{run: values for run, values in settings.items() if run[0] == arm} for arm in ARMS]
+        )
+        for group in groups:
+            values = {f"{arm}-seed{seed}": found.get(key, "(unset)") for (arm, seed), found in group.items()}
+            if len(set(values.values())) > 1:
+                differences.setdefault(key, {}).update(values)
+    return differences
+
+
+def difference_lines(differences: dict[str, dict[str, str]]) -> list[str]:
+    """A warning naming the settings in which tabulated runs differ (none when they do not).
+
+    Args:
+        differences: :func:`setting_differences`' result.
+
+    Returns:
+        Plain-text lines.
+    """
+    if not differences:
+        return []
+    lines = ["", "Warning: these runs were trained with different settings, so the table mixes them:"]
+    for key, values in differences.items():
+        lines.append(f"  {key}: " + ", ".join(f"{run} {value}" for run, value in sorted(values.items())))
     return lines
 
 

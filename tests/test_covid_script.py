@@ -162,3 +162,132 @@ def test_the_plot_shows_every_arm_of_the_study_not_only_this_calls(script, tmp_p
     assert script.main([*argv, "--arms", "sup10", "tcsm10"]) == 0
     assert script.main([*argv, "--arms", "sup50", "tcsm50"]) == 0
     assert drawn[-1] == ["sup10", "sup50", "tcsm10", "tcsm50"]
+
+
+def test_finished_runs_are_retrained_only_with_overwrite(script, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _finished_arm(script, out, "sup10", 0, 0.625)
+    monkeypatch.setattr(script, "run_arm", _no_training)
+    argv = ["--data", str(tmp_path), "--output-dir", str(out), "--arms", "sup10", "tcsm10"]
+    # Refused before anything trains, so tcsm10-seed0 is not trained either.
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sup10-seed0" in err and "--overwrite" in err and "tcsm10" not in err
+    assert (out / "sup10-seed0" / "eval" / "summary.json").is_file()
+
+    trained = []
+
+    def record(name, seed, args):
+        trained.append((name, args.overwrite))
+        if not (out / f"{name}-seed{seed}").exists():
+            _finished_arm(script, out, name, seed, 0.6)
+        return {
+            "arm": name,
+            "seed": seed,
+            "labels": 10,
+            "tcsm": False,
+            "minutes": 1.0,
+            "infection": 0.6,
+            "ggo": 0.5,
+            "consolidation": 0.2,
+        }
+
+    monkeypatch.setattr(script, "run_arm", record)
+    assert script.main([*argv, "--overwrite"]) == 0
+    assert trained == [("sup10", True), ("tcsm10", True)]
+
+
+def test_run_arm_passes_overwrite_to_fewlabel_only_when_asked(script, tmp_path, monkeypatch):
+    import fewlabel.cli
+
+    calls = []
+
+    def fake_train(argv):
+        calls.append(argv)
+        _finished_arm(script, tmp_path, "sup10", len(calls), 0.625)
+        return 0
+
+    monkeypatch.setattr(fewlabel.cli, "main", fake_train)
+    for seed, overwrite in ((1, False), (2, True)):
+        args = script.argparse.Namespace(
+            data=str(tmp_path),
+            iterations=50,
+            iterations_per_epoch=50,
+            slice_size=32,
+            threads=1,
+            output_dir=str(tmp_path),
+            set=[],
+            overwrite=overwrite,
+        )
+        script.run_arm("sup10", seed, args)
+    assert ["--overwrite" in argv for argv in calls] == [False, True]
+
+
+def _config(script, out: Path, name: str, seed: int, **changes: object) -> None:
+    import yaml
+
+    config = {
+        "run": {"seed": seed, "name": f"{name}-seed{seed}", "num_threads": 1},
+        "data": {"labeled_count": 10 if name.endswith("10") else None},
+        "preprocess": {"slice_size": [192, 192]},
+        "train": {"max_epochs": 24},
+        "tcsm": {"enabled": name.startswith("tcsm"), "consistency_weight": 100.0},
+    }
+    for key, value in changes.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    (out / f"{name}-seed{seed}" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_runs_trained_with_other_settings_are_flagged_and_not_paired(script, tmp_path, capsys):
+    for name, seed in (("sup10", 0), ("tcsm10", 0), ("sup10", 1), ("tcsm10", 1)):
+        _finished_arm(script, tmp_path, name, seed, 0.625)
+    # Same settings but the arm's own (seed, labels, method): comparable.
+    for name, seed in (("sup10", 0), ("tcsm10", 0), ("sup10", 1)):
+        _config(script, tmp_path, name, seed)
+    _config(script, tmp_path, "tcsm10", 1, preprocess__slice_size=[48, 48])
+    argv = ["--data", str(tmp_path / "absent"), "--collect", "--output-dir", str(tmp_path)]
+    assert script.main([*argv, "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Warning" not in out and "tcsm10 - sup10, seeds 0:" in out
+    assert script.main([*argv, "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "preprocess.slice_size: sup10-seed1 [192, 192], tcsm10-seed1 [48, 48]" in out
+    assert "tcsm10 - sup10, seeds 1: not paired, the runs differ in preprocess.slice_size" in out
+
+
+def test_tcsm_settings_may_differ_between_arms_but_not_between_seeds_of_one(script, tmp_path):
+    for name, seed in (("tcsm10", 0), ("tcsm50", 0), ("tcsm10", 1)):
+        _finished_arm(script, tmp_path, name, seed, 0.625)
+    _config(script, tmp_path, "tcsm10", 0)
+    _config(script, tmp_path, "tcsm50", 0, tcsm__consistency_weight=10.0)
+    assert script.setting_differences(tmp_path, [("tcsm10", 0), ("tcsm50", 0)]) == {}
+    _config(script, tmp_path, "tcsm10", 1, tcsm__consistency_weight=10.0)
+    differences = script.setting_differences(tmp_path, [("tcsm10", 0), ("tcsm50", 0), ("tcsm10", 1)])
+    assert differences == {"tcsm.consistency_weight": {"tcsm10-seed0": "100.0", "tcsm10-seed1": "10.0"}}
+
+
+@pytest.mark.parametrize(
+    "override", ["data.labeled_fraction=0.2", "data.folds=5", "data.test_fraction=0.1", "run={seed: 3}"]
+)
+def test_set_refuses_keys_that_change_what_an_arm_means(script, tmp_path, monkeypatch, capsys, override):
+    monkeypatch.setattr(script, "run_arm", _no_training)
+    argv = ["--data", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--set", override]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert override.split("=")[0] in capsys.readouterr().err
+
+
+def test_the_plot_leaves_out_runs_no_longer_there(script, tmp_path, monkeypatch):
+    import shutil
+
+    drawn = []
+    monkeypatch.setattr(script, "plot", lambda rows, path: drawn.append(sorted(r["arm"] for r in rows)))
+    for name in ("sup10", "tcsm10"):
+        _finished_arm(script, tmp_path, name, 0, 0.625)
+    argv = ["--data", str(tmp_path / "absent"), "--collect", "--output-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    shutil.rmtree(tmp_path / "tcsm10-seed0")
+    assert script.main(argv) == 0
+    assert drawn == [["sup10", "tcsm10"], ["sup10"]]
