@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import matplotlib
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from fewlabel.utils.files import atomic_write
@@ -195,6 +196,12 @@ def plot_learning_curves(
             _is_number(row.get(c)) and row[c] > 0 for row in history for c in cols
         ):
             ax.set_yscale("log")
+            # The log scale's default labels are mathtext (10^-3), which plain_text would
+            # print as raw $\mathdefault{...}$ source.
+            ax.yaxis.set_major_formatter(ticker.LogFormatter())
+            ax.yaxis.set_minor_formatter(ticker.LogFormatter(minor_thresholds=(1, 0.4)))
+        # Epochs and iterations are whole numbers; a short run would get ticks at 1.2, 1.4...
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel(x)
         ax.set_title(name)
         ax.grid(alpha=0.3)
