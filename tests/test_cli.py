@@ -112,6 +112,36 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys)
     assert err.startswith("fewlabel: interrupted;") and "--resume" in err and "Traceback" not in err
 
 
+def test_ignite_engine_chatter_is_left_out_unless_verbose(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import fewlabel.cli as cli
+
+    def run_an_engine(args):
+        from ignite.engine import Engine, Events
+
+        engine = Engine(lambda e, b: None)
+
+        @engine.on(Events.ITERATION_COMPLETED)
+        def stop(e):
+            raise KeyboardInterrupt
+
+        engine.run([0], max_epochs=1)
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), run_an_engine))
+    monkeypatch.setattr(logging.getLogger("ignite"), "level", logging.NOTSET)
+    caplog.handler.addFilter(cli._IgniteExceptionEcho())  # as main adds it to its own handlers
+    caplog.set_level(logging.DEBUG)
+    assert main(["train", str(tmp_path / "c.yaml")]) == 130
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("ignite")]
+    caplog.clear()
+    assert main(["-v", "train", str(tmp_path / "c.yaml")]) == 130
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("ignite")]
+    assert any("Engine run starting" in m for m in messages)
+    assert not any("terminating due to exception" in m for m in messages)
+
+
 def _with_func(parser, func):
     original = parser.parse_args
 

@@ -482,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _IgniteExceptionEcho(logging.Filter):
+    """Drops Ignite's "Engine run is terminating due to exception" line.
+
+    The exception itself reaches :func:`main`, which reports it in one line (or Python
+    prints its traceback); Ignite's echo comes first and is empty for Ctrl-C.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name.startswith("ignite.")
+            and record.getMessage().startswith("Engine run is terminating due to exception")
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fewlabel`` console script.
 
@@ -496,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Ignite's engines log every validation run ("Engine run starting", "Epoch[1] Complete")
+    # and call a fresh run "resuming from iteration 0"; fewlabel logs its own progress.
+    logging.getLogger("ignite").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _IgniteExceptionEcho) for f in handler.filters):
+            handler.addFilter(_IgniteExceptionEcho())
     try:
         status = args.func(args)
         # Flushing here, not at interpreter exit, lets a closed pipe surface below.
