@@ -777,6 +777,20 @@ def test_one_scan_is_predicted_into_a_folder_beside_it_not_into_its_own(tmp_path
     assert np.asarray(nib.load(scan).dataobj).min() == -800
 
 
+def test_masks_are_never_predicted_onto_a_file_or_into_a_folder_named_like_a_csv(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), dtype=np.int16), np.eye(4)), scan)
+    existing = tmp_path / "grades.csv"
+    existing.write_text("image,grade\n")
+    # Refused before the checkpoint (absent here) is even read.
+    with pytest.raises(DataError, match="is a file; a segmentation model writes"):
+        segmentation.predict(tmp_path / "model.pt", [scan], existing, overwrite=True)
+    assert existing.read_text() == "image,grade\n"
+    with pytest.raises(DataError, match=r"into a folder; give a folder such as .*masks$"):
+        segmentation.predict(tmp_path / "model.pt", [scan], tmp_path / "masks.csv")
+    assert not (tmp_path / "masks.csv").exists()
+
+
 def _three_scans(tmp_path: Path) -> tuple[Path, np.ndarray]:
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -395,11 +395,22 @@ def predict(
         DataError: for missing or unreadable inputs, duplicate case names, outputs that exist
             already (without ``overwrite``) or an output folder inside an input folder.
     """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise DataError(
+            output, "is a file; a segmentation model writes its masks and predictions.csv into a folder"
+        )
+    if not output.exists() and output.suffix.lower() == ".csv":
+        # A grading model writes a CSV; this one would make a folder named like one.
+        raise DataError(
+            output,
+            f"a segmentation model writes its masks and predictions.csv into a folder; give a folder "
+            f"such as {output.with_suffix('')}",
+        )
     model = load_segmentation_models(checkpoint, eval_overrides=eval_overrides)
     collected = _collect(inputs)
     studies = [path for path, _ in collected]
     names = [name for _, name in collected]
-    output = Path(output)
     folders = [Path(p) for p in inputs if Path(p).is_dir()]
     refuse_inside_inputs(output, folders + [p for p in studies if p.is_dir()])
     # A file's own folder is refused (a mask may take the name of its scan there); a new
