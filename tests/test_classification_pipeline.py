@@ -160,6 +160,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, fundus):
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert again["context"]["checkpoint epoch"] == str(metrics["context"]["best epoch"]) == str(meta["epoch"])
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--output", str(out)]) == 2
     out2 = tmp_path / "ev_all"
     assert (

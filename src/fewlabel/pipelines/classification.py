@@ -168,7 +168,14 @@ def evaluate(
         _check_not_inside(output, Path(data))
         records, split = _records_for(Path(data), split, list(meta["classes"]))
     device = _device_for_inference()
-    context = {"checkpoint": ", ".join(str(c) for c in checkpoints), "data": str(source), "split": split}
+    context = {
+        "checkpoint": ", ".join(str(c) for c in checkpoints),
+        # Which epoch each file holds; how it was selected is training's report to tell,
+        # since a last.pt was not selected at all.
+        "checkpoint epoch": ", ".join(str(m.get("epoch", "unknown")) for _, m in members),
+        "data": str(source),
+        "split": split,
+    }
     with _staged_dir(output, overwrite, [*checkpoints, Path(source)]) as out:
         report = _evaluate_records(members, records, out, device, context)
     return {"report": output / report["report"].name, "metrics": report["metrics"]}
