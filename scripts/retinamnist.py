@@ -160,10 +160,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RetinaMNIST not found at {args.data}", file=sys.stderr)
         return 2
 
-    start = time.perf_counter()
+    runs = [Path(args.output_dir) / f"{args.name}-seed{seed}" for seed in args.seeds]
     if args.collect:
-        runs = [Path(args.output_dir) / f"{args.name}-seed{seed}" for seed in args.seeds]
-    else:
+        missing = [r.name for r in runs if not (r / "eval" / "predictions.csv").is_file()]
+        if missing:
+            print(f"--collect: no finished run {', '.join(missing)} in {args.output_dir}", file=sys.stderr)
+            return 2
+    elif not args.overwrite and any(r.exists() for r in runs):
+        # Refused here, before any log is opened: the log of the finished run would be lost.
+        existing = ", ".join(r.name for r in runs if r.exists())
+        print(
+            f"{args.output_dir} holds {existing} already: pass --overwrite to retrain, "
+            "--collect to score them, or choose another --output-dir",
+            file=sys.stderr,
+        )
+        return 2
+    start = time.perf_counter()
+    if not args.collect:
         # Only as many networks as there are seeds train at once: share the cores between
         # those, not between --jobs (one seed with --jobs 2 would leave a core idle).
         args.set = share_threads(args.set, min(args.jobs, len(args.seeds)))
@@ -209,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir) / f"{args.name}_summary.json"
     recorded = json.loads(out.read_text()) if args.collect and out.is_file() else {}
     if recorded.get("seeds") != args.seeds:
+        if recorded.get("minutes") is not None:
+            # Another set of networks, whose training time only that summary holds: kept.
+            out = out.with_name(f"{args.name}_summary_seeds{'-'.join(str(s) for s in args.seeds)}.json")
         recorded = {}  # another set of networks: its time is not these networks'
     summary = {
         "seeds": args.seeds,

@@ -104,3 +104,29 @@ def test_cores_are_shared_between_the_networks_actually_trained_together(
     argv = ["--data", str(data), "--output-dir", str(tmp_path), "--seeds", *seeds, "--jobs", str(jobs)]
     assert script.main(argv) == 0
     assert overrides == [expected] * len(seeds)
+
+
+def test_collect_names_missing_runs_and_keeps_the_training_summary_of_other_seeds(script, tmp_path, capsys):
+    data = tmp_path / "absent.npz"
+    argv = ["--data", str(data), "--output-dir", str(tmp_path), "--collect"]
+    assert script.main([*argv, "--seeds", "0"]) == 2
+    assert "no finished run retinamnist-seed0" in capsys.readouterr().err
+    y, probs = np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]])
+    for seed in (0, 1):
+        _fake_run(tmp_path, seed, y, probs, ["test_0", "test_1"])
+    trained = {"seeds": [0, 1], "minutes": 25.0, "results": []}
+    (tmp_path / "retinamnist_summary.json").write_text(json.dumps(trained))
+    assert script.main([*argv, "--seeds", "0"]) == 0
+    assert json.loads((tmp_path / "retinamnist_summary.json").read_text()) == trained
+    assert json.loads((tmp_path / "retinamnist_summary_seeds0.json").read_text())["seeds"] == [0]
+
+
+def test_finished_runs_and_their_logs_are_kept_without_overwrite(script, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "retinamnist.npz"
+    data.touch()
+    _fake_run(tmp_path, 0, np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["test_0", "test_1"])
+    (tmp_path / "retinamnist-seed0.log").write_text("the training log\n")
+    monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: pytest.fail("would train"))
+    assert script.main(["--data", str(data), "--output-dir", str(tmp_path), "--seeds", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "retinamnist-seed0.log").read_text() == "the training log\n"
