@@ -79,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         help="train on these labelled slices only (file stems), e.g. the ones a fewlabel run with "
         "data.labeled_count logs as 'labelled training cases'",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output-dir")
     args = parser.parse_args(argv)
+    earlier = [Path(args.output_dir) / name for name in ("reference.json", "eval")]
+    if any(p.exists() for p in earlier) and not args.overwrite:
+        # Checked before training: the evaluation would replace the earlier seed's report.
+        print(
+            f"{args.output_dir} holds a result already: pass --overwrite or choose another --output-dir",
+            file=sys.stderr,
+        )
+        return 2
 
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "infection=1,2",
             "--output",
             str(out / "eval"),
-            "--overwrite",
+            *(["--overwrite"] if args.overwrite else []),
         ]
     )
     if status != 0:

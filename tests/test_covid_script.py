@@ -291,3 +291,12 @@ def test_the_plot_leaves_out_runs_no_longer_there(script, tmp_path, monkeypatch)
     shutil.rmtree(tmp_path / "tcsm10-seed0")
     assert script.main(argv) == 0
     assert drawn == [["sup10", "tcsm10"], ["sup10"]]
+
+
+def test_the_monai_reference_keeps_an_earlier_result_without_overwrite(tmp_path, capsys):
+    reference = load_script("covid_monai_reference")
+    (tmp_path / "reference.json").write_text('{"seed": 0}')
+    argv = ["--data", str(tmp_path / "absent"), "--output-dir", str(tmp_path), "--seed", "1"]
+    assert reference.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "reference.json").read_text() == '{"seed": 0}'
