@@ -61,3 +61,42 @@ def test_evaluate_prints_the_scores(tmp_path, capsys):
     assert out[0] == "scores (1 case, mean over cases):"
     assert out[2].split() == ["class_1", "0.500", "0.500", "0.500", "0.500", "1"]
     assert out[-1] == f"report: {tmp_path / 'out' / 'report.html'}"
+
+
+def test_a_mean_over_fewer_cases_shows_its_count():
+    from fewlabel.utils.text import display_width
+
+    nan = math.nan
+    # nothing predicted in case b (precision undefined), nothing true in cases c and d
+    # (sensitivity undefined): Dice and VolDice are defined, as 0, in all four
+    cases = [
+        CaseResult(
+            name,
+            {"dice": {1: d}, "voldice": {1: d}, "precision": {1: p}, "sensitivity": {1: s}},
+        )
+        for name, d, p, s in [
+            ("a", 0.5, 0.4, 0.6),
+            ("b", 0.0, nan, 0.0),
+            ("c", 0.0, 0.0, nan),
+            ("d", 0.0, 0.0, nan),
+        ]
+    ]
+    lines = score_lines(summarize(cases, ["background", "ggo"]))
+    assert lines[2].split() == ["ggo", "0.125", "0.125", "0.133", "(3)", "0.300", "(2)", "4"]
+    # each value column still ends under its header, and n under n
+    header, row = lines[1], lines[2]
+    for label, cell in [("Dice", "0.125"), ("Precision", "0.133 (3)"), ("Sensitivity", "0.300 (2)")]:
+        end = display_width(header[: header.index(label) + len(label)])
+        assert display_width(row[: row.index(cell) + len(cell)]) == end
+    assert len(row) == len(header)
+
+
+def test_a_count_wider_than_the_column_widens_it():
+    cases = [
+        CaseResult(f"c{i}", {"dice": {1: 1.0}, "precision": {1: 1.0 if i < 1000 else math.nan}})
+        for i in range(1001)
+    ]
+    header, row = score_lines(summarize(cases, ["background", "lesion"]))[1:3]
+    assert row.split() == ["lesion", "1.000", "1.000", "(1000)", "1001"]
+    assert row.index("(1000)") + len("(1000)") == header.index("Precision") + len("Precision")
+    assert len(row) == len(header)

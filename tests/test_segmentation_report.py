@@ -372,3 +372,45 @@ def test_cases_with_an_uncertainty_get_a_scatter_against_dice(tmp_path):
     plain = [CaseResult(c.case_id, c.metrics) for c in cases]
     page = write_segmentation_report(tmp_path / "plain", plain, ["background", "a", "b"]).read_text()
     assert not (tmp_path / "plain" / "uncertainty_vs_dice.png").exists() and "Uncertainty" not in page
+
+
+def test_an_image_folder_given_as_ground_truth_is_refused_before_writing(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    grey = np.add.outer(np.arange(16), np.arange(16)).astype(np.uint8) * 8  # values 0..240, like a slice
+    for name in ("a", "b"):
+        _save_png(pred_dir / f"{name}.png", np.kron(GT_2D, np.ones((4, 4), np.uint8)))
+        Image.fromarray(grey, mode="L").save(gt_dir / f"{name}.jpg", quality=90)
+    with pytest.raises(
+        DataError, match=r"gt/a\.jpg: holds \d+ label values up to \d+.*predictions' largest label is 2"
+    ) as err:
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    assert "more than 32 classes" in str(err.value)
+    assert "check that --gt is the mask folder, not the images, or pass --classes" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # with the classes named, the user has said the values are labels: nothing is guessed
+    with pytest.raises(DataError, match=r"gt/a\.jpg: .*label values"):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out", classes=["background", "ggo", "consolidation"])
+
+
+def test_an_image_volume_given_as_predictions_is_refused(tmp_path):
+    pred_dir, gt_dir = _nifti_folders(tmp_path)
+    image = np.arange(48).reshape(4, 4, 3)  # non-negative intensities read as 48 labels
+    _save_nifti(pred_dir / "case_b.nii", image)
+    with pytest.raises(
+        DataError, match=r"pred/case_b\.nii: holds 48 label values up to 47.*check that --pred"
+    ):
+        evaluate_masks(pred_dir, gt_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_masks_with_32_classes_are_scored_without_classes(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    labels = np.arange(32, dtype=np.uint8).reshape(4, 8)  # background and 31 structures
+    _save_png(pred_dir / "a.png", labels)
+    _save_png(gt_dir / "a.png", labels)
+    summary = evaluate_masks(pred_dir, gt_dir, tmp_path / "out")["summary"]
+    assert len(summary["classes"]) == 32 and summary["metrics"]["dice"][31]["mean"] == 1.0

@@ -37,7 +37,7 @@ from fewlabel.metrics.segmentation import (
 from fewlabel.reports.segmentation import write_segmentation_report
 from fewlabel.utils.files import check_replaceable
 
-__all__ = ["MASK_SUFFIXES", "case_name", "evaluate_masks", "index_masks"]
+__all__ = ["MASK_SUFFIXES", "MAX_INFERRED_CLASSES", "case_name", "evaluate_masks", "index_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ MASK_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".t
 
 # Names listed in an error message before the rest is only counted.
 _MAX_LISTED = 20
+
+# Without --classes, a label of this value or above (more classes than this, background
+# included) is taken for a folder of images given as masks: an 8-bit grey image holds most of
+# 0..255 and would be scored as a 256-class report. Real masks scored without names rarely have
+# this many classes, and --classes scores any number.
+MAX_INFERRED_CLASSES = 32
 
 
 def case_name(path: str | Path) -> str | None:
@@ -151,7 +157,9 @@ def evaluate_masks(
     Raises:
         DataError: for missing folders, unmatched case names (all listed), masks whose shapes or
             geometry differ (both files named), label values outside ``classes``, unreadable files,
-            or an ``output`` inside an input folder.
+            or an ``output`` inside an input folder; without ``classes``, also for masks holding
+            only 0 and 255, or a label that would make more than :data:`MAX_INFERRED_CLASSES`
+            classes (most likely images given as masks; the file is named).
         ConfigError: for fewer than two classes or a bad ``merge``.
         RunDirError: if ``output`` exists and ``overwrite`` is false.
     """
@@ -162,13 +170,16 @@ def evaluate_masks(
     _check_matching(preds, gts, pred_dir, gt_dir)
 
     if classes is None:
-        values = set().union(*(_label_values(p) for p in [*preds.values(), *gts.values()]))
+        pred_values = {path: _label_values(path) for path in preds.values()}
+        gt_values = {path: _label_values(path) for path in gts.values()}
+        values = set().union(*pred_values.values(), *gt_values.values())
         if values == {0, 255} or values == {255}:
             raise DataError(
                 gt_dir,
                 "the masks hold only the values 0 and 255: binary masks saved as 0/255 pixels, which "
                 "would be scored as 255 classes; save the lesion as 1 (or pass --classes for 256 classes)",
             )
+        _check_plausible_labels(gt_values, pred_values)
         top = max(values)
         classes = ["background"] + [f"class_{k}" for k in range(1, max(top, 1) + 1)]
         log.info("classes not given; using %s from the largest label found", classes)
@@ -252,6 +263,39 @@ def _check_matching(preds: Mapping[str, Path], gts: Mapping[str, Path], pred_dir
 def _listing(names: Sequence[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def _check_plausible_labels(gt_values: Mapping[Path, set[int]], pred_values: Mapping[Path, set[int]]) -> None:
+    """Refuse label values that look like image intensities rather than classes, naming the file.
+
+    Args:
+        gt_values: the label values in each ground-truth file.
+        pred_values: the label values in each predicted file.
+
+    Raises:
+        DataError: if a file holds a label of :data:`MAX_INFERRED_CLASSES` or above, which
+            would make more classes than that (the ground truth is checked first).
+    """
+    for values, option, other in ((gt_values, "--gt", pred_values), (pred_values, "--pred", gt_values)):
+        path = max(values, key=lambda p: max(values[p]))  # first file with the largest label
+        top = max(values[path])
+        if top < MAX_INFERRED_CLASSES:
+            continue
+        other_top = max(max(v) for v in other.values())
+        side = "predictions'" if option == "--gt" else "ground truth's"
+        hint = (
+            "a binary mask saved as 0/255 pixels? save the lesion as 1; otherwise "
+            if values[path] <= {0, 255}
+            else ""
+        )
+        raise DataError(
+            path,
+            f"holds {len(values[path])} label values up to {top}, which would be scored as "
+            f"{top + 1} classes (the {side} largest label is {other_top}); without --classes, "
+            f"more than {MAX_INFERRED_CLASSES} classes are taken for images rather than masks: "
+            f"{hint}check that {option} is the mask folder, not the images, or pass --classes "
+            "naming every value in the masks",
+        )
 
 
 def _label_values(path: Path) -> set[int]:
