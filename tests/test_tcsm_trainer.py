@@ -362,3 +362,96 @@ def test_load_state_dict_rejects_foreign_dicts():
     state["student"] = tiny_net(classes=3).state_dict()
     with pytest.raises(CheckpointError):
         trainer.load_state_dict(state)
+
+
+class _RecordingImages(torch.utils.data.Dataset):
+    """Unlabelled images indexed by ``ResumableSampler``'s ``(index, seed)`` pairs; records the indices."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.served: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, _ = item
+        self.served.append(index)
+        return {"image": self.images[index]}
+
+
+def test_resume_continues_the_unlabelled_loader_where_it_stopped(tmp_path):
+    # Three unlabelled batches against two labelled ones: the unlabelled passes run across
+    # the epochs, so a resumed loader restarted from its first batch would feed other batches.
+    labelled = batches(2, 2, (16, 16))
+    unlabelled = batches(3, 2, (16, 16), False, seed=3)
+    tcsm = {"rampup_iterations": 10, "ema_decay": 0.8}
+    full = make_trainer(tiny_net(seed=7), labelled, unlabelled, epochs=3, opt="adam", **tcsm)
+    full.run()
+    resumed = None
+    for epochs in (1, 2, 3):  # interrupted twice, at different unlabelled positions
+        # Only the first segment starts from the uninterrupted run's weights; later ones load them.
+        net = tiny_net(seed=7 if resumed is None else 99)
+        trainer = make_trainer(net, labelled, unlabelled, epochs=epochs, opt="adam", **tcsm)
+        if resumed is not None:
+            path = save_checkpoint(resumed.state_dict(), tmp_path / "trainer.pt")
+            trainer.load_state_dict(load_checkpoint(path))  # weights_only=True load
+        trainer.run()
+        resumed = trainer
+        position = trainer.state_dict()["unlabeled_position"]
+        assert type(position) is int and position == (2 * epochs - 1) % 3 + 1
+    assert resumed is not None and resumed.state.iteration == full.state.iteration == 6
+    for name in ("student", "teacher"):
+        for a, b in zip(
+            getattr(full, name).state_dict().values(),
+            getattr(resumed, name).state_dict().values(),
+            strict=True,
+        ):
+            assert torch.equal(a, b), name
+
+
+def test_checkpoint_without_unlabelled_position_restarts_the_loader():
+    unlabelled = batches(3, 2, (16, 24), False)
+    served: list[int] = []
+
+    class Counting:
+        def __iter__(self):
+            for i, b in enumerate(unlabelled):
+                served.append(i)
+                yield b
+
+    saved = make_trainer(unlabelled=Counting())
+    saved.run()
+    state = saved.state_dict()
+    assert state.pop("unlabeled_position") == 2
+    served.clear()
+    old = make_trainer(unlabelled=Counting(), epochs=2)
+    old.load_state_dict(state)  # as saved before the position was kept
+    old.run()
+    assert served == [0, 1]
+
+
+def test_a_positioned_sampler_is_not_skipped_a_second_time():
+    from fewlabel.data.sampling import ResumableSampler
+    from fewlabel.engines.segmentation import _resume_sampler
+
+    # As the segmentation pipeline builds it: one unlabelled batch per iteration, drawn by a
+    # ResumableSampler that the pipeline positions after loading the trainer's state.
+    def loader() -> torch.utils.data.DataLoader:
+        images = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+        sampler = ResumableSampler(5, seed=11, num_samples=2 * 2)
+        return torch.utils.data.DataLoader(_RecordingImages(images), batch_size=2, sampler=sampler)
+
+    full_loader = loader()
+    make_trainer(unlabelled=full_loader, epochs=3).run()
+    first = make_trainer(unlabelled=loader(), epochs=3)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: e.terminate())
+    first.run()  # stopped part-way through the second epoch
+    state = first.state_dict()
+    assert state["engine"]["iteration"] == 3 and state["unlabeled_position"] == 1
+    resumed_loader = loader()
+    resumed = make_trainer(unlabelled=resumed_loader, epochs=3)
+    resumed.load_state_dict(state)
+    _resume_sampler(resumed_loader, 3, 2)
+    resumed.run()
+    assert resumed_loader.dataset.served == full_loader.dataset.served[3 * 2 :]

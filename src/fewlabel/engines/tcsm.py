@@ -15,8 +15,10 @@ student; only the teacher's forward is gradient-free.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from copy import deepcopy
+from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -59,6 +61,18 @@ class TCSMTrainer(Trainer):
     unlabelled batch, because an Ignite engine iterates over one data source only. The labelled
     loader drives the epochs; the unlabelled loader is cycled independently (a fresh iterator
     whenever it is exhausted).
+
+    Unlabelled position on resume. :meth:`state_dict` saves how many batches the current pass
+    over the unlabelled loader has served (``unlabeled_position``); after
+    :meth:`load_state_dict` the first fresh iterator skips that many batches, so a resumed run
+    is fed the batches an uninterrupted one would be (for a loader that yields the same
+    batches on every pass, e.g. a list or an unshuffled ``DataLoader``). A loader whose sampler
+    has a ``resume`` method (:class:`fewlabel.data.sampling.ResumableSampler`) is not skipped:
+    its owner positions the sampler, which knows the sampler's epoch as well, and skipping
+    batches on top would skip them twice. The segmentation pipeline does so
+    (``fewlabel.engines.segmentation._resume_sampler``), with an unlabelled loader of exactly
+    one epoch's batches. Whoever builds such a loader for a standalone trainer calls
+    ``sampler.resume`` itself after loading.
 
     Iteration ``i`` (Ignite's 1-based ``state.iteration``) uses the consistency weight
     ``tcsm.consistency_weight · sigmoid_rampup(i - 1, tcsm.rampup_iterations)``, so the first
@@ -193,6 +207,10 @@ class TCSMTrainer(Trainer):
         self.consistency_loss = ConsistencyLoss(tcsm.consistency_loss)
         self.unlabeled_loader = unlabeled_loader if tcsm.enabled else None
         self._unlabeled_iter: Iterator | None = None
+        # Batches served by the current pass over the unlabelled loader, saved for a resume.
+        self._unlabeled_served = 0
+        # A loaded position the next fresh iterator starts from (None: start from the top).
+        self._unlabeled_resume: int | None = None
         self._seed = seed
         # Each rank draws its own transformations and pasted rectangles for its shard; with
         # one seed all ranks would repeat the same draws on their samples.
@@ -432,13 +450,21 @@ class TCSMTrainer(Trainer):
         return contextlib.nullcontext()
 
     def _next_unlabeled(self) -> Tensor:
-        """The next unlabelled image batch, restarting the loader when it is exhausted."""
+        """The next unlabelled image batch, restarting the loader when it is exhausted.
+
+        Returns:
+            The image tensor of the batch, on the trainer's device.
+
+        Raises:
+            DataError: if the loader yields no batches, or a batch has no image.
+        """
         assert self.unlabeled_loader is not None
         for attempt in range(2):
             if self._unlabeled_iter is None:
-                self._unlabeled_iter = iter(self.unlabeled_loader)
+                self._unlabeled_iter = self._fresh_unlabeled_iter()
             try:
                 batch = next(self._unlabeled_iter)
+                self._unlabeled_served += 1
                 break
             except StopIteration:
                 self._unlabeled_iter = None
@@ -454,6 +480,24 @@ class TCSMTrainer(Trainer):
             image = batch
         return _plain(image).to(device=self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
 
+    def _fresh_unlabeled_iter(self) -> Iterator:
+        """A new iterator over the unlabelled loader, at the loaded position after a resume.
+
+        Returns:
+            The iterator, with the loaded position's batches already consumed unless the
+            loader's sampler positions itself (see the class docstring).
+        """
+        assert self.unlabeled_loader is not None
+        start, self._unlabeled_resume = self._unlabeled_resume or 0, None
+        iterator = iter(self.unlabeled_loader)
+        # A positioned sampler already starts where the pass stopped: the count still goes on
+        # from there, so that a later checkpoint saves the position within the whole pass.
+        self._unlabeled_served = start
+        if start and not _positions_itself(self.unlabeled_loader):
+            # Consumed without being used; a shorter loader simply ends the pass early.
+            deque(islice(iterator, start), maxlen=0)
+        return iterator
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to resume: networks, optimizer, scheduler, scaler, counters.
 
@@ -463,7 +507,9 @@ class TCSMTrainer(Trainer):
         Returns:
             A dict with keys ``engine`` (Ignite's iteration counter, epoch length, max epochs),
             ``student``, ``teacher``, ``optimizer``, ``lr_scheduler``, ``scaler``,
-            ``ema_warmup`` (position of the EMA momentum warm-up) and ``transform_rng``.
+            ``ema_warmup`` (position of the EMA momentum warm-up), ``transform_rng`` and
+            ``unlabeled_position`` (batches the current pass over the unlabelled loader has
+            served, an int).
         """
         warmup = getattr(self.ema, "momentum_scheduler", None) if self.ema is not None else None
         return {
@@ -478,6 +524,10 @@ class TCSMTrainer(Trainer):
             # would not load with weights_only=True.
             "ema_warmup": None if warmup is None else {"event_index": int(warmup.event_index)},
             "transform_rng": self._generator.get_state(),
+            # Loaded but not yet used, the loaded position is still the current one.
+            "unlabeled_position": int(
+                self._unlabeled_served if self._unlabeled_resume is None else self._unlabeled_resume
+            ),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -488,6 +538,9 @@ class TCSMTrainer(Trainer):
         finished run can be extended. The learning-rate scheduler resumes its saved state,
         horizon included: a cosine schedule that has ended climbs again if training goes on,
         so extend runs whose scheduler has no fixed end (or give the loaded one a new one).
+        The unlabelled loader continues from the saved position (see the class docstring);
+        a checkpoint without ``unlabeled_position`` (older ones) restarts it from its first
+        batch.
 
         Args:
             state_dict: the dict returned by :meth:`state_dict`.
@@ -526,6 +579,35 @@ class TCSMTrainer(Trainer):
             # reproducible for a given seed, rank and resume point.
             self._generator.manual_seed(_rank_stream_seed(self._seed, rank(), int(self.state.iteration)))
         self._unlabeled_iter = None
+        self._unlabeled_resume = _pass_position(
+            int(state_dict.get("unlabeled_position", 0)), self.unlabeled_loader
+        )
+        self._unlabeled_served = self._unlabeled_resume
+
+
+def _positions_itself(loader: Iterable) -> bool:
+    """Whether ``loader``'s sampler is resumed by its owner (``ResumableSampler.resume``)."""
+    return callable(getattr(getattr(loader, "sampler", None), "resume", None))
+
+
+def _pass_position(served: int, loader: Iterable | None) -> int:
+    """Where a fresh pass should start: ``served`` batches in, or 0 after a complete pass.
+
+    Args:
+        served: batches the interrupted pass had served.
+        loader: the unlabelled loader (its length, where it has one, ends a pass).
+
+    Returns:
+        ``served`` modulo the loader's length; ``served`` itself for a loader without one.
+    """
+    if served <= 0 or loader is None:
+        return 0
+    try:
+        length = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return served
+    # A complete pass would restart at its next batch anyway: skipping it would load it for nothing.
+    return served % length if length > 0 else 0
 
 
 def _rank_stream_seed(seed: int, rank_index: int, iteration: int) -> int:
