@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -248,3 +249,142 @@ def test_an_inverted_grey_scale_series_is_refused_not_misread(tmp_path: Path) ->
         ds.save_as(path)
     with pytest.raises(DataError, match=r"is stored as MONOCHROME1 .* wrong intensities"):
         read_dicom_series(tmp_path / "ct")
+
+
+def _slice_at(folder: Path, k: int) -> Path:
+    """The file of slice ``k`` (file names are shuffled against slice order)."""
+    import pydicom
+
+    for path in folder.glob("*.dcm"):
+        if int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber) == k + 1:
+            return path
+    raise AssertionError(f"no slice {k} in {folder}")
+
+
+def _set_raw_value(path: Path, group: int, element: int, value: bytes) -> None:
+    """Replace the value of an explicit-VR little-endian text element by bytes pydicom would refuse."""
+    data = path.read_bytes()
+    start = data.index(struct.pack("<HH", group, element))
+    length = int.from_bytes(data[start + 6 : start + 8], "little")
+    value += b" " * (len(value) % 2)  # DICOM values have even length
+    path.write_bytes(
+        data[: start + 6] + len(value).to_bytes(2, "little") + value + data[start + 8 + length :]
+    )
+
+
+def test_a_slice_cut_inside_its_header_is_an_error_not_a_lost_slice(tmp_path: Path) -> None:
+    from fewlabel.data.readers import check_study_opens
+
+    write_series(tmp_path / "ct")
+    top = _slice_at(tmp_path / "ct", 4)  # at the end of the series, where no gap shows it missing
+    data = top.read_bytes()
+    # Cut after ImageOrientationPatient (0020,0037): SeriesInstanceUID kept, Rows lost.
+    start = data.index(struct.pack("<HH", 0x0020, 0x0037))
+    top.write_bytes(data[: start + 8 + int.from_bytes(data[start + 6 : start + 8], "little")])
+    pattern = rf"{top.name}: unreadable DICOM file \(truncated"
+    with pytest.raises(DataError, match=pattern):
+        read_dicom_series(tmp_path / "ct")
+    with pytest.raises(DataError, match=pattern):
+        check_study_opens(tmp_path / "ct")
+
+
+def test_a_series_object_without_image_attributes_is_still_skipped(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    write_series(tmp_path / "ct")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = pydicom.dcmread(next((tmp_path / "ct").glob("*.dcm"))).SeriesInstanceUID
+    ds.save_as(tmp_path / "ct" / "report.dcm", enforce_file_format=True)
+    np.testing.assert_allclose(read_dicom_series(tmp_path / "ct").array, _expected_hu())
+
+
+@pytest.mark.parametrize(
+    ("tag", "value", "problem"),
+    [
+        ((0x0020, 0x0032), b"-10\\-20x\\30", r"malformed ImagePositionPatient value '-10\\\\-20x\\\\30'"),
+        (
+            (0x0020, 0x0037),
+            b"1\\0\\0\\0\\1",
+            r"malformed ImageOrientationPatient value .*5 numbers, expected 6",
+        ),
+        ((0x0028, 0x0030), b"0.98765x\\0.8", r"malformed PixelSpacing value '0.98765x"),
+        ((0x0028, 0x0008), b"na", r"malformed NumberOfFrames value 'na'"),
+    ],
+)
+def test_a_malformed_geometry_value_names_the_file(
+    tmp_path: Path, tag: tuple[int, int], value: bytes, problem: str
+) -> None:
+    import pydicom
+
+    write_series(tmp_path / "ct")
+    bad = _slice_at(tmp_path / "ct", 2)
+    if tag == (0x0028, 0x0008):
+        ds = pydicom.dcmread(bad)
+        ds.NumberOfFrames = 1
+        ds.save_as(bad)
+    _set_raw_value(bad, *tag, value)
+    with pytest.raises(DataError, match=rf"{bad.name}: {problem}") as err:
+        read_dicom_series(tmp_path / "ct")
+    assert err.value.path == bad
+
+
+def test_a_malformed_instance_number_is_ignored_as_it_orders_nothing(tmp_path: Path) -> None:
+    write_series(tmp_path / "ct")
+    _set_raw_value(_slice_at(tmp_path / "ct", 2), 0x0020, 0x0013, b"A1")
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "ct").array, _expected_hu())
+
+
+def test_undecodable_pixel_data_names_the_slice_file(tmp_path: Path) -> None:
+    write_series(tmp_path / "ct")
+    bad = _slice_at(tmp_path / "ct", 2)
+    bad.write_bytes(bad.read_bytes()[:-100])  # cut inside the pixel data; the header parses
+    with pytest.raises(DataError, match=r"cannot decode the DICOM pixel data .*slice 2 of 5") as err:
+        read_dicom_series(tmp_path / "ct")
+    assert err.value.path == bad
+
+
+def test_slice_messages_give_the_path_inside_the_series_folder(tmp_path: Path) -> None:
+    import shutil
+
+    write_series(tmp_path / "ct" / "a", n=3)
+    first = sorted((tmp_path / "ct" / "a").glob("*.dcm"))[0]
+    (tmp_path / "ct" / "b").mkdir()
+    shutil.copy(first, tmp_path / "ct" / "b" / first.name)  # the same name in another subfolder
+    with pytest.raises(DataError, match=rf"e\.g\. a/{first.name} and b/{first.name} both at"):
+        read_dicom_series(tmp_path / "ct")
+
+
+@pytest.mark.parametrize("suffix", [".dcm", ""])
+def test_slices_without_preamble_are_read(tmp_path: Path, suffix: str) -> None:
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    write_series(tmp_path / "src")
+    (tmp_path / "raw").mkdir()
+    for path in (tmp_path / "src").glob("*.dcm"):
+        # A bare dataset in implicit VR, without preamble, DICM magic or file meta.
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        write_dataset(fp, ds)
+        (tmp_path / "raw" / (path.stem + suffix)).write_bytes(fp.getvalue())
+    one = next((tmp_path / "raw").iterdir())
+    assert looks_like_dicom(one) and one.read_bytes()[128:132] != b"DICM"
+    study = read_dicom_series(tmp_path / "raw")
+    np.testing.assert_array_equal(study.array, _expected_hu())
+    np.testing.assert_allclose(study.affine, read_dicom_series(tmp_path / "src").affine)
+    assert (
+        read_dicom_series(tmp_path / "raw", include_identifiers=True).meta["patient"]["PatientID"]
+        == PATIENT_ID
+    )

@@ -77,6 +77,7 @@ _SPACING_TOLERANCE = 0.1  # fraction of the slice spacing
 _SHEAR_TOLERANCE_MM = 0.1
 # DICOM tags read to group and sort slices; none of them identifies the patient.
 _GEOMETRY_TAGS = [
+    "SOPClassUID",
     "SeriesInstanceUID",
     "SeriesDescription",
     "Modality",
@@ -551,24 +552,92 @@ class _DicomSlice:
 
 
 def looks_like_dicom(path: str | Path) -> bool:
-    """Whether a file claims to be DICOM: a DICOM suffix, or the ``DICM`` magic at offset 128.
+    """Whether a file claims to be DICOM: a DICOM suffix, the ``DICM`` magic, or a raw dataset.
 
     Args:
         path: a file path.
 
     Returns:
-        True for ``.dcm``/``.ima`` names and for files with the DICOM magic (scanners often
-        write slices without a suffix); False otherwise, and for files that cannot be opened.
+        True for ``.dcm``/``.ima`` names, for files with the DICOM magic at offset 128 (scanners
+        often write slices without a suffix) and for files that start like a DICOM dataset
+        without the 128-byte preamble and magic (as older scanners and PACS exports write
+        them); False otherwise, and for files that cannot be opened.
     """
     path = Path(path)
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return True
     try:
         with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+            head = fh.read(132)
     except OSError:
         return False
+    return head[128:132] == b"DICM" or _starts_like_raw_dataset(head)
+
+
+def _starts_like_raw_dataset(head: bytes) -> bool:
+    """Whether bytes begin with a little-endian DICOM element of group 0002 or 0008.
+
+    A dataset written without preamble starts with its lowest tag, which for any image lies in
+    the file meta (0002) or identification (0008) group, as SOPClassUID (0008,0016) is
+    mandatory. Text and image files do not start with these bytes.
+    """
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR: a two-letter value representation
+        return True
+    # Implicit VR: a 4-byte length, short for the identification elements that come first.
+    return struct.unpack("<I", head[4:8])[0] < 0x10000
+
+
+def _read_dicom_header(path: Path, tags: list[str]) -> Any:
+    """Read the given tags of a DICOM file's header, also from a file without preamble.
+
+    Without the 128-byte preamble and ``DICM`` magic pydicom refuses a file unless forced. A
+    forced read parses any bytes, so it is tried only on files that start like a dataset, and
+    its result counts only if it is a plausible series object (a SeriesInstanceUID, and Rows or
+    a non-image modality).
+
+    Raises:
+        Exception: whatever pydicom raises for the file read normally (``InvalidDicomError``
+            when the forced read is not plausible either).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    except InvalidDicomError:
+        ds = _read_raw_dataset(path, tags)
+        if ds is None:
+            raise
+        return ds
+
+
+def _read_raw_dataset(path: Path, tags: list[str]) -> Any | None:
+    """A forced read of a file without preamble, or None unless it is a plausible series object."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as fh:
+            if not _starts_like_raw_dataset(fh.read(8)):
+                return None
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=[*tags, "SeriesInstanceUID", "Rows", "Modality"],
+            force=True,
+        )
+        plausible = bool(getattr(ds, "SeriesInstanceUID", "")) and (
+            getattr(ds, "Rows", None) is not None
+            or str(getattr(ds, "Modality", "") or "") in _NON_IMAGE_MODALITIES
+        )
+    except Exception:  # a forced read of arbitrary bytes may fail in any way
+        return None
+    return ds if plausible else None
 
 
 def refuse_dicom_file(path: str | Path) -> None:
@@ -593,6 +662,89 @@ def refuse_dicom_file(path: str | Path) -> None:
 _NON_IMAGE_MODALITIES = frozenset(
     {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "SR", "PR", "KO", "REG"}
 )
+#: Attributes only image objects carry at the top level; a file holding one is meant as a slice.
+_IMAGE_PLANE_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+#: Longest piece of a malformed header value quoted in an error message.
+_QUOTED_VALUE_CHARS = 40
+
+
+def _is_image_object(ds: Any) -> bool:
+    """Whether a DICOM dataset is meant as an image slice, judged without ``Rows`` or pixels.
+
+    A header cut short keeps its first elements only, so this looks at what precedes
+    ``Rows``: an image storage SOP class (CT, MR, PET, secondary capture...; their registered
+    names all end in "Image Storage", those of contours, reports, segmentations and
+    presentation states do not) or image plane attributes.
+    """
+    from pydicom.uid import UID
+
+    for sop_class in (
+        getattr(ds, "SOPClassUID", None),
+        getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None),
+    ):
+        if sop_class and "Image Storage" in UID(str(sop_class)).name:
+            return True
+    # Presence only: the values are checked (and malformed ones reported) for slices that parse.
+    return any(tag in ds for tag in _IMAGE_PLANE_TAGS)
+
+
+def _malformed(path: Path, keyword: str, value: Any, why: str) -> DataError:
+    text = str(value)
+    if len(text) > _QUOTED_VALUE_CHARS:
+        text = text[:_QUOTED_VALUE_CHARS] + "..."
+    return DataError(
+        path,
+        f"malformed {keyword} value {text!r} ({why}); correct it in the file's header, or move the "
+        "file out of the series folder",
+    )
+
+
+def _numbers(ds: Any, path: Path, keyword: str, count: int) -> np.ndarray | None:
+    """A header attribute of ``count`` finite numbers (None when absent).
+
+    Raises:
+        DataError: naming the file, if the value is no list of ``count`` finite numbers.
+    """
+    from pydicom.multival import MultiValue
+
+    try:
+        value = getattr(ds, keyword, None)
+    except Exception as err:  # pydicom converts values on access and raises what the VR's class does
+        raise DataError(path, f"malformed {keyword} value ({type(err).__name__})") from err
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    text = "\\".join(map(str, items))  # as the header stores a multi-valued attribute
+    try:
+        numbers = np.asarray([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _malformed(path, keyword, text, "not a number") from err
+    if numbers.size != count:
+        raise _malformed(path, keyword, text, f"{numbers.size} numbers, expected {count}")
+    if not np.all(np.isfinite(numbers)):
+        raise _malformed(path, keyword, text, "not finite")
+    return numbers
+
+
+def _integer(ds: Any, path: Path, keyword: str) -> int | None:
+    """An integer header attribute (None when absent).
+
+    Raises:
+        DataError: naming the file, if the value is no integer.
+    """
+    try:
+        value = getattr(ds, keyword, None)
+    except Exception as err:  # pydicom converts values on access and raises what the VR's class does
+        raise DataError(path, f"malformed {keyword} value ({type(err).__name__})") from err
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise _malformed(path, keyword, value, "not a number") from err
+    if not number.is_integer():
+        raise _malformed(path, keyword, value, "not an integer")
+    return int(number)
 
 
 def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
@@ -603,22 +755,21 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
     claim to be DICOM but cannot be parsed, or parses without a SeriesInstanceUID (pydicom
     reads a file cut inside its header as a shorter dataset without complaint), is an error:
     skipping it would silently drop a slice, which the gap check cannot see at either end of
-    the series. Objects that are no image slices (no ``Rows``, or contours, reports,
-    segmentations and presentation states) are skipped; multi-frame and MONOCHROME1 files are
-    refused.
+    the series. So is an image object (an image storage SOP class, or image plane attributes)
+    without ``Rows``: its header was cut before them. Objects that are no image slices
+    (contours, reports, segmentations and presentation states, or no image attributes at all)
+    are skipped; multi-frame and MONOCHROME1 files, and malformed geometry values, are refused.
 
     Raises:
-        DataError: naming the first unreadable, multi-frame or MONOCHROME1 DICOM file.
+        DataError: naming the first unreadable, multi-frame, MONOCHROME1 or malformed DICOM file.
     """
-    import pydicom
-
     series: dict[str, list[_DicomSlice]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
             continue
         claims_dicom = looks_like_dicom(path)
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
+            ds = _read_dicom_header(path, _GEOMETRY_TAGS)
         except Exception as err:  # pydicom raises many types (struct.error, KeyError...) on damage
             if claims_dicom:
                 # Only the exception type: pydicom messages may quote header bytes.
@@ -641,16 +792,27 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
             log.debug("%s: skipped, a DICOM file without a series (a directory record)", path)
             continue
         modality = str(getattr(ds, "Modality", "") or "")
-        if getattr(ds, "Rows", None) is None or modality in _NON_IMAGE_MODALITIES:
+        if modality in _NON_IMAGE_MODALITIES:
             # Contours, reports, segmentations and presentation states often sit beside the
             # images they belong to; they are no slices of a series.
+            log.debug("%s: skipped, a DICOM %s object, not an image slice", path, modality)
+            continue
+        if getattr(ds, "Rows", None) is None:
+            if _is_image_object(ds):
+                # pydicom reads a header cut before Rows without complaint; skipping the file
+                # would drop a slice unseen at either end of the series.
+                raise DataError(
+                    path,
+                    "unreadable DICOM file (truncated or corrupt header: an image without Rows); replace it "
+                    "with an intact copy, or move it out of the series folder",
+                )
             log.debug("%s: skipped, a DICOM %s object, not an image slice", path, modality or "non-image")
             continue
-        frames = getattr(ds, "NumberOfFrames", None)
-        if frames not in (None, "") and int(frames) > 1:
+        frames = _integer(ds, path, "NumberOfFrames")
+        if frames is not None and frames > 1:
             raise DataError(
                 path,
-                f"is a multi-frame DICOM file ({int(frames)} frames in one file, as enhanced CT/MR write "
+                f"is a multi-frame DICOM file ({frames} frames in one file, as enhanced CT/MR write "
                 "them), which fewlabel does not read; convert it to NIfTI (e.g. with dcm2niix) and use that",
             )
         if str(getattr(ds, "PhotometricInterpretation", "") or "").upper() == "MONOCHROME1":
@@ -662,22 +824,26 @@ def _scan_dicom_folder(folder: Path) -> dict[str, list[_DicomSlice]]:
                 "wrong intensities; convert the series to NIfTI with a converter that keeps the stored "
                 "values (e.g. dcm2niix) and use that",
             )
-        pos = getattr(ds, "ImagePositionPatient", None)
-        ori = getattr(ds, "ImageOrientationPatient", None)
-        inst = getattr(ds, "InstanceNumber", None)
+        try:
+            instance = _integer(ds, path, "InstanceNumber")
+        except DataError:
+            # Slices are ordered by position, never by InstanceNumber: a malformed one harms nothing.
+            log.debug("%s: malformed InstanceNumber ignored", path)
+            instance = None
+        spacing = _numbers(ds, path, "PixelSpacing", 2)
         series.setdefault(uid, []).append(
             _DicomSlice(
                 path=path,
                 series_uid=uid,
                 description=str(getattr(ds, "SeriesDescription", "") or ""),
                 modality=modality,
-                position=None if pos is None else np.asarray([float(v) for v in pos]),
-                orientation=None if ori is None else np.asarray([float(v) for v in ori]),
-                instance=None if inst is None or inst == "" else int(inst),
+                position=_numbers(ds, path, "ImagePositionPatient", 3),
+                orientation=_numbers(ds, path, "ImageOrientationPatient", 6),
+                instance=instance,
                 grid=(
                     getattr(ds, "Rows", None),
                     getattr(ds, "Columns", None),
-                    *(round(float(v), 6) for v in (getattr(ds, "PixelSpacing", None) or ())),
+                    *(() if spacing is None else (round(float(v), 6) for v in spacing)),
                 ),
             )
         )
@@ -714,13 +880,28 @@ def _describe_series(series: dict[str, list[_DicomSlice]]) -> str:
     return "\n".join(lines)
 
 
+def _slice_name(folder: Path, path: Path) -> str:
+    """A slice file's path relative to its series folder (its whole path if outside it)."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSlice], float | None]:
     """Sort slices along the slice normal and reject duplicated or missing slices.
+
+    Slices are named by their path inside ``folder``: a series read recursively may hold
+    ``IM0001`` in several subfolders.
 
     Returns:
         The sorted slices and the median slice distance (None for a single slice).
     """
-    missing = [s.path.name for s in slices if s.position is None or s.orientation is None]
+
+    def name(s: _DicomSlice) -> str:
+        return _slice_name(folder, s.path)
+
+    missing = [name(s) for s in slices if s.position is None or s.orientation is None]
     if missing:
         raise DataError(
             folder,
@@ -734,8 +915,8 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
     if odd is not None:
         raise DataError(
             folder,
-            f"slices of the series differ in size or pixel spacing ({slices[0].path.name}: rows, columns, "
-            f"spacing {slices[0].grid}; {odd.path.name}: {odd.grid}); not one volume",
+            f"slices of the series differ in size or pixel spacing ({name(slices[0])}: rows, columns, "
+            f"spacing {slices[0].grid}; {name(odd)}: {odd.grid}); not one volume",
         )
     normal = np.cross(ori[:3], ori[3:])
     dist = np.array([float(np.dot(s.position, normal)) for s in slices])
@@ -750,7 +931,7 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
         i = int(dup[0])
         raise DataError(
             folder,
-            f"{dup.size} duplicated slice position(s) (e.g. {slices[i].path.name} and {slices[i + 1].path.name} "
+            f"{dup.size} duplicated slice position(s) (e.g. {name(slices[i])} and {name(slices[i + 1])} "
             f"both at {dist[i]:.3f} mm along the slice normal); the series mixes acquisitions",
         )
     median = float(np.median(gaps))
@@ -759,8 +940,8 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
         i = int(big[0])
         raise DataError(
             folder,
-            f"missing slice(s): gap of {gaps[i]:.3f} mm between slice {i} ({slices[i].path.name}, "
-            f"{dist[i]:.3f} mm) and slice {i + 1} ({slices[i + 1].path.name}, {dist[i + 1]:.3f} mm) "
+            f"missing slice(s): gap of {gaps[i]:.3f} mm between slice {i} ({name(slices[i])}, "
+            f"{dist[i]:.3f} mm) and slice {i + 1} ({name(slices[i + 1])}, {dist[i + 1]:.3f} mm) "
             f"along the slice normal, where the median spacing is {median:.3f} mm",
         )
     step = (dist[-1] - dist[0]) / (len(dist) - 1)
@@ -769,7 +950,7 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
     if off_grid[worst] > _SPACING_TOLERANCE * step:
         raise DataError(
             folder,
-            f"irregular slice spacing: slice {worst} ({slices[worst].path.name}) lies "
+            f"irregular slice spacing: slice {worst} ({name(slices[worst])}) lies "
             f"{off_grid[worst]:.3f} mm from where an even spacing of {step:.3f} mm puts it (gaps from "
             f"{gaps.min():.3f} to {gaps.max():.3f} mm); one volume grid cannot hold it, so resample "
             "the series to even spacing first",
@@ -780,7 +961,7 @@ def _sort_slices(folder: Path, slices: list[_DicomSlice]) -> tuple[list[_DicomSl
     if lateral[worst] > _SHEAR_TOLERANCE_MM:
         raise DataError(
             folder,
-            f"the slices do not stack along their normal: slice {worst} ({slices[worst].path.name}) is "
+            f"the slices do not stack along their normal: slice {worst} ({name(slices[worst])}) is "
             f"shifted {lateral[worst]:.3f} mm within the slice plane from the first slice (a tilted "
             "gantry or a sheared series); its affine would misplace the voxels, so resample it first",
         )
@@ -830,6 +1011,7 @@ def read_dicom_series(
     try:
         image = reader.Execute()
     except RuntimeError as err:
+        _raise_undecodable_slice(folder, series_uid, slices)
         # ITK messages quote file names and codec details only, never header values.
         raise DataError(folder, f"cannot decode the DICOM pixel data of series {series_uid}: {err}") from err
     array = sitk.GetArrayFromImage(image)  # (Z, Y, X)
@@ -851,6 +1033,32 @@ def read_dicom_series(
     return Study(array, affine, folder, meta)
 
 
+def _raise_undecodable_slice(folder: Path, series_uid: str, slices: list[_DicomSlice]) -> None:
+    """Name the first slice whose pixel data ITK cannot decode on its own, after the series failed.
+
+    ITK's series reader names neither the file nor the slice that stopped it; reading the files
+    one by one (only on this error path) finds the one to replace.
+
+    Raises:
+        DataError: naming the first slice file that fails to read alone; returns if all read.
+    """
+    import SimpleITK as sitk
+
+    for index, s in enumerate(slices):
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")  # the IO of the series reader, so that both agree
+        reader.SetFileName(str(s.path))
+        try:
+            reader.Execute()
+        except RuntimeError as err:
+            # ITK messages quote file names and codec details only, never header values.
+            raise DataError(
+                s.path,
+                f"cannot decode the DICOM pixel data (truncated or corrupt; slice {index} of "
+                f"{len(slices)} of series {series_uid} in {folder}); replace it with an intact copy: {err}",
+            ) from err
+
+
 def _itk_affine_ras(image: Any) -> np.ndarray:
     """Voxel-to-world affine of a SimpleITK image, in RAS (ITK works in LPS)."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -862,9 +1070,7 @@ def _itk_affine_ras(image: Any) -> np.ndarray:
 
 
 def _read_identifiers(path: Path) -> dict[str, str]:
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_IDENTIFYING_TAGS)
+    ds = _read_dicom_header(path, _IDENTIFYING_TAGS)
     return {tag: str(getattr(ds, tag, "") or "") for tag in _IDENTIFYING_TAGS}
 
 
