@@ -220,6 +220,25 @@ def test_slices2d_pairs_and_patient_ids(tmp_path: Path) -> None:
     assert labelled == [] and [r["patient_id"] for r in unlabelled] == ["c", "c"]
 
 
+def test_slices2d_masks_pair_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
+    root = tmp_path / "upper"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / "images" / "Case_01.JPG", format="JPEG")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / "Case_01.PNG", format="PNG")
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / "images" / "Case_02.JPG", format="JPEG")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / "Case_02.jpg", format="JPEG")
+    labelled, unlabelled, _ = load_records(root)
+    assert unlabelled == []
+    assert [Path(r["label"]).name for r in labelled] == ["Case_01.PNG", "Case_02.jpg"]
+
+    # Two masks that differ only in the case of the suffix: neither is picked silently.
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / "Case_01.png", format="PNG")
+    with pytest.raises(DataError, match=r"Case_01.JPG: 2 masks .* differ only in the case") as err:
+        load_records(root)
+    assert "Case_01.PNG, Case_01.png" in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits and label selection
 # ----------------------------------------------------------------------------------------------

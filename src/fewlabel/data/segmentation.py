@@ -494,19 +494,50 @@ def list_studies(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _is_study_file(p)), key=lambda p: _natural_key(p.name))
 
 
-def _find_mask(masks_dir: Path, image: Path) -> Path | None:
+#: Suffixes tried, in this order after the image's own, for the mask of an image.
+_MASK_SUFFIXES = (".png", ".nii.gz", ".nii", ".bmp", ".tif")
+
+
+def _suffix_key(name: str, stem: str) -> str:
+    # Suffixes compare case-insensitively, as list_studies accepts them; stems keep their case.
+    return stem + name[len(stem) :].lower()
+
+
+def _index_masks(masks: list[Path]) -> dict[str, list[Path]]:
+    """Mask files by name with the suffix in lower case (``Case_01.PNG`` under ``Case_01.png``)."""
+    index: dict[str, list[Path]] = {}
+    for mask in masks:
+        index.setdefault(_suffix_key(mask.name, study_name(mask)), []).append(mask)
+    return index
+
+
+def _find_mask(masks_dir: Path, masks: dict[str, list[Path]], image: Path) -> Path | None:
+    """The mask of an image: its name, or its stem with a mask suffix, any case of the suffix.
+
+    Args:
+        masks_dir: the masks folder (named in errors).
+        masks: its mask files, from :func:`_index_masks`.
+        image: the image file.
+
+    Returns:
+        The mask, or None when there is none.
+
+    Raises:
+        DataError: naming the image, if two masks differ only in the case of their suffix
+            (``Case_01.png`` and ``Case_01.PNG``): picking one would be a silent guess.
+    """
     stem = study_name(image)
-    for candidate in (
-        image.name,
-        f"{stem}.png",
-        f"{stem}.nii.gz",
-        f"{stem}.nii",
-        f"{stem}.bmp",
-        f"{stem}.tif",
-    ):
-        p = masks_dir / candidate
-        if p.is_file():
-            return p
+    for key in (_suffix_key(image.name, stem), *(stem + suffix for suffix in _MASK_SUFFIXES)):
+        found = masks.get(key, [])
+        if len(found) > 1:
+            names = ", ".join(sorted(p.name for p in found))
+            raise DataError(
+                image,
+                f"{len(found)} masks in {masks_dir} differ only in the case of their suffix ({names}); "
+                "keep the one that belongs to this image",
+            )
+        if found:
+            return found[0]
     return None
 
 
@@ -518,9 +549,11 @@ def _load_pairs(root: Path) -> tuple[list[dict], list[dict]]:
     if not masks_dir.is_dir():
         log.info("%s has no masks/ folder: its %d images are unlabelled", root, len(images))
         return [], [_record(p, None) for p in images]
+    masks = list_studies(masks_dir)
+    index = _index_masks(masks)
     labelled, used = [], set()
     for image in images:
-        mask = _find_mask(masks_dir, image)
+        mask = _find_mask(masks_dir, index, image)
         if mask is None:
             expected = image.name if is_nifti_file(image) else f"{study_name(image)}.png"
             raise DataError(
@@ -530,7 +563,7 @@ def _load_pairs(root: Path) -> tuple[list[dict], list[dict]]:
             )
         used.add(mask.name)
         labelled.append(_record(image, mask))
-    orphans = [p.name for p in list_studies(masks_dir) if p.name not in used]
+    orphans = [p.name for p in masks if p.name not in used]
     if orphans:
         raise DataError(
             masks_dir,
