@@ -14,8 +14,9 @@ MONAI's ``SliceInferer`` predicts slice by slice too, but it neither builds 2.5D
 resizes slices to the training size, hence the slice loop here.
 
 Memory: the output is one float32 tensor of shape ``(K, *spatial)`` allocated once on the
-CPU; only a batch of slices or patches lives on the device at a time, and no float64 copy
-of the volume is ever made.
+CPU (in 3D, MONAI's sliding window also holds a count map and its window buffers, about
+twice that in all); only a batch of slices or patches lives on the device at a time, and
+no float64 copy of the volume is ever made.
 """
 
 from __future__ import annotations
@@ -133,8 +134,12 @@ def _predict_3d(
         sw_device=device,
         device=torch.device("cpu"),
     )
-    logits = _plain(logits)[0].float()
-    return torch.softmax(logits, dim=0)
+    probs = _plain(logits)[0].float()
+    # Softmax in place: torch.softmax would hold a second (K, *spatial) copy beside the logits.
+    probs -= probs.amax(dim=0, keepdim=True)
+    probs.exp_()
+    probs /= probs.sum(dim=0, keepdim=True)
+    return probs
 
 
 def _predict_volume_by_slice(
