@@ -207,17 +207,23 @@ def test_consistency_on_labelled_data_only():
     assert all(o["cons_loss"] > 0 for o in outputs)
 
 
+class _Counting:
+    """Batches that note the index of each one served, pass after pass."""
+
+    def __init__(self, batches: list, served: list[int]) -> None:
+        self.batches, self.served = batches, served
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            self.served.append(i)
+            yield b
+
+
 def test_unlabelled_loader_is_cycled_independently():
     unlabelled = batches(2, 3, (16, 24), False)
     served: list[int] = []
 
-    class Counting:
-        def __iter__(self):
-            for i, b in enumerate(unlabelled):
-                served.append(i)
-                yield b
-
-    trainer = make_trainer(labelled=batches(5, 2, (16, 24)), unlabelled=Counting())
+    trainer = make_trainer(labelled=batches(5, 2, (16, 24)), unlabelled=_Counting(unlabelled, served))
     trainer.run()
     assert served == [0, 1, 0, 1, 0]
 
@@ -324,9 +330,7 @@ def _run_pair(tmp_path, epochs_first: int) -> tuple[TCSMTrainer, TCSMTrainer]:
     return full, resumed
 
 
-def test_state_dict_round_trip_resumes_exactly(tmp_path):
-    full, resumed = _run_pair(tmp_path, epochs_first=1)
-    assert resumed.state.iteration == full.state.iteration == 4
+def _assert_same_networks(full, resumed) -> None:
     for name in ("student", "teacher"):
         for a, b in zip(
             getattr(full, name).state_dict().values(),
@@ -334,6 +338,12 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
             strict=True,
         ):
             assert torch.equal(a, b), name
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    full, resumed = _run_pair(tmp_path, epochs_first=1)
+    assert resumed.state.iteration == full.state.iteration == 4
+    _assert_same_networks(full, resumed)
 
 
 def test_each_rank_draws_its_own_transformations_after_a_resume(monkeypatch):
@@ -401,31 +411,19 @@ def test_resume_continues_the_unlabelled_loader_where_it_stopped(tmp_path):
         position = trainer.state_dict()["unlabeled_position"]
         assert type(position) is int and position == (2 * epochs - 1) % 3 + 1
     assert resumed is not None and resumed.state.iteration == full.state.iteration == 6
-    for name in ("student", "teacher"):
-        for a, b in zip(
-            getattr(full, name).state_dict().values(),
-            getattr(resumed, name).state_dict().values(),
-            strict=True,
-        ):
-            assert torch.equal(a, b), name
+    _assert_same_networks(full, resumed)
 
 
 def test_checkpoint_without_unlabelled_position_restarts_the_loader():
     unlabelled = batches(3, 2, (16, 24), False)
     served: list[int] = []
 
-    class Counting:
-        def __iter__(self):
-            for i, b in enumerate(unlabelled):
-                served.append(i)
-                yield b
-
-    saved = make_trainer(unlabelled=Counting())
+    saved = make_trainer(unlabelled=_Counting(unlabelled, served))
     saved.run()
     state = saved.state_dict()
     assert state.pop("unlabeled_position") == 2
     served.clear()
-    old = make_trainer(unlabelled=Counting(), epochs=2)
+    old = make_trainer(unlabelled=_Counting(unlabelled, served), epochs=2)
     old.load_state_dict(state)  # as saved before the position was kept
     old.run()
     assert served == [0, 1]

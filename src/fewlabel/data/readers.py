@@ -699,6 +699,19 @@ def _malformed(path: Path, keyword: str, value: Any, why: str) -> DataError:
     )
 
 
+def _header_value(ds: Any, path: Path, keyword: str) -> Any:
+    """A header attribute's value, ``None`` when absent or empty.
+
+    Raises:
+        DataError: naming the file, if pydicom cannot convert the stored value.
+    """
+    try:
+        value = getattr(ds, keyword, None)
+    except Exception as err:  # pydicom converts values on access and raises what the VR's class does
+        raise DataError(path, f"malformed {keyword} value ({type(err).__name__})") from err
+    return None if value is None or value == "" else value
+
+
 def _numbers(ds: Any, path: Path, keyword: str, count: int) -> np.ndarray | None:
     """A header attribute of ``count`` finite numbers (None when absent).
 
@@ -707,11 +720,8 @@ def _numbers(ds: Any, path: Path, keyword: str, count: int) -> np.ndarray | None
     """
     from pydicom.multival import MultiValue
 
-    try:
-        value = getattr(ds, keyword, None)
-    except Exception as err:  # pydicom converts values on access and raises what the VR's class does
-        raise DataError(path, f"malformed {keyword} value ({type(err).__name__})") from err
-    if value is None or value == "":
+    value = _header_value(ds, path, keyword)
+    if value is None:
         return None
     items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
     text = "\\".join(map(str, items))  # as the header stores a multi-valued attribute
@@ -732,11 +742,8 @@ def _integer(ds: Any, path: Path, keyword: str) -> int | None:
     Raises:
         DataError: naming the file, if the value is no integer.
     """
-    try:
-        value = getattr(ds, keyword, None)
-    except Exception as err:  # pydicom converts values on access and raises what the VR's class does
-        raise DataError(path, f"malformed {keyword} value ({type(err).__name__})") from err
-    if value is None or value == "":
+    value = _header_value(ds, path, keyword)
+    if value is None:
         return None
     try:
         number = float(value)
