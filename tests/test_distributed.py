@@ -250,11 +250,44 @@ def _collectives(local_rank: int) -> None:
 
 
 @pytest.mark.slow
-def test_gather_and_batch_split_on_two_processes() -> None:
+def test_gather_and_batch_split_on_two_processes(monkeypatch) -> None:
     import ignite.distributed as idist
 
+    # Ignite's launcher gives each spawned rank its own GPU whenever CUDA exists, even for
+    # gloo: on a one-GPU host rank 1 would fail before the collectives are reached.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
         parallel.run(_collectives)
+
+
+def test_cpu_ranks_on_a_gpu_host_claim_no_gpu(monkeypatch) -> None:
+    import socket
+
+    import ignite.distributed as idist
+
+    from fewlabel.utils import distributed
+
+    def claim(device) -> None:
+        raise AssertionError(f"a CPU rank claimed GPU {device}")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    # A launcher-started rank (one process stands in for several) on a host that has CUDA.
+    monkeypatch.setattr(distributed, "launched_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", claim)
+    try:
+        with distributed.distributed_session("cpu"):
+            assert idist.backend() == "gloo" and idist.get_local_rank() == 0
+        assert idist.model_name() == "serial" and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        idist.sync()
 
 
 def test_single_process_helpers_are_no_ops() -> None:

@@ -197,7 +197,14 @@ def distributed_session(device: torch.device | str) -> Iterator[None]:
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("run.device asks for CUDA under torchrun, but CUDA is not available")
     timeout = collective_timeout()
-    idist.initialize(backend, timeout=timeout)
+    if backend == "gloo":
+        # Ignite's initialize pins every rank to cuda:<local rank> whenever CUDA exists, even
+        # for gloo: CPU ranks on a host with fewer GPUs than processes then fail, and on
+        # others each rank opens a GPU context it never uses. Ignite adopts a group made here.
+        torch.distributed.init_process_group("gloo", timeout=timeout)
+        idist.sync()
+    else:
+        idist.initialize(backend, timeout=timeout)
     log.info(
         "distributed training: rank %d of %d (%s, collectives wait up to %.0f min)",
         rank(),
