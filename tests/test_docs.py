@@ -98,7 +98,7 @@ def test_generator_reads_attribute_docstrings_and_bounds():
     assert set(docs) == set(TCSMConfig.model_fields), "every TCSM key has an Attributes entry"
     assert docs["rampup_iterations"].startswith("the weight ramps as exp(−5(1 − t)²)")
     assert gen.allowed(TCSMConfig.model_fields["ema_decay"]) == "0.0 ≤ x ≤ 1.0"
-    assert gen.allowed(TCSMConfig.model_fields["consistency_loss"]) == "`mse`, `kl`"
+    assert gen.allowed(TCSMConfig.model_fields["consistency_loss"]) == "`mse`, `kl`, `ce`"
     assert gen.allowed(TCSMConfig.model_fields["unlabeled_batch_size"]) == "≥ 1"
 
 

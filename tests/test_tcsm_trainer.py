@@ -77,11 +77,20 @@ def test_teacher_is_a_frozen_eval_copy():
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
-def test_consistency_term_alone_trains_the_student():
+@pytest.mark.parametrize("kind", ["mse", "kl", "ce"])
+def test_consistency_term_alone_trains_the_student(kind):
     net = tiny_net()
     before = params(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
-    config = TCSMConfig(enabled=True, rampup_iterations=0, consistency_weight=10.0, apply_to_labeled=False)
+    # threshold 0: an untrained teacher is rarely 95% sure of anything.
+    config = TCSMConfig(
+        enabled=True,
+        rampup_iterations=0,
+        consistency_weight=10.0,
+        apply_to_labeled=False,
+        consistency_loss=kind,
+        consistency_threshold=0.0,
+    )
     trainer = TCSMTrainer(
         "cpu",
         1,

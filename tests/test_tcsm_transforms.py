@@ -168,8 +168,40 @@ def test_consistency_gradient_flows_to_student_only():
 def test_consistency_loss_rejects_bad_input():
     with pytest.raises(ValueError, match="differ in shape"):
         ConsistencyLoss()(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 4))
-    with pytest.raises(ValueError, match="'mse' or 'kl'"):
+    with pytest.raises(ValueError, match="'mse', 'kl' or 'ce'"):
         ConsistencyLoss("l1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold"):
+        ConsistencyLoss("ce", threshold=1.0)
+
+
+def test_ce_consistency_without_threshold_is_cross_entropy_on_teacher_argmax():
+    s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    expected = F.cross_entropy(s, t.argmax(1))
+    assert torch.allclose(ConsistencyLoss("ce", threshold=0.0)(s, t), expected)
+
+
+def test_ce_consistency_counts_only_confident_teacher_pixels_over_all_pixels():
+    s = torch.randn(1, 2, 2, 2, requires_grad=True)
+    t = torch.zeros(1, 2, 2, 2)
+    t[0, 1, 0, 0] = 10.0  # one pixel where the teacher is sure of class 1; elsewhere 50/50
+    loss = ConsistencyLoss("ce", threshold=0.9)(s, t)
+    expected = F.cross_entropy(s[:, :, :1, :1], torch.ones(1, 1, 1, dtype=torch.long)) / 4
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert s.grad is not None
+    assert s.grad[0, :, 0, 0].abs().sum() > 0
+    assert s.grad[0, :, 1, :].abs().sum() == 0 and s.grad[0, :, 0, 1].abs().sum() == 0
+
+
+def test_ce_consistency_single_channel_uses_binary_pseudo_labels():
+    s = torch.randn(1, 1, 3, 3)
+    t = torch.full((1, 1, 3, 3), -6.0)
+    t[0, 0, 1, 1] = 0.1  # unsure: left out
+    loss = ConsistencyLoss("ce", threshold=0.9)(s, t)
+    mask = torch.ones(1, 1, 3, 3)
+    mask[0, 0, 1, 1] = 0
+    expected = (F.binary_cross_entropy_with_logits(s, torch.zeros_like(s), reduction="none") * mask).mean()
+    assert torch.allclose(loss, expected)
 
 
 # --- ramp-up ----------------------------------------------------------------------------

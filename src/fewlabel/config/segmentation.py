@@ -239,7 +239,11 @@ class TCSMConfig(StrictModel):
             the teacher follows the student closely at first.
         consistency_weight: maximum weight of the consistency loss.
         rampup_iterations: the weight ramps as exp(−5(1 − t)²), t = iteration / this.
-        consistency_loss: ``mse`` between softmax maps, or ``kl``.
+        consistency_loss: ``mse`` between softmax maps, ``kl``, or ``ce``: cross-entropy
+            against the teacher's most probable class where it is at least
+            ``consistency_threshold`` sure (FixMatch's pseudo-labels); its scale is that of a
+            supervised loss, so it wants a weight near 1, not the 10–100 of ``mse``.
+        consistency_threshold: teacher confidence a pixel needs to count in the ``ce`` loss.
         rotate90: draw T from in-plane rotations by k·90 degrees.
         flip: and from flips.
         scale: maximum relative zoom of T (0 disables scaling).
@@ -260,7 +264,8 @@ class TCSMConfig(StrictModel):
     ema_warmup_iterations: int = Field(0, ge=0)
     consistency_weight: float = Field(1.0, ge=0.0)
     rampup_iterations: int = Field(1000, ge=0)
-    consistency_loss: Literal["mse", "kl"] = "mse"
+    consistency_loss: Literal["mse", "kl", "ce"] = "mse"
+    consistency_threshold: float = Field(0.95, ge=0.0, lt=1.0)
     rotate90: bool = True
     flip: bool = True
     scale: float = Field(0.0, ge=0.0, lt=1.0)

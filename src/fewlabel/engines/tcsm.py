@@ -204,7 +204,7 @@ class TCSMTrainer(Trainer):
         self.tcsm = tcsm
         self.lr_scheduler = lr_scheduler
         self.scheduler_step = scheduler_step
-        self.consistency_loss = ConsistencyLoss(tcsm.consistency_loss)
+        self.consistency_loss = ConsistencyLoss(tcsm.consistency_loss, tcsm.consistency_threshold)
         self.unlabeled_loader = unlabeled_loader if tcsm.enabled else None
         self._unlabeled_iter: Iterator | None = None
         # Batches served by the current pass over the unlabelled loader, saved for a resume.

@@ -2,13 +2,16 @@
 
 MONAI has no loss that compares two predicted probability maps with a detached target, so
 this small module does; it follows the mean-teacher ``softmax_mse_loss`` / ``softmax_kl_loss``
-but averages over every element, which keeps the loss scale independent of image size.
+but averages over every element, which keeps the loss scale independent of image size. The
+``ce`` kind is FixMatch's confidence-masked pseudo-label loss (Sohn et al., NeurIPS 2020) with
+the EMA teacher as the labeller; MONAI's losses take no per-voxel mask, hence it is here too.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,17 +27,24 @@ class ConsistencyLoss(nn.Module):
     Args:
         kind: ``"mse"``: mean over all elements of the squared difference of the probability
             maps; ``"kl"``: KL(teacher ‖ student), summed over classes and averaged over the
-            batch and the voxels.
+            batch and the voxels; ``"ce"``: cross-entropy of the student against the teacher's
+            most probable class, counted only where the teacher's probability of that class
+            reaches ``threshold`` and averaged over all voxels (so an unsure teacher weighs
+            less, as in FixMatch).
+        threshold: confidence the teacher needs for a voxel to count, ``ce`` only.
 
     Raises:
-        ValueError: for an unknown ``kind``.
+        ValueError: for an unknown ``kind`` or a threshold outside [0, 1).
     """
 
-    def __init__(self, kind: Literal["mse", "kl"] = "mse") -> None:
+    def __init__(self, kind: Literal["mse", "kl", "ce"] = "mse", threshold: float = 0.95) -> None:
         super().__init__()
-        if kind not in ("mse", "kl"):
-            raise ValueError(f"consistency loss must be 'mse' or 'kl', got {kind!r}")
+        if kind not in ("mse", "kl", "ce"):
+            raise ValueError(f"consistency loss must be 'mse', 'kl' or 'ce', got {kind!r}")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"consistency threshold must be in [0, 1), got {threshold}")
         self.kind = kind
+        self.threshold = threshold
 
     def forward(self, student_logits_transformed: Tensor, teacher_logits: Tensor) -> Tensor:
         """Compute the loss.
@@ -57,6 +67,8 @@ class ConsistencyLoss(nn.Module):
         # Softmax and the reduction in float32: under autocast half-precision sums lose the signal.
         student = student_logits_transformed.float()
         teacher = teacher_logits.detach().float()
+        if self.kind == "ce":
+            return self._pseudo_label_ce(student, teacher)
         if student.shape[1] == 1:
             if self.kind == "mse":
                 return F.mse_loss(student.sigmoid(), teacher.sigmoid())
@@ -71,3 +83,13 @@ class ConsistencyLoss(nn.Module):
             F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1), reduction="none", log_target=True
         )
         return kl.sum(dim=1).mean()
+
+    def _pseudo_label_ce(self, student: Tensor, teacher: Tensor) -> Tensor:
+        if student.shape[1] == 1:
+            p = teacher.sigmoid()
+            confidence = torch.maximum(p, 1 - p)
+            ce = F.binary_cross_entropy_with_logits(student, (p > 0.5).to(student.dtype), reduction="none")
+        else:
+            confidence, pseudo = F.softmax(teacher, dim=1).max(dim=1, keepdim=True)
+            ce = F.cross_entropy(student, pseudo[:, 0], reduction="none").unsqueeze(1)
+        return (ce * (confidence >= self.threshold)).mean()
