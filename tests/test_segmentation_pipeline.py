@@ -221,6 +221,17 @@ def test_tcsm_train_keeps_teacher_state_and_better_model(msd, tmp_path):
     assert (run / "eval" / "report.html").is_file()
 
 
+def test_tcsm_pseudo_label_consistency_records_the_counted_share(msd, tmp_path):
+    run = _train(
+        msd, tmp_path, "tcsm-ce", "tcsm.enabled=true", "data.labeled_count=2", "tcsm.consistency_loss=ce"
+    )
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert list(rows[0])[:7] == [
+        "epoch", "iteration", "train_loss", "sup_loss", "cons_loss", "cons_weight", "cons_counted"
+    ]  # fmt: skip
+    assert all(0.0 <= float(r["cons_counted"]) <= 1.0 for r in rows)
+
+
 @pytest.mark.parametrize(
     ("method", "cpu_amp", "expected"),
     [

@@ -110,6 +110,8 @@ def test_consistency_term_alone_trains_the_student(kind):
     outputs = record_outputs(trainer)
     trainer.run()
     assert outputs[0]["cons_weight"] == 10.0
+    # Only the ce kind counts pixels; at threshold 0 it counts them all.
+    assert outputs[0].get("cons_counted") == (1.0 if kind == "ce" else None)
     assert outputs[0]["cons_loss"] > 0 and outputs[0]["sup_loss"] == 0
     assert grads and sum(g.abs().sum() for g in grads) > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, params(net), strict=True))

@@ -205,6 +205,8 @@ class TCSMTrainer(Trainer):
         self.lr_scheduler = lr_scheduler
         self.scheduler_step = scheduler_step
         self.consistency_loss = ConsistencyLoss(tcsm.consistency_loss, tcsm.consistency_threshold)
+        # Share of pixels the ``ce`` consistency counted in this iteration, for the history.
+        self._counted: Tensor | None = None
         self.unlabeled_loader = unlabeled_loader if tcsm.enabled else None
         self._unlabeled_iter: Iterator | None = None
         # Batches served by the current pass over the unlabelled loader, saved for a resume.
@@ -313,6 +315,7 @@ class TCSMTrainer(Trainer):
         self.teacher.eval()
         self.optimizer.zero_grad(set_to_none=True)
         cp_loss = None
+        self._counted = None
         with self._autocast():
             if self.consistency_active:
                 logits, sup_loss, cons_loss, cp_loss = self._tcsm_losses(image, label, unlabeled)
@@ -340,6 +343,8 @@ class TCSMTrainer(Trainer):
         }
         if cp_loss is not None:
             output["cp_loss"] = cp_loss.detach()
+        if self._counted is not None:
+            output["cons_counted"] = self._counted
         self.state.output = output
         self.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
@@ -391,13 +396,18 @@ class TCSMTrainer(Trainer):
         logits = outputs[0][:n_labeled]
         sup_loss = self.supervised_loss(logits, label)
         # A per-sample mean over all pieces (two pieces only when the shapes forbid one batch).
-        cons_loss, count = None, 0
+        cons_loss, count, counted = None, 0, None
         for (which, samples), (transforms, target) in zip(pieces, targets, strict=True):
             term = self.consistency_loss(self._transform(transforms, outputs[which][samples]), target)
             term = term * target.shape[0]
             cons_loss = term if cons_loss is None else cons_loss + term
+            share = self.consistency_loss.last_counted
+            if share is not None:
+                share = share * target.shape[0]
+                counted = share if counted is None else counted + share
             count += target.shape[0]
         assert cons_loss is not None
+        self._counted = None if counted is None else counted / count
         cp_loss = None
         if unlabeled is not None and self.tcsm.copy_paste_weight > 0:
             if not joint:

@@ -33,6 +33,10 @@ class ConsistencyLoss(nn.Module):
             less, as in FixMatch).
         threshold: confidence the teacher needs for a voxel to count, ``ce`` only.
 
+    Attributes:
+        last_counted: with ``ce``, the share of voxels the last call counted (detached);
+            ``None`` for the other kinds.
+
     Raises:
         ValueError: for an unknown ``kind`` or a threshold outside [0, 1).
     """
@@ -45,6 +49,7 @@ class ConsistencyLoss(nn.Module):
             raise ValueError(f"consistency threshold must be in [0, 1), got {threshold}")
         self.kind = kind
         self.threshold = threshold
+        self.last_counted: Tensor | None = None
 
     def forward(self, student_logits_transformed: Tensor, teacher_logits: Tensor) -> Tensor:
         """Compute the loss.
@@ -92,4 +97,6 @@ class ConsistencyLoss(nn.Module):
         else:
             confidence, pseudo = F.softmax(teacher, dim=1).max(dim=1, keepdim=True)
             ce = F.cross_entropy(student, pseudo[:, 0], reduction="none").unsqueeze(1)
-        return (ce * (confidence >= self.threshold)).mean()
+        counted = confidence >= self.threshold
+        self.last_counted = counted.float().mean().detach()
+        return (ce * counted).mean()
