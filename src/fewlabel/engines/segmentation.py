@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 BEST_METRIC = "mean_fg_dice"
+# Per-iteration trainer outputs averaged into history.csv, in its documented column order.
+_LOSS_KEYS = ("loss", "sup_loss", "cons_loss", "cons_weight", "cons_counted", "cp_loss")
 
 
 @dataclass
@@ -434,7 +436,7 @@ def train_segmentation(
                 f"lower train.lr (now {cfg.train.lr}) or check the labels"
             )
         state.epoch_count += 1
-        for key in ("loss", "sup_loss", "cons_loss", "cons_weight", "cons_counted", "cp_loss"):
+        for key in _LOSS_KEYS:
             if key in output:
                 state.epoch_sums[key] = state.epoch_sums.get(key, 0.0) + _scalar(output[key])
 
@@ -449,7 +451,7 @@ def train_segmentation(
         sums, count = _sum_over_ranks(state.epoch_sums, state.epoch_count)
         row: dict[str, Any] = {"epoch": epoch, "iteration": engine.state.iteration}
         # In the documented column order, whatever order the sums came back from the ranks in.
-        for key in ("loss", "sup_loss", "cons_loss", "cons_weight", "cons_counted", "cp_loss"):
+        for key in _LOSS_KEYS:
             if key in sums:
                 row["train_loss" if key == "loss" else key] = sums[key] / max(1.0, count)
         row["lr"] = optimizer.param_groups[0]["lr"]
@@ -643,7 +645,8 @@ def _write_history(history: TrainingHistory, rows: list[dict[str, Any]], plot: b
     if plot:
         from fewlabel.reports.plots import plot_learning_curves
 
-        # Positions and schedules (iteration, seconds, consistency weight) stay in the CSV only.
+        # Positions, schedules and shares (iteration, seconds, consistency weight, counted
+        # pixels) stay in the CSV only.
         hidden = ("iteration", "seconds", "cons_weight", "cons_counted")
         curves = [{k: v for k, v in row.items() if k not in hidden} for row in rows]
         plot_learning_curves(curves, history.png_path)
